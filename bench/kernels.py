@@ -1,0 +1,280 @@
+"""Benchmark the Triton kernels on CUDA: a table on stdout and JSON.
+
+RoPE (q and k together) against litgpt's apply_rope and the torch reference; attention against
+SDPA's flash and efficient backends at equal lengths, and against padded SDPA with a key mask on
+mixed-length batches (lengths uniform in [S/8, S]). Times are medians of triton.testing.do_bench
+after warm-up (and after autotuning). Inputs are bf16.
+
+    python bench/kernels.py [--out bench/results/kernels.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
+    sys.path[0] = str(ROOT)  # `import kernels` must find the package, not this script
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+DTYPE = torch.bfloat16
+TARGETS = {"rope_vs_litgpt": 2.0, "attention_vs_sdpa_flash": 0.9, "attention_vs_padded_sdpa": 1.5}
+
+
+def _bench(fn) -> dict[str, float]:
+    """Median and 20/80% quantiles in ms, after a call that triggers compilation and autotuning."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    med, lo, hi = triton.testing.do_bench(fn, warmup=50, rep=200, quantiles=[0.5, 0.2, 0.8])
+    return {"ms": med, "ms_p20": lo, "ms_p80": hi}
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ---- RoPE ------------------------------------------------------------------------------------------
+
+
+def rope_shapes(quick: bool) -> list[dict]:
+    from tzd.models import ModelConfig
+
+    cfg = ModelConfig()  # the default model's architecture
+    shapes = [dict(name="default", B=32, T=cfg.block_size, H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim,
+                   R=cfg.rotary_dim)]
+    # 1B class: TinyLlama-1.1B's attention (32 query heads, 4 KV heads, head dim 64), 2K context.
+    shapes.append(dict(name="1b", B=4, T=2048, H=32, Hk=4, D=64, R=64))
+    if not quick:
+        shapes.append(dict(name="1b-partial", B=4, T=2048, H=32, Hk=4, D=64, R=32))
+    return shapes
+
+
+def bench_rope(shape: dict) -> dict:
+    from litgpt.model import apply_rope
+
+    from kernels import reference, triton_rope
+
+    B, T, H, Hk, D, R = (shape[k] for k in ("B", "T", "H", "Hk", "D", "R"))
+    # q and k as views of one fused projection, as the models produce them.
+    qkv = torch.randn(B, T, H + 2 * Hk, D, device="cuda", dtype=DTYPE)
+    q, k = qkv[:, :, :H], qkv[:, :, H:H + Hk]
+    cos, sin = reference.rope_cache(T, R, device="cuda")
+    # litgpt's own layout: [B,H,T,D] views and a [1,T,R] cache with duplicated halves.
+    cos_l, sin_l = torch.cat((cos, cos), -1)[None], torch.cat((sin, sin), -1)[None]
+
+    def litgpt_rope():
+        qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+        qr, kr = apply_rope(qt[..., :R], cos_l, sin_l), apply_rope(kt[..., :R], cos_l, sin_l)
+        if R < D:
+            qr, kr = torch.cat((qr, qt[..., R:]), -1), torch.cat((kr, kt[..., R:]), -1)
+        return qr, kr
+
+    ours = triton_rope.rope_fwd(q, k, cos, sin)
+    ref = reference.rope(q, k, cos, sin)
+    lit = litgpt_rope()
+    row = dict(shape, dtype=str(DTYPE),
+               max_diff_vs_reference=max(_max_diff(ours[0], ref[0]), _max_diff(ours[1], ref[1])),
+               max_diff_vs_litgpt=max(_max_diff(ours[0], lit[0].transpose(1, 2)),
+                                      _max_diff(ours[1], lit[1].transpose(1, 2))))
+    row["triton"] = _bench(lambda: triton_rope.rope_fwd(q, k, cos, sin))
+    row["litgpt"] = _bench(litgpt_rope)
+    row["torch_reference"] = _bench(lambda: reference.rope(q, k, cos, sin))
+    moved = 2 * (q.numel() + k.numel()) * q.element_size()  # read once, written once
+    row["triton_GBps"] = moved / row["triton"]["ms"] / 1e6
+    row["speedup_vs_litgpt"] = row["litgpt"]["ms"] / row["triton"]["ms"]
+    row["speedup_vs_reference"] = row["torch_reference"]["ms"] / row["triton"]["ms"]
+    return row
+
+
+# ---- attention -------------------------------------------------------------------------------------
+
+
+def attention_shapes(quick: bool) -> list[dict]:
+    from tzd.models import ModelConfig
+
+    cfg = ModelConfig()
+    shapes = [
+        dict(name="default", B=32, H=cfg.n_head, Hk=cfg.n_kv_head, S=cfg.block_size, D=cfg.head_dim),
+        dict(name="1b-2k", B=4, H=32, Hk=32, S=2048, D=64),
+        dict(name="d128-4k", B=2, H=16, Hk=16, S=4096, D=128),
+    ]
+    if not quick:
+        shapes += [dict(name="d64-1k", B=16, H=16, Hk=16, S=1024, D=64),
+                   dict(name="d128-2k", B=4, H=16, Hk=16, S=2048, D=128),
+                   dict(name="1b-gqa-2k", B=4, H=32, Hk=4, S=2048, D=64)]
+    return shapes
+
+
+def _flops(B: int, H: int, T: int, keys: int, D: int) -> float:
+    """Matmul FLOPs of attention forward: q k^T and p v, 2*D each per (query, key) pair."""
+    return 4.0 * B * H * T * keys * D
+
+
+def _sdpa(backend, q, k, v, mask=None):
+    from torch.nn.attention import sdpa_kernel
+
+    gqa = k.shape[1] != q.shape[1]
+
+    def run():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def timed():
+        if backend is None:
+            return run(), _bench(run)
+        with sdpa_kernel(backend):
+            return run(), _bench(run)
+
+    try:
+        return timed()
+    except RuntimeError as e:  # a backend that does not take these inputs (e.g. GQA, a mask)
+        return None, {"error": str(e).splitlines()[0][:200]}
+
+
+def bench_attention_equal(shape: dict) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    from kernels import triton_attention
+
+    B, H, Hk, S, D = (shape[k] for k in ("B", "H", "Hk", "S", "D"))
+    q = torch.randn(B, H, S, D, device="cuda", dtype=DTYPE)
+    k = torch.randn(B, Hk, S, D, device="cuda", dtype=DTYPE)
+    v = torch.randn(B, Hk, S, D, device="cuda", dtype=DTYPE)
+    row = dict(shape, T=S, dtype=str(DTYPE))
+    ours = triton_attention.attention(q, k, v)
+    row["triton"] = _bench(lambda: triton_attention.attention(q, k, v))
+    flops = _flops(B, H, S, S, D)
+    row["triton_TFLOPs"] = flops / row["triton"]["ms"] / 1e9
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        out, timing = _sdpa(backend, q, k, v)
+        row[name] = timing
+        if out is not None:
+            row[f"max_diff_vs_{name}"] = _max_diff(ours, out)
+            row[f"speedup_vs_{name}"] = timing["ms"] / row["triton"]["ms"]
+    return row
+
+
+def bench_attention_mixed(shape: dict, seed: int = 0) -> dict:
+    from kernels import triton_attention
+
+    B, H, Hk, S, D = (shape[k] for k in ("B", "H", "Hk", "S", "D"))
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(S // 8, S + 1, (B,), generator=gen)
+    seqlens = lengths.to("cuda", torch.int32)
+    q = torch.randn(B, H, S, D, device="cuda", dtype=DTYPE)
+    k = torch.randn(B, Hk, S, D, device="cuda", dtype=DTYPE)
+    v = torch.randn(B, Hk, S, D, device="cuda", dtype=DTYPE)
+    mask = (torch.arange(S, device="cuda")[None, :] < seqlens[:, None])[:, None, None, :]
+    row = dict(shape, T=S, dtype=str(DTYPE), lengths=lengths.tolist(),
+               real_key_fraction=lengths.sum().item() / (B * S))
+    ours = triton_attention.attention(q, k, v, seqlens)
+    row["triton"] = _bench(lambda: triton_attention.attention(q, k, v, seqlens))
+    row["triton_TFLOPs_real"] = _flops(1, H, S, lengths.sum().item(), D) / row["triton"]["ms"] / 1e9
+    row["triton_unmasked"] = _bench(lambda: triton_attention.attention(q, k, v))
+    out, timing = _sdpa(None, q, k, v, mask)  # SDPA picks its backend for a masked call
+    row["padded_sdpa"] = timing
+    if out is not None:
+        row["max_diff_vs_padded_sdpa"] = _max_diff(ours, out)
+        row["speedup_vs_padded_sdpa"] = timing["ms"] / row["triton"]["ms"]
+    return row
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+
+def _fmt(row: dict, key: str) -> str:
+    t = row.get(key)
+    return f"{t['ms']:.4f}" if isinstance(t, dict) and "ms" in t else "n/a"
+
+
+def _ratio(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}x" if key in row else "n/a"
+
+
+def print_tables(res: dict) -> None:
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  dtype {DTYPE}  (median ms)")
+    print("\nRoPE, q and k   target: >= {:.1f}x litgpt".format(TARGETS["rope_vs_litgpt"]))
+    print(f"{'shape':<12}{'B,T,H,Hk,D,R':<24}{'triton':>9}{'litgpt':>9}{'torch':>9}{'vs litgpt':>11}{'GB/s':>8}")
+    for r in res["rope"]:
+        dims = ",".join(str(r[k]) for k in ("B", "T", "H", "Hk", "D", "R"))
+        print(f"{r['name']:<12}{dims:<24}{_fmt(r, 'triton'):>9}{_fmt(r, 'litgpt'):>9}"
+              f"{_fmt(r, 'torch_reference'):>9}{_ratio(r, 'speedup_vs_litgpt'):>11}{r['triton_GBps']:>8.0f}")
+    print("\nAttention, equal lengths   target: >= {:.1f}x SDPA flash".format(TARGETS["attention_vs_sdpa_flash"]))
+    print(f"{'shape':<12}{'B,H,Hk,T,D':<22}{'triton':>9}{'flash':>9}{'effic.':>9}{'vs flash':>10}{'TFLOP/s':>9}")
+    for r in res["attention_equal"]:
+        dims = ",".join(str(r[k]) for k in ("B", "H", "Hk", "T", "D"))
+        print(f"{r['name']:<12}{dims:<22}{_fmt(r, 'triton'):>9}{_fmt(r, 'sdpa_flash'):>9}"
+              f"{_fmt(r, 'sdpa_efficient'):>9}{_ratio(r, 'speedup_vs_sdpa_flash'):>10}{r['triton_TFLOPs']:>9.0f}")
+    print("\nAttention, mixed lengths in [S/8, S]   target: >= {:.1f}x padded SDPA".format(
+        TARGETS["attention_vs_padded_sdpa"]))
+    print(f"{'shape':<12}{'B,H,Hk,S,D':<22}{'real':>6}{'triton':>9}{'no-len':>9}{'padded':>9}{'vs padded':>11}")
+    for r in res["attention_mixed"]:
+        dims = ",".join(str(r[k]) for k in ("B", "H", "Hk", "S", "D"))
+        print(f"{r['name']:<12}{dims:<22}{r['real_key_fraction']:>6.2f}{_fmt(r, 'triton'):>9}"
+              f"{_fmt(r, 'triton_unmasked'):>9}{_fmt(r, 'padded_sdpa'):>9}{_ratio(r, 'speedup_vs_padded_sdpa'):>11}")
+    print("\nTargets (worst row):")
+    for key, (target, worst) in res["targets"].items():
+        status = "n/a" if worst is None else ("met" if worst >= target else "MISSED")
+        shown = "n/a" if worst is None else f"{worst:.2f}x"
+        print(f"  {key:<28} >= {target:.1f}x   worst {shown:<8} {status}")
+
+
+def summarize_targets(res: dict) -> dict:
+    def worst(rows: list[dict], key: str) -> float | None:
+        vals = [r[key] for r in rows if key in r]
+        return min(vals) if vals else None
+
+    return {
+        "rope_vs_litgpt": (TARGETS["rope_vs_litgpt"], worst(res["rope"], "speedup_vs_litgpt")),
+        "attention_vs_sdpa_flash": (TARGETS["attention_vs_sdpa_flash"],
+                                    worst(res["attention_equal"], "speedup_vs_sdpa_flash")),
+        "attention_vs_padded_sdpa": (TARGETS["attention_vs_padded_sdpa"],
+                                     worst(res["attention_mixed"], "speedup_vs_padded_sdpa")),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU: torch.cuda.is_available() is False here. "
+              "The kernels' CPU tests run with `pytest tests/test_kernels.py` (Triton interpreter).", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench/kernels.py times compiled kernels: unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    try:
+        import triton
+    except ImportError:
+        print("bench/kernels.py needs triton: pip install 'tzd[triton]'", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(0)
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                 "python": platform.python_version(), "dtype": str(DTYPE),
+                 "timing": "triton.testing.do_bench median, warmup 50 ms, rep 200 ms"}
+    res["rope"] = [bench_rope(s) for s in rope_shapes(args.quick)]
+    res["attention_equal"] = [bench_attention_equal(s) for s in attention_shapes(args.quick)]
+    res["attention_mixed"] = [bench_attention_mixed(s) for s in attention_shapes(args.quick)]
+    res["targets"] = summarize_targets(res)
+    print_tables(res)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

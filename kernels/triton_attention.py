@@ -1,0 +1,172 @@
+"""Length-aware bidirectional flash attention forward in Triton.
+
+One program owns BLOCK_M queries of one (batch, head). It streams the keys/values of its KV head
+(GQA: query head h reads KV head h // (H // Hk)) through SRAM in BLOCK_N tiles with an online
+softmax, and stops at seqlens[b]: key tiles wholly past a row's length are never loaded, so a
+mixed-length batch costs its real keys, not its padding. Only the last, partial tile is masked.
+
+Forward only: there is no backward here (the dispatcher sends calls that need gradients to the
+torch reference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+_INTERPRET = _interpreting()  # read once: triton.jit decides at import time too
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        # The interpreter cannot autotune over several configs; small tiles exercise the tile loop.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    # H100-class search space (SM90, 228 KB SMEM): tiles and pipeline depths that FA2-style forwards use.
+    shapes = [(128, 64, 3, 4), (128, 64, 3, 8), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4),
+              (64, 64, 3, 4), (64, 64, 4, 4), (64, 128, 3, 4), (64, 32, 4, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w) for m, n, s, w in shapes]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Query tiles taller than the (bucketed) query length only waste work: drop them."""
+    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, named_args["T_BUCKET"])]
+    return fit or configs
+
+
+@triton.jit
+def _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, kv_len, stride_kn, stride_vn, qk_scale,
+               offs_n, MASKED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one BLOCK_N tile of keys/values into the running (acc, l, m) of the online softmax."""
+    if MASKED:
+        kmask = (start_n + offs_n) < kv_len
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kmask[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain: exp2 below
+    if MASKED:
+        qk = tl.where(kmask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+# Tuned per (query-length bucket, head dim, dtypes): the autotuner adds the dtypes to the key itself.
+@triton.autotune(configs=_configs(), key=["T_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _attn_fwd(Q, K, V, O, SEQLENS, qk_scale,
+              sq_b, sq_h, sq_t, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_t,
+              H, T, S, GROUP, T_BUCKET,
+              HEAD_DIM: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_F32: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    kv_len = S
+    if HAS_SEQLENS:
+        kv_len = tl.minimum(tl.load(SEQLENS + b).to(tl.int32), S)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
+                mask=offs_m[:, None] < T, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_ptrs = K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :]
+    v_ptrs = V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Whole tiles first, unmasked; tiles past kv_len are never touched (the length-aware skip).
+    n_full = (kv_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, kv_len, sk_n, sv_n, qk_scale,
+                                   offs_n, False, DOT_F32, PRECISION)
+    if n_full < kv_len:
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, kv_len, sk_n, sv_n, qk_scale,
+                                   offs_n, True, DOT_F32, PRECISION)
+    # A row with no keys (seqlen 0) gets zeros, as SDPA gives for a fully masked row.
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"attention: q [B,H,T,D], k and v [B,Hk,S,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, _, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
+        raise ValueError(f"attention: k/v must share B and D with q and Hk must divide H; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head dim {D} not in {SUPPORTED_HEAD_DIMS}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"attention: q, k, v must share one of {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
+              scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bidirectional softmax(q k^T * scale) v over q [B,H,T,D], k/v [B,Hk,S,D]; keys >= seqlens[b] masked.
+
+    Forward only (no autograd). fp32 inputs use full-precision (IEEE) dots, not TF32.
+    """
+    _check(q, k, v)
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    B, H, T, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("attention: out must match q in shape and dtype, with a unit last stride")
+    if B * H * T == 0:
+        return out
+    if seqlens is not None:
+        seqlens = torch.as_tensor(seqlens, device=q.device)
+        if seqlens.shape != (B,):
+            raise ValueError(f"attention: seqlens must be [B]=[{B}]; got {tuple(seqlens.shape)}")
+        seqlens = seqlens.contiguous()
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    # The interpreter's bf16 dot is wrong (numpy has no bf16): do the dots in fp32 there.
+    dot_f32 = _INTERPRET and q.dtype == torch.bfloat16
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](
+        q, k, v, out, seqlens if seqlens is not None else q, scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H, T, S, H // Hk, triton.next_power_of_2(T),
+        HEAD_DIM=D, HAS_SEQLENS=seqlens is not None, DOT_F32=dot_f32,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out

@@ -1,0 +1,1 @@
+"""python -m trainer: train a masked-diffusion LM (or its causal judge) and write checkpoints."""

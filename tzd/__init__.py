@@ -1,0 +1,1 @@
+"""TZD core library: models, diffusion objective, sampler, checkpoints, tokenizer (torch; no HTTP)."""

@@ -1,0 +1,61 @@
+"""The model configuration shared by every backend (stored in a checkpoint's config.json)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+BACKENDS = ("smdm", "litgpt")
+
+
+@dataclass
+class ModelConfig:
+    backend: str = "smdm"
+    vocab_size: int = 4096
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
+    n_embd: int = 384
+    intermediate_size: int | None = None  # None = SwiGLU's 8/3 * n_embd rounded up to 64
+    rope_base: float = 10000.0
+    rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates
+    norm_eps: float = 1e-5
+    causal: bool = False  # True builds the same network as a left-to-right model (the judge)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"model.backend={self.backend!r}: must be one of {', '.join(BACKENDS)}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)}: must be >= 1")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
+        if self.intermediate_size is None:
+            self.intermediate_size = -(-(8 * self.n_embd // 3) // 64) * 64
+        if not 0.0 < self.rotary_fraction <= 1.0:
+            raise ValueError(f"model.rotary_fraction={self.rotary_fraction}: must be in (0, 1]")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims per head: an even number <= head_dim."""
+        return max(2, int(self.head_dim * self.rotary_fraction) // 2 * 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)

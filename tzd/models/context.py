@@ -1,0 +1,24 @@
+"""What one forward pass needs besides token ids: positions, key lengths and an optional KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class KVCache(Protocol):
+    """A block KV cache (see tzd.sampling.cache): merges a layer's fresh keys/values with cached ones."""
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Given fresh k, v [B,Hk,T,D] of `layer`, return the keys/values to attend to and their lengths."""
+        ...
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor | None = None  # [B,T] absolute positions; None = 0..T-1
+    seqlens: torch.Tensor | None = None  # [B] valid keys per row (padding beyond); None = all
+    cache: KVCache | None = None

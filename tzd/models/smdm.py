@@ -1,0 +1,99 @@
+"""SMDM: our own bidirectional transformer (RMSNorm, RoPE, SwiGLU, no bias, optional GQA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from tzd.models.config import ModelConfig
+from tzd.models.context import ForwardContext
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hk, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        q, k, v = self.wqkv(x).split([H * D, Hk * D, Hk * D], dim=-1)
+        q, k = kernels.rope(q.view(B, T, H, D), k.view(B, T, Hk, D), cos, sin, ctx.positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, Hk, D).transpose(1, 2)
+        seqlens = ctx.seqlens
+        if ctx.cache is not None:
+            k, v, seqlens = ctx.cache.attend(self.layer, k, v)
+        y = kernels.attention(q, k, v, seqlens=seqlens, causal=self.cfg.causal)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.w3 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class SMDM(nn.Module):
+    """model(ids [B,T]) -> logits [B,T,V]; every position sees every other unless config.causal."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        cos, sin = kernels.rope_cache(cfg.block_size, cfg.rotary_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 style scaled init of the residual projections
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * cfg.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        if ids.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the context of {self.config.block_size}")
+        ctx = ctx or ForwardContext()
+        x = self.tok_embeddings(ids)
+        for layer in self.layers:
+            x = layer(x, self.rope_cos, self.rope_sin, ctx)
+        return self.output(self.norm(x))
