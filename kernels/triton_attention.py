@@ -76,7 +76,7 @@ def _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, kv_len, stride_kn, str
 # Tuned per (query-length bucket, head dim, dtypes): the autotuner adds the dtypes to the key itself.
 @triton.autotune(configs=_configs(), key=["T_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _attn_fwd(Q, K, V, O, SEQLENS, qk_scale,
+def _attn_fwd(Q, K, V, Out, SEQLENS, qk_scale,
               sq_b, sq_h, sq_t, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_t,
               H, T, S, GROUP, T_BUCKET,
               HEAD_DIM: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_F32: tl.constexpr,
@@ -113,8 +113,8 @@ def _attn_fwd(Q, K, V, O, SEQLENS, qk_scale,
                                    offs_n, True, DOT_F32, PRECISION)
     # A row with no keys (seqlen 0) gets zeros, as SDPA gives for a fully masked row.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < T)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
