@@ -7,7 +7,7 @@ import torch.nn as nn
 from tzd.models.config import BACKENDS, ModelConfig
 from tzd.models.context import ForwardContext
 
-__all__ = ["BACKENDS", "ForwardContext", "ModelConfig", "build_model", "count_params"]
+__all__ = ["BACKENDS", "ForwardContext", "ModelConfig", "build_model", "count_params", "model_config"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -25,3 +25,14 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_config(model: nn.Module) -> ModelConfig:
+    """The ModelConfig of a model built here, also through wrappers (Fabric, DDP) that keep it in `.module`."""
+    inner = model
+    while not isinstance(getattr(inner, "tzd_config", None), ModelConfig) and hasattr(inner, "module"):
+        inner = inner.module
+    cfg = getattr(inner, "tzd_config", None)
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"{type(model).__name__} is not a TZD model (no tzd_config)")
+    return cfg

@@ -1,0 +1,250 @@
+"""A batch of requests being denoised: a slot table on the device plus one batched step.
+
+Requests join (`add`) and leave (finished ones are freed inside `step`) between steps, so the same
+object serves offline `generate()` and the server's continuous batching. Per step: at most two
+forward passes (rows that need the whole canvas, rows served from the block KV cache), the commit
+rule vectorised over rows, and one device-to-host copy for the events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tzd.models import ForwardContext, model_config
+from tzd.sampling import rules
+from tzd.sampling.cache import KVStore, ReadView, RecordView
+from tzd.sampling.params import RequestPlan
+
+CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
+
+
+@dataclass
+class StepEvent:
+    """What one step did to one request. Positions count from the first generated token."""
+
+    handle: Any
+    step: int
+    steps: int
+    committed: list[tuple[int, int]]  # (position, token id)
+    masked: int
+    canvas: list[int]  # the generated region, mask ids where still masked
+    nfe: int
+    done: bool
+    finish_reason: str | None = None  # "length" | "stop" (EOS) once done
+
+
+@dataclass
+class _Slot:
+    handle: Any
+    plan: RequestPlan
+    block: int = 0  # index of the current block
+    block_step: int = 0  # steps taken inside it
+    masked: int = 0
+    steps_done: int = 0
+    nfe: int = 0
+
+    def block_bounds(self) -> tuple[int, int]:
+        """(start, length) of the current block in canvas coordinates."""
+        p = self.plan
+        start = self.block * p.block_length
+        return p.prompt_len + start, min(p.block_length, p.max_tokens - start)
+
+    def block_budget(self) -> int:
+        """Steps for the current block: steps // blocks, the first steps % blocks one more, <= its length."""
+        p = self.plan
+        base, extra = divmod(p.steps, p.num_blocks)
+        return min(base + (1 if self.block < extra else 0), self.block_bounds()[1])
+
+    @property
+    def cache_mode(self) -> int:
+        return CACHE_MODES[self.plan.params.cache]
+
+    def needs_full_forward(self) -> bool:
+        return self.cache_mode == 0 or self.block_step == 0 or self.plan.params.cfg_scale > 0
+
+
+class DenoiseBatch:
+    """Up to `capacity` requests denoised together on `model`."""
+
+    def __init__(self, model: nn.Module, mask_id: int, capacity: int, eos_id: int | None = None,
+                 device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.cfg = model_config(model)
+        self.mask_id, self.eos_id, self.capacity = mask_id, eos_id, capacity
+        self.context = self.cfg.block_size
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.canvas = torch.full((capacity, self.context), mask_id, dtype=torch.long, device=self.device)
+        self.slots: list[_Slot | None] = [None] * capacity
+        self.kv = KVStore(capacity, self.cfg.n_layer, self.cfg.n_kv_head, self.context, self.cfg.head_dim,
+                          self.device)
+
+    def __len__(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def free_slots(self) -> int:
+        return self.capacity - len(self)
+
+    def add(self, prompt: list[int], plan: RequestPlan, handle: Any = None) -> int:
+        """Place a request in a free slot; its canvas is the prompt followed by max_tokens masks."""
+        if plan.total_len > self.context:
+            raise ValueError(f"prompt + max_tokens = {plan.total_len} exceeds the context of {self.context}")
+        slot = self.slots.index(None)  # raises ValueError when full: callers check free_slots
+        row = torch.full((self.context,), self.mask_id, dtype=torch.long)
+        row[:len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        self.canvas[slot] = row.to(self.device)
+        self.slots[slot] = _Slot(handle, plan, masked=plan.max_tokens)
+        return slot
+
+    def remove(self, handle: Any) -> bool:
+        """Drop a request (cancelled); True if it was here."""
+        for i, s in enumerate(self.slots):
+            if s is not None and s.handle is handle:
+                self.slots[i] = None
+                return True
+        return False
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _tensor(self, values: list[Any], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _full_logits(self, rows: list[int], bl: int) -> torch.Tensor:
+        """Whole-canvas forward for `rows`; logits of each row's current block window [n, bl, V]."""
+        slots = [self.slots[r] for r in rows]
+        idx = self._tensor(rows)
+        L = max(s.plan.total_len for s in slots)
+        ids = self.canvas[idx, :L]
+        seqlens = self._tensor([s.plan.total_len for s in slots])
+        cfg_rows = [i for i, s in enumerate(slots) if s.plan.params.cfg_scale > 0]
+        if cfg_rows:  # unconditional copies with the prompt masked, in the same forward
+            ci = self._tensor(cfg_rows)
+            prompt_len = self._tensor([slots[i].plan.prompt_len for i in cfg_rows])
+            in_prompt = torch.arange(L, device=self.device)[None, :] < prompt_len[:, None]
+            ids = torch.cat([ids, ids[ci].masked_fill(in_prompt, self.mask_id)])
+            seqlens = torch.cat([seqlens, seqlens[ci]])
+        cache = None
+        if any(s.cache_mode for s in slots):
+            cache = RecordView(self.kv, idx, seqlens)
+        logits = self.model(ids, ForwardContext(seqlens=seqlens, cache=cache))
+        if cfg_rows:
+            n = len(rows)
+            scale = self._tensor([slots[i].plan.params.cfg_scale for i in cfg_rows], torch.float32)
+            cond, uncond = logits[ci], logits[n:]
+            logits = logits[:n].index_copy(0, ci, uncond + (scale[:, None, None] + 1) * (cond - uncond))
+        start = self._tensor([s.block_bounds()[0] for s in slots])
+        pos = (start[:, None] + torch.arange(bl, device=self.device)).clamp(max=L - 1)
+        return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def _cached_logits(self, rows: list[int], bl: int) -> torch.Tensor:
+        """Forward of the query window only (prefix: block and after; dual: block), keys from the cache."""
+        slots = [self.slots[r] for r in rows]
+        idx = self._tensor(rows)
+        starts, lens = zip(*(s.block_bounds() for s in slots), strict=True)
+        q_lens = [s.plan.total_len - st if s.cache_mode == 1 else n for s, st, n in zip(slots, starts, lens,
+                                                                                        strict=True)]
+        Q = max(max(q_lens), bl)
+        start, q_len = self._tensor(list(starts)), self._tensor(q_lens)
+        seqlens = self._tensor([s.plan.total_len for s in slots])
+        positions = (start[:, None] + torch.arange(Q, device=self.device)).clamp(max=self.context - 1)
+        ids = self.canvas[idx].gather(1, positions)
+        view = ReadView(self.kv, idx, start, q_len, seqlens)
+        logits = self.model(ids, ForwardContext(positions=positions, seqlens=seqlens, cache=view))
+        return logits[:, :bl]
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """One denoising step for every request in the batch; finished requests are freed."""
+        active = [i for i, s in enumerate(self.slots) if s is not None]
+        if not active:
+            return []
+        full = [i for i in active if self.slots[i].needs_full_forward()]
+        cached = [i for i in active if not self.slots[i].needs_full_forward()]
+        rows = full + cached
+        slots = [self.slots[r] for r in rows]
+        bl = max(s.block_bounds()[1] for s in slots)
+        parts = []
+        if full:
+            parts.append(self._full_logits(full, bl))
+        if cached:
+            parts.append(self._cached_logits(cached, bl))
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        logits[..., self.mask_id] = float("-inf")  # the mask is never a prediction
+
+        idx = self._tensor(rows)
+        start = self._tensor([s.block_bounds()[0] for s in slots])
+        blen = self._tensor([s.block_bounds()[1] for s in slots])
+        offs = torch.arange(bl, device=self.device)
+        pos = (start[:, None] + offs).clamp(max=self.context - 1)
+        in_block = offs[None, :] < blen[:, None]
+        current = self.canvas[idx].gather(1, pos)
+        is_mask = (current == self.mask_id) & in_block
+
+        params = [s.plan.params for s in slots]
+        temperature = self._tensor([p.temperature for p in params], torch.float32)
+        seed = self._tensor([s.plan.seed for s in slots])
+        step_no = self._tensor([s.steps_done for s in slots])
+        sampling = any(p.temperature > 0 for p in params)
+        tokens = rules.choose_tokens(
+            logits, temperature, self._tensor([p.top_k for p in params]),
+            self._tensor([p.top_p for p in params], torch.float32), seed, step_no, pos, sampling)
+        conf = rules.confidence(logits, tokens, self._tensor([p.remasking == "random" for p in params], torch.bool),
+                                seed, step_no, pos, any(p.remasking == "random" for p in params))
+        steps_left = self._tensor([s.block_budget() - s.block_step for s in slots])
+        threshold = self._tensor([p.threshold or 0.0 for p in params], torch.float32)
+        select, count = rules.select_commits(conf, is_mask, steps_left.clamp(min=1), threshold,
+                                             any(p.threshold is not None for p in params))
+        new = torch.where(select, tokens, current)
+        rows_2d = idx[:, None].expand_as(pos)
+        self.canvas.index_put_((rows_2d[in_block], pos[in_block]), new[in_block])
+
+        L = max(s.plan.total_len for s in slots)
+        stop = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        if self.eos_id is not None:  # an EOS inside the fully committed left part ends the request
+            canvas = self.canvas[idx, :L]
+            ar = torch.arange(L, device=self.device)[None, :]
+            p_len = self._tensor([s.plan.prompt_len for s in slots])
+            gen = (ar >= p_len[:, None]) & (ar < self._tensor([s.plan.total_len for s in slots])[:, None])
+            first_mask = torch.where(gen & (canvas == self.mask_id), ar, L).min(dim=1).values
+            stop = (gen & (canvas == self.eos_id) & (ar < first_mask[:, None])).any(dim=1)
+        # the one device-to-host copy of the step
+        packed = torch.cat([select.flatten().long(), tokens.flatten(), count, stop.long(),
+                            self.canvas[idx, :L].flatten()]).cpu().numpy()
+        n = len(rows)
+        sel = packed[:n * bl].reshape(n, bl).astype(bool)
+        tok = packed[n * bl:2 * n * bl].reshape(n, bl)
+        cnt = packed[2 * n * bl:2 * n * bl + n]
+        stp = packed[2 * n * bl + n:2 * n * bl + 2 * n].astype(bool)
+        cvs = packed[2 * n * bl + 2 * n:].reshape(n, L)
+        return [self._advance(r, s, sel[i], tok[i], int(cnt[i]), bool(stp[i]), cvs[i])
+                for i, (r, s) in enumerate(zip(rows, slots, strict=True))]
+
+    def _advance(self, row: int, s: _Slot, sel: np.ndarray, tok: np.ndarray, count: int, eos: bool,
+                 canvas: np.ndarray) -> StepEvent:
+        """Host bookkeeping after a step: block and step counters, the event, freeing a finished slot."""
+        start, _ = s.block_bounds()
+        offset = start - s.plan.prompt_len
+        committed = [(offset + int(j), int(tok[j])) for j in np.flatnonzero(sel)]
+        s.masked -= count
+        s.steps_done += 1
+        s.nfe += 2 if s.plan.params.cfg_scale > 0 else 1
+        s.block_step += 1
+        if self._block_done(s):
+            s.block, s.block_step = s.block + 1, 0
+        done = eos or s.masked == 0
+        if done:
+            self.slots[row] = None
+        gen = canvas[s.plan.prompt_len:s.plan.total_len].tolist()
+        return StepEvent(s.handle, s.steps_done - 1, s.plan.steps, committed, s.masked, gen, s.nfe, done,
+                         ("stop" if eos else "length") if done else None)
+
+    @staticmethod
+    def _block_done(s: _Slot) -> bool:
+        start, length = s.block_bounds()
+        committed_before = start - s.plan.prompt_len  # every earlier block is fully committed
+        return s.plan.max_tokens - s.masked >= committed_before + length

@@ -1,0 +1,74 @@
+"""generate(): denoise a list of prompts to completion, admitting them into one DenoiseBatch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from tzd.models import model_config
+from tzd.sampling.batch import DenoiseBatch, StepEvent
+from tzd.sampling.params import SamplingParams, plan
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated ids only, cut before EOS or a stop string
+    steps: int  # denoising steps taken
+    nfe: int  # forward passes (two per step with classifier-free guidance)
+    finish_reason: str  # "length" | "stop"
+    seed: int
+    text: str | None = None  # with a tokenizer
+
+
+def finish(canvas: list[int], finish_reason: str, eos_id: int | None, stop: Sequence[str],
+           decode: Callable[[list[int]], str] | None) -> tuple[list[int], str, str | None]:
+    """Cut a finished canvas at the first EOS, then at the first stop string (text and tokens)."""
+    tokens = list(canvas)
+    if eos_id is not None and eos_id in tokens:
+        tokens, finish_reason = tokens[:tokens.index(eos_id)], "stop"
+    if decode is None:
+        return tokens, finish_reason, None
+    text = decode(tokens)
+    cuts = [text.find(s) for s in stop if s in text]
+    if cuts:
+        text, finish_reason = text[:min(cuts)], "stop"
+        n = 0
+        while n < len(tokens) and not decode(tokens[:n]).startswith(text):
+            n += 1
+        tokens = tokens[:n]
+    return tokens, finish_reason, text
+
+
+def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             mask_id: int, on_step: Callable[[int, StepEvent], None] | None = None, eos_id: int | None = None,
+             tokenizer=None, max_batch: int | None = None) -> list[GenerationResult]:
+    """Generate for every prompt; `on_step(i, event)` sees each step of prompt i.
+
+    Prompts are admitted as slots free up (at most `max_batch` at once, default all). With a
+    `tokenizer`, stop strings are applied and results carry text.
+    """
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"params: {len(plist)} given for {len(prompts)} prompts")
+    context = model_config(model).block_size
+    plans = [plan(p, len(pr), context) for p, pr in zip(plist, prompts, strict=True)]
+    batch = DenoiseBatch(model, mask_id, capacity=min(max_batch or len(prompts), len(prompts)) or 1,
+                         eos_id=eos_id)
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    waiting = list(range(len(prompts)))
+    decode = tokenizer.decode if tokenizer is not None else None
+    while waiting or len(batch):
+        while waiting and batch.free_slots:
+            i = waiting.pop(0)
+            batch.add(prompts[i], plans[i], handle=i)
+        for ev in batch.step():
+            if on_step is not None:
+                on_step(ev.handle, ev)
+            if ev.done:
+                tokens, reason, text = finish(ev.canvas, ev.finish_reason, eos_id, plans[ev.handle].params.stop,
+                                              decode)
+                results[ev.handle] = GenerationResult(tokens, ev.step + 1, ev.nfe, reason, plans[ev.handle].seed,
+                                                      text)
+    return results  # type: ignore[return-value]
