@@ -26,6 +26,7 @@ elif str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+DEVICE = "cuda"
 DTYPE = torch.bfloat16
 TARGETS = {"rope_vs_litgpt": 2.0, "attention_vs_sdpa_flash": 0.9, "attention_vs_padded_sdpa": 1.5}
 
@@ -47,10 +48,24 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- RoPE ------------------------------------------------------------------------------------------
 
 
-def rope_shapes(quick: bool) -> list[dict]:
+def default_model_config():
+    """The default model's architecture: its checkpoint's config.json, else the trainer's experiment config."""
     from tzd.models import ModelConfig
 
-    cfg = ModelConfig()  # the default model's architecture
+    ckpt = ROOT / "models" / "shakespeare-small" / "config.json"
+    if ckpt.is_file():
+        return ModelConfig.from_dict(json.loads(ckpt.read_text())["model"])
+    import yaml
+
+    conf = ROOT / "trainer" / "conf"
+    d = yaml.safe_load((conf / "model" / "smdm.yaml").read_text())
+    d.update(yaml.safe_load((conf / "experiment" / "shakespeare-small.yaml").read_text()).get("model", {}))
+    return ModelConfig.from_dict(d)
+
+
+def rope_shapes(quick: bool) -> list[dict]:
+    cfg = default_model_config()
+    # A serving batch of 32 full-context rows of the default model.
     shapes = [dict(name="default", B=32, T=cfg.block_size, H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim,
                    R=cfg.rotary_dim)]
     # 1B class: TinyLlama-1.1B's attention (32 query heads, 4 KV heads, head dim 64), 2K context.
@@ -67,9 +82,9 @@ def bench_rope(shape: dict) -> dict:
 
     B, T, H, Hk, D, R = (shape[k] for k in ("B", "T", "H", "Hk", "D", "R"))
     # q and k as views of one fused projection, as the models produce them.
-    qkv = torch.randn(B, T, H + 2 * Hk, D, device="cuda", dtype=DTYPE)
+    qkv = torch.randn(B, T, H + 2 * Hk, D, device=DEVICE, dtype=DTYPE)
     q, k = qkv[:, :, :H], qkv[:, :, H:H + Hk]
-    cos, sin = reference.rope_cache(T, R, device="cuda")
+    cos, sin = reference.rope_cache(T, R, device=DEVICE)
     # litgpt's own layout: [B,H,T,D] views and a [1,T,R] cache with duplicated halves.
     cos_l, sin_l = torch.cat((cos, cos), -1)[None], torch.cat((sin, sin), -1)[None]
 
@@ -101,9 +116,7 @@ def bench_rope(shape: dict) -> dict:
 
 
 def attention_shapes(quick: bool) -> list[dict]:
-    from tzd.models import ModelConfig
-
-    cfg = ModelConfig()
+    cfg = default_model_config()
     shapes = [
         dict(name="default", B=32, H=cfg.n_head, Hk=cfg.n_kv_head, S=cfg.block_size, D=cfg.head_dim),
         dict(name="1b-2k", B=4, H=32, Hk=32, S=2048, D=64),
@@ -147,9 +160,9 @@ def bench_attention_equal(shape: dict) -> dict:
     from kernels import triton_attention
 
     B, H, Hk, S, D = (shape[k] for k in ("B", "H", "Hk", "S", "D"))
-    q = torch.randn(B, H, S, D, device="cuda", dtype=DTYPE)
-    k = torch.randn(B, Hk, S, D, device="cuda", dtype=DTYPE)
-    v = torch.randn(B, Hk, S, D, device="cuda", dtype=DTYPE)
+    q = torch.randn(B, H, S, D, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(B, Hk, S, D, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(B, Hk, S, D, device=DEVICE, dtype=DTYPE)
     row = dict(shape, T=S, dtype=str(DTYPE))
     ours = triton_attention.attention(q, k, v)
     row["triton"] = _bench(lambda: triton_attention.attention(q, k, v))
@@ -170,11 +183,11 @@ def bench_attention_mixed(shape: dict, seed: int = 0) -> dict:
     B, H, Hk, S, D = (shape[k] for k in ("B", "H", "Hk", "S", "D"))
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(S // 8, S + 1, (B,), generator=gen)
-    seqlens = lengths.to("cuda", torch.int32)
-    q = torch.randn(B, H, S, D, device="cuda", dtype=DTYPE)
-    k = torch.randn(B, Hk, S, D, device="cuda", dtype=DTYPE)
-    v = torch.randn(B, Hk, S, D, device="cuda", dtype=DTYPE)
-    mask = (torch.arange(S, device="cuda")[None, :] < seqlens[:, None])[:, None, None, :]
+    seqlens = lengths.to(DEVICE, torch.int32)
+    q = torch.randn(B, H, S, D, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(B, Hk, S, D, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(B, Hk, S, D, device=DEVICE, dtype=DTYPE)
+    mask = (torch.arange(S, device=DEVICE)[None, :] < seqlens[:, None])[:, None, None, :]
     row = dict(shape, T=S, dtype=str(DTYPE), lengths=lengths.tolist(),
                real_key_fraction=lengths.sum().item() / (B * S))
     ours = triton_attention.attention(q, k, v, seqlens)

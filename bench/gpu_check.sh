@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# GPU check of the Triton kernels, in one go, installing nothing:
+#   1. the kernel tests on CUDA, compiled (not interpreted): tests/test_kernels*.py
+#   2. the kernel benchmark: bench/kernels.py (table + JSON)
+#   3. a short generation with the default model on both kernel paths (TZD_KERNELS=torch|triton),
+#      plus the logits of one forward compared across the paths
+# Usage: bench/gpu_check.sh OUT_DIR [CHECKPOINT_DIR]   (default checkpoint: models/shakespeare-small)
+# Everything lands in OUT_DIR; summary.txt lists each step's exit status. Each step gets a share of
+# an overall 470 s deadline so the whole check ends within 8 minutes.
+set -uo pipefail
+
+OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [CHECKPOINT_DIR]}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CKPT=${2:-$ROOT/models/shakespeare-small}
+PY=${PYTHON:-python}
+DEADLINE=470
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET TZD_KERNELS
+: > "$OUT/summary.txt"
+
+budget() {  # seconds left for a step: its cap, or what the deadline leaves
+    local left=$((DEADLINE - SECONDS))
+    ((left < $1)) && echo $((left > 10 ? left : 10)) || echo "$1"
+}
+
+step() {  # step NAME CAP_SECONDS COMMAND...: run with a timeout, log to OUT/NAME.txt, record the status
+    local name=$1 cap; cap=$(budget "$2"); shift 2
+    local t0=$SECONDS
+    echo "== $name (timeout ${cap}s)"
+    timeout --kill-after=5 "$cap" "$@" 2>&1 | tee "$OUT/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "$name rc=$rc ${cap}s-cap $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+}
+
+{
+    nvidia-smi || echo "nvidia-smi not found"
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    git -C "$ROOT" log -1 --oneline 2>/dev/null || true
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if ! "$PY" -c "import torch, triton, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "gpu_check: needs CUDA and triton (torch.cuda.is_available() and import triton); see env.txt" \
+        | tee -a "$OUT/summary.txt"
+    exit 2
+fi
+
+step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py \
+    --junitxml "$OUT/tests.xml"
+
+QUICK=()
+((DEADLINE - SECONDS < 240)) && QUICK=(--quick)  # fewer shapes when the tests ran long
+step bench 190 "$PY" bench/kernels.py --out "$OUT/kernels.json" ${QUICK[@]+"${QUICK[@]}"}
+
+step generate 75 "$PY" - "$OUT/generate.json" "$CKPT" <<'PY'
+"""Generate with the default model on both kernel paths; compare one forward's logits across them."""
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tzd.models import build_model
+from tzd.sampling import SamplingParams, generate
+from tzd.tokenizer import SpecialIds
+
+out, ckpt = Path(sys.argv[1]), Path(sys.argv[2])
+res = {"checkpoint": str(ckpt)}
+if (ckpt / "config.json").is_file():
+    from tzd.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ckpt, device="cuda", dtype=torch.float32)
+    model32, tok, mask_id, eos = loaded.model, loaded.tokenizer, loaded.mask_id, loaded.special.eos
+    prompts = [tok.encode(p) for p in ("ROMEO:\n", "First Citizen:\nWe are", "KING HENRY:\nNow", "JULIET:\nO")]
+    res["weights"] = "checkpoint"
+else:  # no checkpoint here: the default architecture with random weights still exercises the path
+    spec = importlib.util.spec_from_file_location("bench_kernels", "bench/kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    model32 = build_model(bench.default_model_config()).cuda().eval().requires_grad_(False)
+    tok, mask_id, eos = None, SpecialIds().mask, None
+    prompts = torch.randint(8, 200, (4, 12)).tolist()
+    res["weights"] = f"random (no checkpoint at {ckpt})"
+print("weights:", res["weights"])
+
+# One forward, both paths: fp32 should agree to ~1e-4; bf16 is judged against fp32.
+n = min(8, *(len(p) for p in prompts))
+ids = torch.tensor([p[:n] for p in prompts], device="cuda")
+logits = {}
+for dtype in (torch.float32, torch.bfloat16):
+    model = model32.to(dtype)
+    for mode in ("torch", "triton"):
+        os.environ["TZD_KERNELS"] = mode
+        with torch.inference_mode():
+            logits[(str(dtype), mode)] = model(ids).float()
+exact = logits[("torch.float32", "torch")]
+res["logits_max_abs"] = exact.abs().max().item()
+res["logits_fp32_triton_vs_torch"] = (logits[("torch.float32", "triton")] - exact).abs().max().item()
+for mode in ("torch", "triton"):
+    res[f"logits_bf16_{mode}_vs_fp32"] = (logits[("torch.bfloat16", mode)] - exact).abs().max().item()
+
+model = model32.to(torch.bfloat16)
+params = SamplingParams(max_tokens=64, steps=64, block_length=32, temperature=0.0, seed=0)
+for mode in ("torch", "triton"):
+    os.environ["TZD_KERNELS"] = mode
+    with torch.inference_mode():
+        generate(model, prompts, params, mask_id, eos_id=eos, tokenizer=tok)  # warm-up: compile, autotune
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        results = generate(model, prompts, params, mask_id, eos_id=eos, tokenizer=tok)
+        torch.cuda.synchronize()
+    res[mode] = {"seconds": time.perf_counter() - t0, "nfe": [r.nfe for r in results],
+                 "tokens": [r.tokens for r in results], "text": [r.text for r in results]}
+    print(f"{mode:>6}: {res[mode]['seconds']:.3f}s for {len(prompts)} prompts x {params.max_tokens} tokens")
+    for text, tokens in zip(res[mode]["text"], res[mode]["tokens"]):
+        print("   ", repr(text if text is not None else tokens)[:160])
+pairs = [(a, b) for ta, tb in zip(res["torch"]["tokens"], res["triton"]["tokens"]) for a, b in zip(ta, tb)]
+res["token_agreement_bf16"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+for key in ("logits_max_abs", "logits_fp32_triton_vs_torch", "logits_bf16_torch_vs_fp32",
+            "logits_bf16_triton_vs_fp32", "token_agreement_bf16"):
+    print(f"{key}: {res[key]:.4g}")
+out.write_text(json.dumps(res, indent=1))
+PY
+
+echo "== done in ${SECONDS}s; results in $OUT" | tee -a "$OUT/summary.txt"
+! grep -q "rc=[1-9]" "$OUT/summary.txt"
