@@ -5,9 +5,9 @@ Pure pydantic: importing this module never imports torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP_STRINGS = 4
 
@@ -51,3 +51,186 @@ class SamplingParams(BaseModel):
 
     def resolved_block_length(self) -> int:
         return self.block_length if self.block_length is not None else min(32, self.max_tokens)
+
+
+# ---- shared pieces --------------------------------------------------------------------------------
+
+FinishReason = Literal["length", "stop"]
+MASK_PLACEHOLDER = "_"  # how a still-masked position shows in a step event's `text` (one per position)
+STEP_EVENT, DONE_EVENT, ERROR_EVENT = "step", "done", "error"  # the SSE event names of POST /generate
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def sampling_fields(model: BaseModel) -> SamplingParams:
+    """The SamplingParams carried by a request model that extends it."""
+    return SamplingParams.model_validate(model.model_dump(include=set(SamplingParams.model_fields)))
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error | authentication_error | rate_limit_error | server_error | ...
+    param: str | None = None  # the offending request field
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (OpenAI's shape), also the data of a stream's `error` event."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "draining", "dead", "failed"]
+    model: str | None = None
+
+
+# ---- POST /generate --------------------------------------------------------------------------------
+
+class GenerateRequest(SamplingParams):
+    """POST /generate: a prompt (text or token ids), the SamplingParams fields, and whether to stream."""
+
+    prompt: str | list[TokenId]
+    stream: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        return sampling_fields(self)
+
+
+class Timings(BaseModel):
+    """Seconds, measured by the server from the moment the request was accepted."""
+
+    queue: float  # waiting for a slot in the running batch
+    first_step: float | None = None  # until the first denoising step finished
+    total: float
+
+
+class GenerateResponse(BaseModel):
+    """The answer of POST /generate, also the data of the stream's `done` event."""
+
+    id: str
+    object: Literal["generation"] = "generation"
+    model: str
+    text: str
+    tokens: list[int]  # generated ids, cut at EOS / the stop string
+    finish_reason: FinishReason
+    usage: Usage
+    steps: int  # denoising steps taken
+    nfe: int  # forward passes (model evaluations) for this request
+    seed: int  # the seed used (drawn when the request left it out): resend it to reproduce
+    timings: Timings
+
+
+class CommittedToken(BaseModel):
+    position: int  # counted from the first generated token
+    id: int
+    text: str
+
+
+class StepEventData(BaseModel):
+    """The data of one `step` event: what one denoising step did to this request."""
+
+    step: int  # 0-based index of this step
+    steps: int  # planned steps (an upper bound with threshold decoding)
+    committed: list[CommittedToken]
+    masked: int  # positions still masked after this step
+    text: str  # the whole partly denoised text, each masked position shown as MASK_PLACEHOLDER
+
+
+# ---- OpenAI-compatible /v1 -------------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+def _unsupported(name: str, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"{name} is not supported by this server")
+
+
+class CompletionRequest(SamplingParams):
+    """POST /v1/completions: OpenAI's fields plus the diffusion fields of SamplingParams as extra body fields.
+
+    max_tokens, temperature, top_p, stop and seed are SamplingParams' own fields (same names, same
+    checks and defaults); OpenAI options without a diffusion meaning are accepted only when off.
+    """
+
+    model: str | None = None
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty_list(cls, v: object) -> object:
+        if isinstance(v, list) and not v:
+            raise ValueError("must be a string or a non-empty list")
+        return v
+
+    @field_validator("echo", "logprobs", "suffix", "logit_bias", "frequency_penalty", "presence_penalty")
+    @classmethod
+    def _off_only(cls, v: object, info: ValidationInfo) -> object:
+        _unsupported(info.field_name, v in (None, False, 0, 0.0, "", {}))
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        _unsupported("best_of other than n", v is None or v == info.data.get("n", 1))
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: a string, a token list, or a batch of either."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+    def sampling_params(self) -> SamplingParams:
+        return sampling_fields(self)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    """The answer of POST /v1/completions, and (text deltas, usage only on the last) each stream chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tzd"
+    max_model_len: int  # the context: prompt + max_tokens must fit
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,74 @@
+"""`python -m server`: load a checkpoint and serve it; SIGTERM drains (503 to new requests) and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+
+from server.app import create_app
+from server.config import ServerConfig, parse_config
+from server.serving import Serving
+from tzd.checkpoint import CheckpointError, read_config
+
+log = logging.getLogger("tzd.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM/SIGINT drains the engine before the server stops."""
+
+    def __init__(self, config: uvicorn.Config, serving: Serving, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.serving, self.shutdown_timeout = serving, shutdown_timeout
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # not recorded as a captured signal: uvicorn would re-raise it after shutdown and the exit code
+        # would be the signal's, not 0
+        if self._draining or self._loop is None:
+            self.force_exit = self.should_exit  # a second signal while stopping: stop now
+            self.should_exit = True
+            return
+        self._draining = True
+        log.info("received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        await self.serving.drain(self.shutdown_timeout)
+        self.should_exit = True
+
+    def fatal(self, exc: BaseException) -> None:
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg: ServerConfig = parse_config(argv)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        read_config(cfg.checkpoint)  # fail fast on a bad path, before binding the port
+    except CheckpointError as e:
+        print(f"error: --checkpoint: {e}", file=sys.stderr)
+        return 2
+    holder: list[DrainingServer] = []
+    app = create_app(cfg, on_fatal=lambda e: holder[0].fatal(e))
+    ucfg = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
+                          timeout_graceful_shutdown=5, lifespan="on")
+    server = DrainingServer(ucfg, app.state.serving, cfg.shutdown_timeout)
+    holder.append(server)
+    server.run()
+    return server.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

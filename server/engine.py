@@ -1,0 +1,230 @@
+"""The engine: one model, one DenoiseBatch, one loop of steps (continuous batching at the step level).
+
+Every step boundary: cancelled requests leave the batch, waiting ones fill the free slots, then one
+batched denoising step runs on a single worker thread (the event loop keeps serving HTTP meanwhile),
+and each request's update is routed to its HTTP handler. Finished requests left the batch inside the
+step, so their slots are free at the next boundary. Only the worker thread touches the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from clients.protocol import SamplingParams
+from server.metrics import Metrics
+from server.output import Update
+from server.request import CANCELLED, Failure, Request, RequestGroup
+from server.runtime import Runtime, inference
+from server.scheduler import Scheduler
+from tzd.sampling import DenoiseBatch, plan
+
+log = logging.getLogger("tzd.server")
+
+State = Literal["ready", "draining", "dead"]
+
+
+class Unavailable(Exception):
+    """The engine takes no new requests (503): draining or dead."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(f"the server is {state}: not accepting requests")
+        self.state = state
+
+
+@dataclass
+class StepOutcome:
+    deliveries: list[tuple[Request, Update | Failure, int]] = field(default_factory=list)  # (req, update, nfe)
+    batch_size: int = 0
+    duration: float = 0.0
+    failed: bool = False
+
+
+class Engine:
+    """Owns the model; requests enter through `submit` and leave through their group's queue."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int, max_queue: int) -> None:
+        self.runtime, self.metrics = runtime, metrics
+        tok = runtime.loaded.tokenizer
+        self.batch = DenoiseBatch(runtime.loaded.model, runtime.loaded.mask_id, capacity=max_batch_size,
+                                  eos_id=tok.eos_id)
+        self.scheduler = Scheduler(max_batch_size, max_queue)
+        self.state: State = "ready"
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-step")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._orphans: list[Request] = []  # failed while running: their slots are freed at the next boundary
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Warm the model up with one tiny request, then start the loop."""
+        await asyncio.get_running_loop().run_in_executor(self._worker, self._warmup)
+        self._task = asyncio.create_task(self._run(), name="tzd-engine")
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done() and self.state != "dead"
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting; wait up to `timeout` s for in-flight requests; fail what is left. True if all finished."""
+        if self.state == "ready":
+            self.state = "draining"
+        deadline = time.monotonic() + timeout
+        while self.scheduler.has_work() and time.monotonic() < deadline and self.alive:
+            await asyncio.sleep(0.05)
+        clean = not self.scheduler.has_work()
+        if not clean:
+            self._fail_all("the server shut down before this request finished")
+        return clean
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.to_thread(self._worker.shutdown, wait=True)  # let a running step end
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def submit(self, group: RequestGroup) -> None:
+        """Queue the group's requests (all or none); raises Unavailable or QueueFull."""
+        if self.state != "ready" or not self.alive:
+            raise Unavailable(self.state if self.state != "ready" else "dead")
+        self.scheduler.submit(group.requests)
+        self._gauges()
+        self._wake.set()
+
+    def cancel(self, group: RequestGroup) -> None:
+        """The client went away: its requests leave (waiting ones now, running ones at the next boundary)."""
+        for req in group.requests:
+            if not req.done:
+                self.scheduler.cancel(req)
+        group.queue.put_nowait(CANCELLED)
+        self._gauges()
+        self._wake.set()
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self.scheduler.has_work():
+                    self._gauges()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                evict, admit = self.scheduler.schedule()
+                evict, self._orphans = evict + self._orphans, []
+                now = time.perf_counter()
+                for r in admit:
+                    r.admitted = now
+                    self.metrics.queue_time.observe(now - r.arrival)
+                self._gauges()
+                running = list(self.scheduler.running)
+                outcome = await loop.run_in_executor(self._worker, self._step, evict, admit, running)
+                self._dispatch(outcome)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("the engine loop died")
+            self.state = "dead"
+            self._fail_all("the engine stopped")
+            raise
+
+    def _step(self, evict: list[Request], admit: list[Request], running: list[Request]) -> StepOutcome:
+        """On the worker thread: apply evictions and admissions, run one step, render each request's update."""
+        out = StepOutcome()
+        with inference(self.runtime):
+            for r in evict:
+                self.batch.remove(r)
+            for r in admit:
+                try:
+                    self.batch.add(r.prompt_ids, r.plan, handle=r)
+                except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+                    log.exception("could not add request %s", r.group.id)
+                    out.deliveries.append((r, Failure(f"could not start: {type(e).__name__}: {e}"), 0))
+            out.batch_size = len(self.batch)
+            if not out.batch_size:
+                return out
+            t0 = time.perf_counter()
+            try:
+                events = self.batch.step()
+            except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+                log.exception("a denoising step failed; failing its %d requests", out.batch_size)
+                for r in running:
+                    self.batch.remove(r)
+                out.failed = True
+                fail = Failure(f"denoising step failed: {type(e).__name__}: {e}")
+                out.deliveries += [(r, fail, r.nfe) for r in running if not r.cancelled]
+                return out
+            out.duration = time.perf_counter() - t0
+        for ev in events:
+            req: Request = ev.handle
+            try:
+                up: Update | Failure = req.output.on_step(ev)
+            except Exception as e:  # noqa: BLE001 - a rendering bug fails one request only
+                log.exception("rendering a step of %s failed", req.group.id)
+                up = Failure(f"internal error rendering the step: {type(e).__name__}: {e}")
+            if not ev.done and (isinstance(up, Failure) or up.result is not None):
+                self.batch.remove(req)  # a stop string (or a failure) ended it before the sampler did
+            out.deliveries.append((req, up, ev.nfe))
+        return out
+
+    def _dispatch(self, out: StepOutcome) -> None:
+        """On the event loop: timings, metrics, and each update to its request's queue."""
+        m, now = self.metrics, time.perf_counter()
+        if out.batch_size:
+            m.batch_size.observe(out.batch_size)
+            if out.failed:
+                m.step_errors.inc()
+            else:
+                m.step_duration.observe(out.duration)
+        for req, up, nfe in out.deliveries:
+            if req.done:  # already failed (shutdown) while this step ran
+                continue
+            m.forward_passes.inc(nfe - req.nfe)
+            req.nfe = nfe
+            if isinstance(up, Failure):
+                req.finished = now
+                self.scheduler.finish(req)
+            else:
+                if req.first_step is None:
+                    req.first_step = now
+                    m.time_to_first_step.observe(now - req.arrival)
+                if up.result is not None:
+                    req.finished = now
+                    self.scheduler.finish(req)
+                    m.latency.observe(now - req.arrival)
+                    m.prompt_tokens.inc(len(req.prompt_ids))
+                    m.generated_tokens.inc(len(up.result.tokens))
+                    m.tokens_per_forward.observe(up.result.committed / max(up.result.nfe, 1))
+            if not req.cancelled:
+                req.group.queue.put_nowait((req, up))
+        self._gauges()
+
+    def _fail_all(self, message: str) -> None:
+        self._orphans += list(self.scheduler.running)
+        for req in self.scheduler.drain_all():
+            req.finished = time.perf_counter()
+            if not req.cancelled:
+                req.group.queue.put_nowait((req, Failure(message)))
+        self._gauges()
+
+    def _gauges(self) -> None:
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+
+    def _warmup(self) -> None:
+        """One tiny request through the batch, so the first real request does not pay for lazy init."""
+        n = min(2, self.runtime.context - 1)
+        p = plan(SamplingParams(max_tokens=n, steps=n, block_length=n, seed=0), 1, self.runtime.context)
+        handle = object()
+        with inference(self.runtime):
+            self.batch.add([self.runtime.loaded.tokenizer.eos_id], p, handle=handle)
+            while len(self.batch):
+                self.batch.step()

@@ -1,0 +1,104 @@
+"""OpenAI-compatible /v1: completions (JSON or `data:` chunks ending with [DONE]) and the model list."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi import Request as HttpRequest
+from fastapi.responses import StreamingResponse
+
+from clients.protocol import (
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingParams,
+    Usage,
+)
+from server.engine import Engine
+from server.errors import ApiError, error_body
+from server.request import RequestFailed, RequestGroup
+from server.serving import Serving
+from server.streams import SSE_HEADERS, collect, set_outcome, sse
+
+SEED_SPACE = 2**63
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices of one prompt: with a seed, choice j uses seed + j so that they differ yet reproduce."""
+    if params.seed is None or n == 1:
+        return [params] * n
+    return [params.model_copy(update={"seed": (params.seed + j) % SEED_SPACE}) for j in range(n)]
+
+
+async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: str, usage: bool
+                 ) -> AsyncIterator[str]:
+    """The committed left-to-right prefix of each choice as it grows, then [DONE]."""
+    ended, n_gen = False, 0
+    n_prompt = sum(len(r.prompt_ids) for r in group.requests)
+
+    def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> str:
+        return sse(Completion(id=group.id, created=group.created, model=model, choices=choices,
+                              usage=use).model_dump_json())
+
+    try:
+        async for req, up in group.updates():
+            if up.delta or up.result is not None:
+                reason = up.result.finish_reason if up.result is not None else None
+                yield chunk([CompletionChoice(index=req.index, text=up.delta, finish_reason=reason)])  # type: ignore[arg-type]
+            if up.result is not None:
+                n_gen += len(up.result.tokens)
+        if usage:
+            yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen))
+        yield sse("[DONE]")
+        ended = True
+    except RequestFailed as e:
+        ended = True
+        set_outcome(http, "error")
+        yield sse(error_body(500, str(e), code="generation_failed").model_dump_json())
+    finally:
+        if not ended:
+            set_outcome(http, "499")
+            engine.cancel(group)
+
+
+def router(auth: object) -> APIRouter:
+    r = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+
+    @r.get("/models", response_model=ModelList)
+    async def models(http: HttpRequest) -> ModelList:
+        serving: Serving = http.app.state.serving
+        serving.ready_engine()
+        assert serving.runtime is not None
+        return ModelList(data=[ModelCard(id=serving.config.served_name, created=int(serving.created),
+                                         max_model_len=serving.runtime.context)])
+
+    @r.post("/completions", response_model=Completion,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks"}})
+    async def completions(body: CompletionRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
+        serving: Serving = http.app.state.serving
+        engine = serving.ready_engine()
+        name = serving.config.served_name
+        if body.model is not None and body.model != name:
+            raise ApiError(404, f"model: {body.model!r} is not served here; this server serves {name!r}",
+                           param="model", code="model_not_found", reason="invalid")
+        prompts = [p for p in body.prompts() for _ in range(body.n)]
+        params = [p for _ in body.prompts() for p in choice_params(body.sampling_params(), body.n)]
+        group = serving.new_group("cmpl", prompts, params, "prefix" if body.stream else "none")
+        engine.submit(group)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(chunks(engine, group, http, name, include_usage),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        results = await collect(engine, group, http)
+        n_prompt = sum(len(r.prompt_ids) for r in group.requests[::body.n])  # each prompt counted once
+        n_gen = sum(len(r.tokens) for r in results)
+        return Completion(
+            id=group.id, created=group.created, model=name,
+            choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)  # type: ignore[arg-type]
+                     for i, r in enumerate(results)],
+            usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen))
+
+    return r

@@ -1,0 +1,91 @@
+"""What the routes share: the config, the metrics, and (once loaded) the runtime and the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from clients.protocol import SamplingParams
+from server.config import ServerConfig
+from server.engine import Engine, Unavailable
+from server.metrics import Metrics
+from server.output import RequestOutput, StreamMode
+from server.prepare import prepare
+from server.request import RequestGroup
+from server.runtime import Runtime, load_runtime
+
+log = logging.getLogger("tzd.server")
+
+
+class Serving:
+    """The model behind the routes: loads in the background so /health can say 503 while it does."""
+
+    def __init__(self, config: ServerConfig, on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self.config, self.on_fatal = config, on_fatal
+        self.metrics = Metrics()
+        self.runtime: Runtime | None = None
+        self.engine: Engine | None = None
+        self.failure: str | None = None
+        self.created = time.time()
+
+    async def load(self) -> None:
+        """Load the checkpoint (off the event loop), warm up, start the engine; then report healthy."""
+        cfg = self.config
+        try:
+            log.info("loading %s (device %s, dtype %s)", cfg.checkpoint, cfg.device, cfg.dtype)
+            rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype)
+            engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue)
+            await engine.start()
+        except Exception as e:  # noqa: BLE001 - reported through /health and on_fatal
+            self.failure = f"{type(e).__name__}: {e}"
+            log.error("could not load the model: %s", self.failure)
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+            return
+        self.metrics.model_info.info({
+            "name": cfg.served_name, "path": str(rt.loaded.path), "params": str(rt.params),
+            "device": str(rt.device), "dtype": rt.dtype_name, "context": str(rt.context),
+            "backend": str(rt.loaded.model_config.backend), "max_batch_size": str(cfg.max_batch_size)})
+        self.runtime, self.engine = rt, engine
+        log.info("loaded %s", rt.describe())
+        log.info("ready: serving %r, max batch %d, queue %d", cfg.served_name, cfg.max_batch_size, cfg.max_queue)
+
+    @property
+    def status(self) -> str:
+        if self.engine is None:
+            return "failed" if self.failure else "loading"
+        if self.engine.state == "draining":
+            return "draining"
+        return "ok" if self.engine.alive else "dead"
+
+    def ready_engine(self) -> Engine:
+        """The engine, or Unavailable (503) while loading, draining, or dead."""
+        status = self.status
+        if status != "ok" or self.engine is None:
+            raise Unavailable("loading" if status == "loading" else status)
+        return self.engine
+
+    def new_group(self, prefix: str, prompts: list[str | list[int]], params: list[SamplingParams],
+                  mode: StreamMode) -> RequestGroup:
+        """Checked requests, one per (prompt, params) pair; InvalidRequest names the bad field."""
+        assert self.runtime is not None
+        rt, group = self.runtime, RequestGroup(prefix)
+        tok = rt.loaded.tokenizer
+        for prompt, p in zip(prompts, params, strict=True):
+            ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,
+                                self.config.max_tokens_limit)
+            group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
+        return group
+
+    async def drain(self, timeout: float) -> None:
+        if self.engine is not None:
+            log.info("draining: finishing %d requests (up to %.0f s)", len(self.engine.scheduler.running)
+                     + len(self.engine.scheduler.waiting), timeout)
+            clean = await self.engine.drain(timeout)
+            log.info("drained" if clean else "shutdown timeout: failed the requests left")
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
