@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_body
@@ -13,8 +14,11 @@ COUNTED = {"/generate": "generate", "/v1/completions": "completions", "/v1/model
 OUTCOME_KEY = "tzd_outcome"  # a stream sets scope["state"][OUTCOME_KEY] when it ends otherwise than 200
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from `receive`: FastAPI passes HTTPExceptions from body reading through to the handlers."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body too large: the limit is {max_bytes} bytes (--max-body-bytes)")
 
 
 class BodyLimit:
@@ -38,7 +42,8 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge()
+                    self.metrics.rejected.labels("too_large").inc()
+                    raise BodyTooLarge(self.max_bytes)
             return msg
 
         async def tracked_send(msg: Message) -> None:
@@ -48,14 +53,14 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge:
+        except BodyTooLarge:  # read outside a route's body parsing: answer here
             if not started:
-                await self._reject(send)
+                await self._reject(send, count=False)
 
-    async def _reject(self, send: Send) -> None:
-        self.metrics.rejected.labels("too_large").inc()
-        body = error_body(413, f"request body too large: the limit is {self.max_bytes} bytes "
-                               "(--max-body-bytes)").model_dump_json().encode()
+    async def _reject(self, send: Send, count: bool = True) -> None:
+        if count:
+            self.metrics.rejected.labels("too_large").inc()
+        body = error_body(413, BodyTooLarge(self.max_bytes).detail).model_dump_json().encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
