@@ -64,9 +64,9 @@ def make_loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
 
     kind = cfg.training.logger
     if kind == "csv":
-        return [CSVLogger(root_dir=str(out_dir), name="logs", version="")]
+        return [CSVLogger(root_dir=str(out_dir), name="logs")]  # logs/version_N: one per (resumed) run
     if kind == "tensorboard":
-        return [TensorBoardLogger(root_dir=str(out_dir), name="logs", version="")]
+        return [TensorBoardLogger(root_dir=str(out_dir), name="logs")]
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -101,6 +101,7 @@ def write_samples(model: torch.nn.Module, tokenizer: Tokenizer, step: int, cfg: 
         for prompt, res in zip(prompts, results, strict=True):
             rows.append({"step": step, "temperature": temperature, "prompt": prompt,
                          "text": tokenizer.decode(res.tokens)})
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     with open(out_dir / "logs" / "samples.jsonl", "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -141,6 +142,7 @@ def train(cfg: DictConfig) -> Path:
     chars_per_token = val_chars / len(val_windows.tokens)
     val_batches = val_windows.grid(t.batch_size, t.eval_batches)
 
+    fabric.seed_everything(int(t.seed), verbose=False)  # the same initial weights on every run and rank
     with fabric.init_module():
         model = build_model(model_cfg)
     optimizer = make_optimizer(model, t)

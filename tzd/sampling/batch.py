@@ -128,9 +128,9 @@ class DenoiseBatch:
             in_prompt = torch.arange(L, device=self.device)[None, :] < prompt_len[:, None]
             ids = torch.cat([ids, ids[ci].masked_fill(in_prompt, self.mask_id)])
             seqlens = torch.cat([seqlens, seqlens[ci]])
-        cache = None
-        if any(s.cache_mode for s in slots):
-            cache = RecordView(self.kv, idx, seqlens)
+        if all(s.plan.total_len == L for s in slots):
+            seqlens = None  # no padding: attention takes its unmasked fast path
+        cache = RecordView(self.kv, idx, seqlens) if any(s.cache_mode for s in slots) else None
         logits = self.model(ids, ForwardContext(seqlens=seqlens, cache=cache))
         if cfg_rows:
             n = len(rows)

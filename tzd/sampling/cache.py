@@ -37,9 +37,9 @@ class RecordView:
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.store.ensure(k.dtype)
-        T = k.shape[2]
-        self.store.k[self.slots, layer, :, :T] = k
-        self.store.v[self.slots, layer, :, :T] = v
+        n, T = len(self.slots), k.shape[2]  # rows past n are unconditional (CFG) copies: not cached
+        self.store.k[self.slots, layer, :, :T] = k[:n]
+        self.store.v[self.slots, layer, :, :T] = v[:n]
         return k, v, self.seqlens
 
 
