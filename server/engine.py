@@ -130,11 +130,10 @@ class Engine:
                 self._dispatch(outcome)
         except asyncio.CancelledError:
             raise
-        except BaseException:
+        except Exception:  # a bug outside the step: say so everywhere instead of hanging requests
             log.exception("the engine loop died")
             self.state = "dead"
             self._fail_all("the engine stopped")
-            raise
 
     def _step(self, evict: list[Request], admit: list[Request], running: list[Request]) -> StepOutcome:
         """On the worker thread: apply evictions and admissions, run one step, render each request's update."""

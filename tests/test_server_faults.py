@@ -77,3 +77,21 @@ def test_503_while_loading(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatc
         release.set()
         wait_healthy(ts.url, timeout=60)
         assert c.post(f"{ts.url}/generate", json=BODY).status_code == 200
+
+
+def test_a_dead_engine_fails_requests_and_reports_503(tiny_checkpoint: Path) -> None:
+    app = create_app(config(tiny_checkpoint))
+    with ThreadServer(app) as ts, httpx.Client(timeout=60) as c:
+        wait_healthy(ts.url)
+        engine = app.state.serving.engine
+
+        def broken_schedule():  # noqa: ANN202
+            raise RuntimeError("scheduler bug")
+
+        engine.scheduler.schedule = broken_schedule
+        r = c.post(f"{ts.url}/generate", json=BODY)  # answered with an error, not left hanging
+        assert r.status_code == 500 and "engine stopped" in r.json()["error"]["message"]
+        r = c.get(f"{ts.url}/health")
+        assert r.status_code == 503 and r.json()["status"] == "dead"
+        r = c.post(f"{ts.url}/generate", json=BODY)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "dead"
