@@ -37,6 +37,22 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cuda
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG OFFLINE
+# Triton (the CUDA kernels) builds a small launcher with the system C compiler on first use, and slim
+# images have none. WITH_CC=auto installs gcc for TORCH_VARIANT=cuda unless OFFLINE=1 (apt needs
+# Debian's archive: an offline GPU build wants a base image with gcc, or runs with TZD_KERNELS=torch);
+# 1 or 0 force it.
+ARG WITH_CC=auto
+RUN set -eu; \
+    case "${WITH_CC}/${TORCH_VARIANT}/${OFFLINE}" in \
+      1/*|auto/cuda/0) \
+        apt-get update; \
+        apt-get install -y --no-install-recommends gcc libc6-dev; \
+        rm -rf /var/lib/apt/lists/* ;; \
+      auto/cuda/1) echo "OFFLINE=1: no C compiler installed; Triton kernels need one (or TZD_KERNELS=torch)" ;; \
+      *) ;; \
+    esac
+# The NVIDIA Container Toolkit mounts the driver libraries these ask for (ignored without a GPU).
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # torch first and pinned exactly, so no later requirement can pull in another build.
 RUN --mount=type=bind,source=docker/wheelhouse,target=/tmp/wheelhouse \
     set -eu; export PIP_FIND_LINKS=/tmp/wheelhouse; \
