@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from server import routes_generate, routes_openai, routes_ops
+from server import playground, routes_generate, routes_openai, routes_ops
 from server.auth import bearer_auth
 from server.config import ServerConfig
 from server.errors import install_error_handlers
@@ -40,6 +40,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[BaseException], None] |
     app.include_router(routes_ops.router)
     app.include_router(routes_generate.router(auth))
     app.include_router(routes_openai.router(auth))
+    playground.install(app)  # GET /: the web playground
     install_error_handlers(app, lambda reason: serving.metrics.rejected.labels(reason).inc())
 
     @app.exception_handler(ClientGone)

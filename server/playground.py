@@ -1,0 +1,75 @@
+"""The web playground: GET / serves a static page that streams POST /generate and draws the canvas unmasking.
+
+The page's files (server/static: index.html, app.js, style.css; no build step, nothing fetched from outside)
+are served under /playground/, and GET /playground/status is the small JSON the page polls for its
+metrics strip and to learn whether the server wants an API key. Both are open, like /health and /metrics:
+the page itself holds no secret, and generating still needs the key where the server has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from server.serving import Serving
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PREFIX = "/playground"
+NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate, so a new server version's page is picked up
+
+
+class PlaygroundStatus(BaseModel):
+    """GET /playground/status: what the page shows in its metrics strip and needs to set up its form."""
+
+    status: str  # as /health: ok | loading | draining | dead | failed
+    model: str
+    auth: bool  # /generate needs `Authorization: Bearer <key>`
+    context: int | None  # the model's context in tokens (prompt + max_tokens must fit); None until loaded
+    max_tokens_limit: int
+    max_batch_size: int
+    running: int  # requests in the running batch (the batch size of the next step)
+    waiting: int  # requests waiting for a slot
+    steps: int  # batched denoising steps run since the server started
+    mean_batch_size: float | None  # requests per step, averaged over those steps; None before the first
+
+
+def status(serving: Serving) -> PlaygroundStatus:
+    """The status from the server's own metrics (the same numbers /metrics renders)."""
+    cfg, registry = serving.config, serving.metrics.registry
+
+    def value(name: str) -> float:
+        return registry.get_sample_value(name) or 0.0
+
+    steps, requests = value("tzd_batch_size_count"), value("tzd_batch_size_sum")
+    return PlaygroundStatus(
+        status=serving.status, model=cfg.served_name, auth=bool(cfg.api_keys),
+        context=serving.runtime.context if serving.runtime is not None else None,
+        max_tokens_limit=cfg.max_tokens_limit, max_batch_size=cfg.max_batch_size,
+        running=int(value("tzd_requests_running")), waiting=int(value("tzd_requests_waiting")),
+        steps=int(steps), mean_batch_size=requests / steps if steps else None)
+
+
+def router() -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=NO_CACHE)
+
+    @r.get(f"{PREFIX}/status", response_model=PlaygroundStatus, tags=["playground"])
+    async def playground_status(http: HttpRequest) -> PlaygroundStatus:
+        """Server status for the playground page: model, limits, whether a key is needed, running requests."""
+        return status(http.app.state.serving)
+
+    return r
+
+
+def install(app: FastAPI) -> None:
+    """Add GET /, GET /playground/status and the page's files under /playground/ to `app`."""
+    app.include_router(router())  # before the mount, so /playground/status is a route, not a file
+    app.mount(PREFIX, StaticFiles(directory=STATIC_DIR), name="playground")
