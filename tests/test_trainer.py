@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def test_loss_falls_and_checkpoint_loads(tiny_checkpoint: Path) -> None:
 def test_backend_trains_saves_reloads(backend: str, tmp_path: Path) -> None:
     out = tmp_path / backend
     run_trainer(*TINY_OVERRIDES, f"model={backend}", "training.max_steps=6", "training.precision=32-true",
-                f"out_dir={out}")
+                "training.sample_every=6", "training.sample_tokens=16", f"out_dir={out}")
+    samples = [json.loads(line) for line in open(out / "logs" / "samples.jsonl")]
+    assert {s["temperature"] for s in samples} == {0.5, 1.0} and all(s["step"] == 6 for s in samples)
     loaded = load_checkpoint(out / "last", device="cpu")
     assert loaded.model_config.backend == backend
     state = torch.load(out / "last" / "training_state.pt", map_location="cpu", weights_only=False)

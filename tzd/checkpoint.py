@@ -65,6 +65,9 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, model_config: ModelCo
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for name, obj in (extra_files or {}).items():
             torch.save(obj, tmp / name)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes 0600; a checkpoint is served by other users (containers)
+        tmp.chmod(0o755)
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         if out.exists():
             out.rename(old)
