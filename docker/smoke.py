@@ -1,9 +1,11 @@
 """Smoke test of a running TZD server through its published port (docker/test.sh runs it; stdlib only).
 
-    python docker/smoke.py http://127.0.0.1:8000 [--api-key KEY] [--model NAME] [--path DIR] [--max-tokens-limit N]
+    python docker/smoke.py http://127.0.0.1:8000 [--api-key KEY] [--model NAME] [--path DIR]
+                           [--max-tokens-limit N] [--dashboard GRAFANA_JSON]
 
 Checks /health, POST /generate as JSON and as an SSE stream, the API key (when given), the
-max_tokens limit (when given) and /metrics. Prints `ok - ...` or `FAIL - ...` per check; the exit
+max_tokens limit (when given), /metrics, and that every metric a Grafana dashboard queries is one the
+server exports (when given). Prints `ok - ...` or `FAIL - ...` per check; the exit
 status is the number of failures.
 """
 
@@ -56,6 +58,28 @@ def parse_sse(raw: bytes) -> list[tuple[str, dict]]:
     return events
 
 
+_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+             "summary": ("", "_sum", "_count", "_created"), "info": ("_info",), "gauge": ("",), "untyped": ("",)}
+
+
+def exported_samples(exposition: str) -> set[str]:
+    """Every sample name the exposition can carry, from its # TYPE lines (labelled families may have no samples
+    yet)."""
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.M):
+        names.add(name)  # prometheus_client writes a counter's TYPE line with its _total name
+        names.update(name + suffix for suffix in _SUFFIXES.get(kind, ("",)))
+    return names
+
+
+def dashboard_metrics(path: str) -> set[str]:
+    """The metric names in a Grafana dashboard's PromQL expressions."""
+    with open(path, encoding="utf-8") as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", []) if t.get("expr")]
+    return {m for e in exprs for m in re.findall(r"\b((?:tzd|process)_[a-z0-9_]+)\b", e)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base_url")
@@ -63,6 +87,7 @@ def main() -> int:
     ap.add_argument("--model", help="the model name /health must report")
     ap.add_argument("--path", help="the checkpoint directory tzd_model_info must report")
     ap.add_argument("--max-tokens-limit", type=int, help="the server's configured max_tokens limit")
+    ap.add_argument("--dashboard", help="a Grafana dashboard JSON whose queries must name exported metrics")
     args = ap.parse_args()
     srv = Server(args.base_url, args.api_key)
     failures = 0
@@ -131,6 +156,9 @@ def main() -> int:
             m = re.search(r'^tzd_model_info\{.*\bpath="([^"]*)"', text, re.M)
             check(m is not None and m.group(1).rstrip("/") == args.path.rstrip("/"),
                   f"tzd_model_info: the server loaded {args.path}", m.group(0) if m else "no tzd_model_info")
+        if args.dashboard:
+            unknown = sorted(dashboard_metrics(args.dashboard) - exported_samples(text))
+            check(not unknown, f"every metric {args.dashboard} queries is exported", unknown)
     print(f"smoke: {failures} failure(s)")
     return failures
 

@@ -170,8 +170,9 @@ if not any(v.get("target") == "/models" for v in s.get("volumes", [])):
     problems.append("server: no volume at /models")
 if gpu["services"]["trainer"].get("profiles") != ["train"]:
     problems.append("trainer: not under the train profile")
-if gpu["services"]["prometheus"].get("profiles") != ["monitoring"]:
-    problems.append("prometheus: not under the monitoring profile")
+for svc in ("prometheus", "grafana"):
+    if gpu["services"][svc].get("profiles") != ["monitoring"]:
+        problems.append(f"{svc}: not under the monitoring profile")
 print("\n".join(problems))
 sys.exit(1 if problems else 0)
 EOF
@@ -198,6 +199,21 @@ then
     pass "docker/prometheus.yml scrapes server:8000/metrics"
 else
     fail "docker/prometheus.yml does not scrape server:8000/metrics"
+fi
+if python3 - <<'EOF'
+import json, re, sys
+dash = json.load(open("docker/grafana/dashboards/tzd.json"))
+ds = open("docker/grafana/provisioning/datasources/prometheus.yml").read()
+uid = re.search(r"^\s*uid:\s*(\S+)", ds, re.M).group(1)
+used = {t["datasource"]["uid"] for p in dash["panels"] for t in p.get("targets", [])}
+ok = used == {uid} and "url: http://prometheus:9090" in ds and all(p.get("targets") for p in dash["panels"])
+print(f"dashboard {dash['uid']}: {len(dash['panels'])} panels, datasource uids {sorted(used)}, provisioned {uid}")
+sys.exit(0 if ok else 1)
+EOF
+then
+    pass "Grafana: the dashboard's panels all query the provisioned Prometheus datasource"
+else
+    fail "Grafana: dashboard and provisioned datasource do not match"
 fi
 
 # ---- the engine ------------------------------------------------------------------------------------
@@ -444,9 +460,9 @@ pass "docker compose up: the server container is healthy"
 
 # the image keeps its default model at /opt/tzd/models/shakespeare-small, whatever MODEL was
 if python3 docker/smoke.py "http://$TZD_PUBLISH" --api-key "$API_KEY" --model shakespeare-small \
-    --path /opt/tzd/models/shakespeare-small \
+    --path /opt/tzd/models/shakespeare-small --dashboard docker/grafana/dashboards/tzd.json \
     --max-tokens-limit "$MAX_TOKENS_LIMIT"; then
-    pass "smoke through the published port: /health, /generate JSON + stream, API key and limit from the env file, /metrics"
+    pass "smoke through the published port: /health, /generate JSON + stream, API key and limit from the env file, /metrics, dashboard metrics"
 else
     fail "smoke test of the default model (see the FAIL lines above)"
 fi
