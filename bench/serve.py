@@ -5,8 +5,9 @@ latency against concurrency.
 Per level it reports time to the first step event (TTFS), time to the first committed text (the
 left-to-right prefix is non-empty: what an OpenAI stream shows first), end-to-end latency (p50/p90/p99),
 output tokens/s and requests/s, and the server's mean tzd_batch_size over the level (from /metrics).
-Then, with the server stopped, the sampler's own offline throughput (generate(), max_batch=16) on the
-requests of the concurrency-16 level, so that the HTTP + scheduling cost can be read off.
+Then the sampler's own offline throughput (generate(), max_batch=16, in this process while the server
+idles) on the requests of the concurrency-16 level, measured in turns with that level (--repeats pairs,
+the ratio is their median), so that the HTTP + scheduling cost can be read off.
 
     python bench/serve.py [--checkpoint models/shakespeare-small] [--concurrency 1,2,4,8,16,32]
                           [--out bench/results/serve.json] [--png bench/results/serve.png]
@@ -162,25 +163,29 @@ async def run_level(url: str, bodies: list[dict], concurrency: int, rate: float,
 
 # ---- offline baseline ------------------------------------------------------------------------------
 
-def offline_throughput(checkpoint: Path, device: str, dtype: str, prompts: list[list[int]], params: dict,
-                       batch: int) -> dict:
+class Offline:
     """The sampler alone: generate() over the same requests, `batch` at a time, in the server's precision."""
-    from server.runtime import inference, load_runtime
-    from tzd.sampling import SamplingParams, generate
 
-    rt = load_runtime(checkpoint, device, dtype)
-    tok, model = rt.loaded.tokenizer, rt.loaded.model
-    plist = [SamplingParams(**params, seed=i) for i in range(len(prompts))]
-    with inference(rt):
-        generate(model, prompts[:batch], plist[:batch], rt.loaded.mask_id, eos_id=tok.eos_id)  # warm-up
-        t0 = time.perf_counter()
-        results = generate(model, prompts, plist, rt.loaded.mask_id, eos_id=tok.eos_id, tokenizer=tok,
-                           max_batch=batch)
-        duration = time.perf_counter() - t0
-    tokens = sum(len(r.tokens) for r in results)
-    return {"batch": batch, "num_requests": len(prompts), "duration_s": duration, "output_tokens": tokens,
-            "output_tokens_per_s": tokens / duration, "requests_per_s": len(prompts) / duration,
-            "dtype": rt.dtype_name, "device": str(rt.device), "params": rt.params}
+    def __init__(self, checkpoint: Path, device: str, dtype: str, batch: int) -> None:
+        from server.runtime import load_runtime
+
+        self.rt, self.batch = load_runtime(checkpoint, device, dtype), batch
+
+    def run(self, prompts: list[list[int]], params: dict) -> dict:
+        from server.runtime import inference
+        from tzd.sampling import SamplingParams, generate
+
+        rt, tok = self.rt, self.rt.loaded.tokenizer
+        plist = [SamplingParams(**params, seed=i) for i in range(len(prompts))]
+        with inference(rt):
+            t0 = time.perf_counter()
+            results = generate(rt.loaded.model, prompts, plist, rt.loaded.mask_id, eos_id=tok.eos_id, tokenizer=tok,
+                               max_batch=self.batch)
+            duration = time.perf_counter() - t0
+        tokens = sum(len(r.tokens) for r in results)
+        return {"batch": self.batch, "num_requests": len(prompts), "duration_s": duration, "output_tokens": tokens,
+                "output_tokens_per_s": tokens / duration, "requests_per_s": len(prompts) / duration,
+                "dtype": rt.dtype_name, "device": str(rt.device), "params": rt.params}
 
 
 # ---- server process ------------------------------------------------------------------------------
@@ -202,6 +207,14 @@ def start_server(checkpoint: Path, port: int, max_batch: int, device: str, dtype
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("the server did not become healthy in 300 s")
+
+
+def show(lv: Level) -> None:
+    print(f"{lv.concurrency:>5} {lv.completed:>5} {lv.requests_per_s:>7.2f} {lv.output_tokens_per_s:>8.1f} "
+          f"{lv.mean_batch_size:>6.2f} {lv.ms['step_mean']:>8.1f} {trip(lv.ms, 'ttfs'):>22} "
+          f"{trip(lv.ms, 'ttft'):>22} {trip(lv.ms, 'e2e'):>22}", flush=True)
+    if lv.errors:
+        print(f"      errors: {lv.errors}")
 
 
 def trip(ms: dict[str, float], key: str) -> str:
@@ -258,9 +271,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--prompt-tokens", default="32,96", help="min,max prompt length in tokens")
+    ap.add_argument("--prompt-tokens", default="64,64", help="min,max prompt length in tokens (fixed by default, as "
+                    "vLLM's random dataset: mixed lengths also measure the sampler's padding to the longest row)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-offline", action="store_true", help="skip the sampler's offline baseline")
+    ap.add_argument("--repeats", type=int, default=3, help="server c16 / offline b16 pairs (the ratio is their median)")
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--png", default="bench/results/serve.png")
     args = ap.parse_args()
@@ -285,51 +300,56 @@ def main() -> int:
         url = f"http://127.0.0.1:{args.port}"
     info = next((s.labels for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
                  for s in fam.samples if s.name == "tzd_model_info"), {})
-    levels = []
+    levels: list[Level] = []
+    pairs: list[dict] = []
     try:
         asyncio.run(run_level(url, bodies[:4], 4, math.inf, args.seed))  # warm-up
         print(f"{'conc':>5} {'req':>5} {'req/s':>7} {'tok/s':>8} {'batch':>6} {'step ms':>8} "
               f"{'TTFS p50/p90/p99 ms':>22} {'TTFT p50/p90/p99 ms':>22} {'E2E p50/p90/p99 ms':>22}")
         for c in levels_c:
-            lv = asyncio.run(run_level(url, bodies[:counts[c]], c, args.request_rate, args.seed))
-            levels.append(lv)
-            print(f"{c:>5} {lv.completed:>5} {lv.requests_per_s:>7.2f} {lv.output_tokens_per_s:>8.1f} "
-                  f"{lv.mean_batch_size:>6.2f} {lv.ms['step_mean']:>8.1f} {trip(lv.ms, 'ttfs'):>22} "
-                  f"{trip(lv.ms, 'ttft'):>22} {trip(lv.ms, 'e2e'):>22}", flush=True)
-            if lv.errors:
-                print(f"      errors: {lv.errors}")
+            levels.append(asyncio.run(run_level(url, bodies[:counts[c]], c, args.request_rate, args.seed)))
+            show(levels[-1])
+        if not args.no_offline and OFFLINE_BATCH in counts:
+            # server at concurrency 16 and the sampler offline at batch 16, measured in turns (the server
+            # idle meanwhile) so that a drifting background load hits both alike
+            n = counts[OFFLINE_BATCH]
+            offline = Offline(checkpoint, args.device, args.dtype, OFFLINE_BATCH)
+            offline.run(prompts[:OFFLINE_BATCH], params)  # warm-up
+            for r in range(args.repeats):
+                lv = next(lv for lv in levels if lv.concurrency == OFFLINE_BATCH) if r == 0 else \
+                    asyncio.run(run_level(url, bodies[:n], OFFLINE_BATCH, math.inf, args.seed))
+                off = offline.run(prompts[:n], params)
+                pairs.append({"server_tokens_per_s": lv.output_tokens_per_s, "server_mean_batch": lv.mean_batch_size,
+                              "offline": off, "ratio": lv.output_tokens_per_s / off["output_tokens_per_s"]})
+                print(f"pair {r}: server c{OFFLINE_BATCH} {lv.output_tokens_per_s:.1f} tok/s, offline batch "
+                      f"{OFFLINE_BATCH} {off['output_tokens_per_s']:.1f} tok/s, ratio {pairs[-1]['ratio']:.3f}",
+                      flush=True)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=120)
 
-    offline = None
-    if not args.no_offline and OFFLINE_BATCH in counts:
-        n = counts[OFFLINE_BATCH]
-        offline = offline_throughput(checkpoint, args.device, args.dtype, prompts[:n], params, OFFLINE_BATCH)
-        print(f"offline sampler, batch {OFFLINE_BATCH}: {offline['output_tokens_per_s']:.1f} tok/s "
-              f"({n} requests, {offline['duration_s']:.2f} s)")
     by_c = {lv.concurrency: lv for lv in levels}
     ratios = {}
     if 1 in by_c and 16 in by_c:
         ratios["throughput_c16_over_c1"] = by_c[16].output_tokens_per_s / by_c[1].output_tokens_per_s
         ratios["mean_batch_size_c16"] = by_c[16].mean_batch_size
-    if offline and 16 in by_c:
-        ratios["server_c16_over_offline_b16"] = by_c[16].output_tokens_per_s / offline["output_tokens_per_s"]
+    if pairs:
+        ratios["server_c16_over_offline_b16"] = float(np.median([p["ratio"] for p in pairs]))
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     result = {
         "benchmark": "serve", "checkpoint": str(checkpoint), "model_info": info, "params": params,
         "prompt_tokens": [lo, hi], "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "levels": [asdict(lv) for lv in levels], "offline": offline, "ratios": ratios,
+        "levels": [asdict(lv) for lv in levels], "server_vs_offline": pairs, "ratios": ratios,
         "targets": {"throughput_c16_over_c1": 1.3, "mean_batch_size_c16": 8, "server_c16_over_offline_b16": 0.9},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(finite(result), indent=2) + "\n")
     if args.png and levels:
-        plot(levels, offline, Path(args.png))
+        plot(levels, pairs[0]["offline"] if pairs else None, Path(args.png))
     print(f"wrote {out}" + (f" and {args.png}" if args.png and levels else ""))
     return 0
 
