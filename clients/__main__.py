@@ -139,7 +139,7 @@ def run_stream(client: TZDClient, prompt: str, params: dict[str, Any], as_json: 
             view.update(ev)
             live.refresh()
     assert done is not None, "a stream ends in its Completion or raises"
-    err.print(view.header(), Text(f"  done: {summary(done)}", style="dim"), sep="")
+    err.print(view.header(), Text(f"  done: {summary(done)}", style="dim"), sep="", soft_wrap=True)
     return done
 
 

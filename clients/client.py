@@ -183,6 +183,15 @@ class _Core:
             raise APIError(f"unexpected answer from {resp.request.url}: {e.errors()[0].get('msg')}",
                            status=resp.status_code) from e
 
+    def health(self, resp: httpx.Response) -> Health:
+        """/health's answer: a Health body with 200 or 503 (loading, draining); any other error raises."""
+        if resp.status_code != 200:
+            try:
+                return Health.model_validate_json(resp.content)
+            except ValidationError:
+                raise self.error(resp) from None
+        return self.parse(Health, resp)
+
     def on_error(self, resp: httpx.Response, attempt: int) -> tuple[APIError, float | None]:
         """(error, seconds to wait before retrying or None) for an error answer."""
         err = self.error(resp)
@@ -331,7 +340,7 @@ class TZDClient(_ClientBase):
 
     def health(self) -> Health:
         """GET /health, tried once: status "ok", or "loading"/"draining"/... while the server answers 503."""
-        return self._core.parse(Health, self._send("GET", "/health", ok=(200, 503), retry=False))
+        return self._core.health(self._send("GET", "/health", ok=(200, 503), retry=False))
 
     # ---- I/O ----
 
@@ -422,7 +431,7 @@ class AsyncTZDClient(_ClientBase):
 
     async def health(self) -> Health:
         """GET /health, tried once: status "ok", or "loading"/"draining"/... while the server answers 503."""
-        return self._core.parse(Health, await self._send("GET", "/health", ok=(200, 503), retry=False))
+        return self._core.health(await self._send("GET", "/health", ok=(200, 503), retry=False))
 
     # ---- I/O ----
 
