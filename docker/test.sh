@@ -233,7 +233,7 @@ fi
 log "starting dockerd (data-root $WORK/data on $data_on)"
 # --iptables=false, --ip-forward=false, --bridge=none: no firewall rules, sysctl or docker0 on the host; compose makes its own network
 # and the published port is served by docker-proxy.
-dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
+nice -n 10 dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/dockerd.pid" \
     --host "$DOCKER_HOST" --iptables=false --ip-masq=false --ip-forward=false --bridge=none >"$WORK/dockerd.log" 2>&1 &
 DOCKERD_PID=$!
 for _ in $(seq 60); do
