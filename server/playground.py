@@ -9,10 +9,11 @@ the page itself holds no secret, and generating still needs the key where the se
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -54,6 +55,15 @@ def status(serving: Serving) -> PlaygroundStatus:
         steps=int(steps), mean_batch_size=requests / steps if steps else None)
 
 
+class RevalidatedFiles(StaticFiles):
+    """The page's files, revalidated on every load, so a page never runs with another version's script."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(NO_CACHE)
+        return response
+
+
 def router() -> APIRouter:
     r = APIRouter()
 
@@ -72,4 +82,4 @@ def router() -> APIRouter:
 def install(app: FastAPI) -> None:
     """Add GET /, GET /playground/status and the page's files under /playground/ to `app`."""
     app.include_router(router())  # before the mount, so /playground/status is a route, not a file
-    app.mount(PREFIX, StaticFiles(directory=STATIC_DIR), name="playground")
+    app.mount(PREFIX, RevalidatedFiles(directory=STATIC_DIR), name="playground")

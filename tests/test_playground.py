@@ -134,6 +134,7 @@ def test_page_and_its_files_are_served_with_nothing_from_outside(srv: ServerProc
         for path, kind in [("/playground/app.js", "javascript"), ("/playground/style.css", "text/css")]:
             r = c.get(path)
             assert r.status_code == 200 and kind in r.headers["content-type"], path
+            assert r.headers["cache-control"] == "no-cache"  # revalidated: never a stale script with a new page
             assert "http://" not in r.text and "https://" not in r.text and "@import" not in r.text, path
         status = c.get("/playground/status").json()  # open, like /health: the page needs it to show the key field
         assert status["status"] == "ok" and status["auth"] is True and status["context"] == 96
