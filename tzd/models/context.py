@@ -22,3 +22,11 @@ class ForwardContext:
     positions: torch.Tensor | None = None  # [B,T] absolute positions; None = 0..T-1
     seqlens: torch.Tensor | None = None  # [B] valid keys per row (padding beyond); None = all
     cache: KVCache | None = None
+    # [B,P] positions whose logits are wanted (the sampler needs only the current block); None = all
+    output_positions: torch.Tensor | None = None
+
+    def select_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B,T,C] at output_positions, before the norm and the output head."""
+        if self.output_positions is None:
+            return x
+        return x.gather(1, self.output_positions[..., None].expand(-1, -1, x.shape[-1]))

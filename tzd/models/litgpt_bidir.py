@@ -112,7 +112,7 @@ class BidirectionalGPT(GPT):
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         for block in self.transformer.h:
             x = block(x, self.rope_cos, self.rope_sin, ctx)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(ctx.select_outputs(x))
         clamp = (partial(do_softcapping, thresh=self.config.final_logit_softcapping)
                  if self.config.final_logit_softcapping is not None else (lambda t: t))
         return clamp(self.lm_head(x))

@@ -96,4 +96,4 @@ class SMDM(nn.Module):
         x = self.tok_embeddings(ids)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin, ctx)
-        return self.output(self.norm(x))
+        return self.output(self.norm(ctx.select_outputs(x)))

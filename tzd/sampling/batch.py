@@ -131,15 +131,17 @@ class DenoiseBatch:
         if all(s.plan.total_len == L for s in slots):
             seqlens = None  # no padding: attention takes its unmasked fast path
         cache = RecordView(self.kv, idx, seqlens) if any(s.cache_mode for s in slots) else None
-        logits = self.model(ids, ForwardContext(seqlens=seqlens, cache=cache))
+        start = self._tensor([s.block_bounds()[0] for s in slots])
+        pos = (start[:, None] + torch.arange(bl, device=self.device)).clamp(max=L - 1)
+        if cfg_rows:
+            pos = torch.cat([pos, pos[ci]])
+        logits = self.model(ids, ForwardContext(seqlens=seqlens, cache=cache, output_positions=pos))
         if cfg_rows:
             n = len(rows)
             scale = self._tensor([slots[i].plan.params.cfg_scale for i in cfg_rows], torch.float32)
             cond, uncond = logits[ci], logits[n:]
             logits = logits[:n].index_copy(0, ci, uncond + (scale[:, None, None] + 1) * (cond - uncond))
-        start = self._tensor([s.block_bounds()[0] for s in slots])
-        pos = (start[:, None] + torch.arange(bl, device=self.device)).clamp(max=L - 1)
-        return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+        return logits
 
     def _cached_logits(self, rows: list[int], bl: int) -> torch.Tensor:
         """Forward of the query window only (prefix: block and after; dual: block), keys from the cache."""
@@ -154,8 +156,9 @@ class DenoiseBatch:
         positions = (start[:, None] + torch.arange(Q, device=self.device)).clamp(max=self.context - 1)
         ids = self.canvas[idx].gather(1, positions)
         view = ReadView(self.kv, idx, start, q_len, seqlens)
-        logits = self.model(ids, ForwardContext(positions=positions, seqlens=seqlens, cache=view))
-        return logits[:, :bl]
+        block = torch.arange(bl, device=self.device).expand(len(rows), bl)  # the block opens the window
+        return self.model(ids, ForwardContext(positions=positions, seqlens=seqlens, cache=view,
+                                              output_positions=block))
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
