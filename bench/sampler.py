@@ -121,7 +121,7 @@ def main() -> None:
     judge = load_checkpoint(args.judge, device="cpu")
     prompts = held_out_prompts(loaded, args.prompts, args.prompt_len)
     autocast = not args.fp32
-    rows = []
+    rows, outputs = [], {}
     for name in args.configs.split(","):
         extra = CONFIGS[name]
         row: dict = {"config": name, **extra}
@@ -130,6 +130,12 @@ def main() -> None:
                                     temperature=temperature, seed=1234, **extra)
             outs, tps16, nfe = run(loaded, prompts, params, 16, autocast)
             tag = f"t{temperature:g}"
+            outputs[name, temperature] = outs
+            uncached = name.split("+")[0]
+            if "+" in name and (uncached, temperature) in outputs:  # the cache is approximate: how close?
+                ref = outputs[uncached, temperature]
+                same = sum(a == b for o, r in zip(outs, ref, strict=True) for a, b in zip(o, r, strict=False))
+                row[f"{tag}_token_agreement_vs_{uncached}"] = same / max(1, sum(len(r) for r in ref))
             row[f"{tag}_tokens_per_s_b16"] = tps16
             row[f"{tag}_nfe"] = nfe
             row[f"{tag}_gen_ppl"] = math.exp(judge_nll(judge, prompts, outs))
