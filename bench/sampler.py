@@ -25,10 +25,11 @@ from trainer.data import load_corpus
 from tzd.checkpoint import Loaded, load_checkpoint
 from tzd.sampling import SamplingParams, generate
 
+# name -> SamplingParams overrides; "steps" is a fraction of max_tokens (1 = one token per step, LLaDA)
 CONFIGS: dict[str, dict] = {
-    "llada (steps=256)": {"steps": 256},
-    "steps=128": {"steps": 128},
-    "steps=64": {"steps": 64},
+    "llada": {"steps": 1.0},
+    "steps/2": {"steps": 0.5},
+    "steps/4": {"steps": 0.25},
     "threshold=0.9": {"threshold": 0.9},
     "threshold=0.7": {"threshold": 0.7},
     "threshold=0.5": {"threshold": 0.5},
@@ -123,7 +124,9 @@ def main() -> None:
     autocast = not args.fp32
     rows, outputs = [], {}
     for name in args.configs.split(","):
-        extra = CONFIGS[name]
+        extra = dict(CONFIGS[name])
+        if "steps" in extra:
+            extra["steps"] = int(extra["steps"] * args.max_tokens)
         row: dict = {"config": name, **extra}
         for temperature in (0.0, 1.0):
             params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length,
