@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
+                    help="add a fact to config.json's training section (e.g. machine=...); repeatable")
     args = ap.parse_args(argv)
     try:
         loaded = load_checkpoint(args.src, device="cpu")
@@ -28,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {k: v for k, v in loaded.config.items() if k not in OWN_KEYS}
+    for note in args.note:
+        key, sep, value = note.partition("=")
+        if not sep:
+            print(f"error: --note {note!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        meta.setdefault("training", {})[key] = value
     out = save_checkpoint(args.dst, loaded.model, loaded.model_config, loaded.tokenizer.path, meta,
                           weights_dtype=getattr(torch, args.dtype))
     size = sum(p.stat().st_size for p in out.iterdir())

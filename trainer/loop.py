@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,14 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def machine_description(device: torch.device) -> str:
+    """What the run ran on, for the checkpoint's metadata."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
+            f"torch {torch.__version__}")
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -173,6 +183,7 @@ def train(cfg: DictConfig) -> Path:
             "training": {
                 "steps": state["step"], "tokens_seen": state["tokens_seen"], "params": n_params,
                 "wall_time_s": round(state["wall_time_s"], 1), "precision": precision, "world_size": world,
+                "machine": machine_description(fabric.device),
                 "data": corpus.description, "chars_per_token_val": round(chars_per_token, 4),
                 "validation": metrics, "config": OmegaConf.to_container(cfg),
             },
