@@ -166,10 +166,10 @@ async def run_level(url: str, bodies: list[dict], concurrency: int, rate: float,
 class Offline:
     """The sampler alone: generate() over the same requests, `batch` at a time, in the server's precision."""
 
-    def __init__(self, checkpoint: Path, device: str, dtype: str, batch: int) -> None:
+    def __init__(self, checkpoint: Path, device: str, dtype: str, batch: int, threads: int | None) -> None:
         from server.runtime import load_runtime
 
-        self.rt, self.batch = load_runtime(checkpoint, device, dtype), batch
+        self.rt, self.batch = load_runtime(checkpoint, device, dtype, threads), batch
 
     def run(self, prompts: list[list[int]], params: dict) -> dict:
         from server.runtime import inference
@@ -190,10 +190,11 @@ class Offline:
 
 # ---- server process ------------------------------------------------------------------------------
 
-def start_server(checkpoint: Path, port: int, max_batch: int, device: str, dtype: str) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, max_batch: int, device: str, dtype: str, threads: int | None
+                 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port),
            "--max-batch-size", str(max_batch), "--max-queue", "4096", "--device", device, "--dtype", dtype,
-           "--log-level", "warning"]
+           "--log-level", "warning", *(["--threads", str(threads)] if threads else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -265,6 +266,8 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8791)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads, server and offline alike "
+                    "(default: torch's; 1 where a busy process holds the other core)")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
     ap.add_argument("--num-requests", type=int, default=0, help="per level; 0 = max(16, 4 x concurrency)")
     ap.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per s (inf: all at once)")
@@ -296,7 +299,7 @@ def main() -> int:
     proc = None
     url = args.url
     if url is None:
-        proc = start_server(checkpoint, args.port, max(levels_c), args.device, args.dtype)
+        proc = start_server(checkpoint, args.port, max(levels_c), args.device, args.dtype, args.threads)
         url = f"http://127.0.0.1:{args.port}"
     info = next((s.labels for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
                  for s in fam.samples if s.name == "tzd_model_info"), {})
@@ -313,7 +316,7 @@ def main() -> int:
             # server at concurrency 16 and the sampler offline at batch 16, measured in turns (the server
             # idle meanwhile) so that a drifting background load hits both alike
             n = counts[OFFLINE_BATCH]
-            offline = Offline(checkpoint, args.device, args.dtype, OFFLINE_BATCH)
+            offline = Offline(checkpoint, args.device, args.dtype, OFFLINE_BATCH, args.threads)
             offline.run(prompts[:OFFLINE_BATCH], params)  # warm-up
             for r in range(args.repeats):
                 lv = next(lv for lv in levels if lv.concurrency == OFFLINE_BATCH) if r == 0 else \
@@ -341,7 +344,8 @@ def main() -> int:
     result = {
         "benchmark": "serve", "checkpoint": str(checkpoint), "model_info": info, "params": params,
         "prompt_tokens": [lo, hi], "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "threads": args.threads, "load_average_at_end": os.getloadavg()},
         "levels": [asdict(lv) for lv in levels], "server_vs_offline": pairs, "ratios": ratios,
         "targets": {"throughput_c16_over_c1": 1.3, "mean_batch_size_c16": 8, "server_c16_over_offline_b16": 0.9},
     }

@@ -28,6 +28,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 1 << 20
+    threads: int | None = None
     model_name: str | None = None
     log_level: str = "info"
 
@@ -92,6 +93,8 @@ FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--max-tokens-limit", _positive(int), 256, "largest max_tokens a request may ask for"),
     ("--shutdown-timeout", _positive(float), 30.0, "seconds to finish in-flight requests after SIGTERM"),
     ("--max-body-bytes", _positive(int), 1 << 20, "largest request body (413 above)"),
+    ("--threads", _positive(int), None, "torch CPU threads (default: torch's, one per core; 1 where other busy "
+                                        "processes share the cores)"),
     ("--model-name", str, None, "model id in /v1/models (default: the checkpoint directory's name)"),
     ("--log-level", str, "info", "debug, info, warning, error"),
 ]
@@ -148,5 +151,6 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         checkpoint=resolve_checkpoint(args.checkpoint), host=args.host, port=args.port, device=args.device,
         dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens_limit, api_keys=tuple(k.strip() for k in keys),
-        shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes, model_name=args.model_name,
+        shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes, threads=args.threads,
+        model_name=args.model_name,
         log_level=args.log_level)

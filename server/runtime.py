@@ -40,7 +40,8 @@ class Runtime:
 
     def describe(self) -> str:
         return (f"{self.loaded.path}: {self.params / 1e6:.2f}M params, device {self.device}, dtype {self.dtype_name}, "
-                f"context {self.context}, vocab {self.loaded.model_config.vocab_size}")
+                f"context {self.context}, vocab {self.loaded.model_config.vocab_size}, "
+                f"{torch.get_num_threads()} CPU threads")
 
 
 def cpu_has_bf16() -> bool:
@@ -60,8 +61,11 @@ def choose_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, tor
     return torch.float32, (torch.bfloat16 if cpu_has_bf16() else None)
 
 
-def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Load the checkpoint onto the device in the chosen precision."""
+def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
+                 threads: int | None = None) -> Runtime:
+    """Load the checkpoint onto the device in the chosen precision (`threads`: torch's CPU threads)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")

@@ -21,10 +21,10 @@ def test_flags_override_environment_override_defaults(tmp_path: Path) -> None:
     assert (cfg.port, cfg.max_batch_size, cfg.dtype, cfg.api_keys) == (8000, 16, "auto", ())
     assert cfg.checkpoint in (Path(DEFAULT_CHECKPOINT), PACKAGE_ROOT / DEFAULT_CHECKPOINT)
     env = {"TZD_PORT": "9001", "TZD_MAX_BATCH_SIZE": "4", "TZD_DTYPE": "bfloat16", "TZD_API_KEY": "a,b",
-           "TZD_SHUTDOWN_TIMEOUT": "2.5", "TZD_DEVICE": "cpu"}
+           "TZD_SHUTDOWN_TIMEOUT": "2.5", "TZD_DEVICE": "cpu", "TZD_THREADS": "1"}
     cfg = parse_config([], env)
-    assert (cfg.port, cfg.max_batch_size, cfg.dtype, cfg.api_keys, cfg.shutdown_timeout, cfg.device) == \
-        (9001, 4, "bfloat16", ("a", "b"), 2.5, "cpu")
+    assert (cfg.port, cfg.max_batch_size, cfg.dtype, cfg.api_keys, cfg.shutdown_timeout, cfg.device, cfg.threads) == \
+        (9001, 4, "bfloat16", ("a", "b"), 2.5, "cpu", 1)
     cfg = parse_config(["--port", "9002", "--api-key", "c"], env)
     assert (cfg.port, cfg.api_keys) == (9002, ("c",))
     keys = tmp_path / "keys"
