@@ -110,16 +110,9 @@ def test_concurrent_requests_with_different_params_match_alone(srv: ServerProces
         {"prompt": "JULIET:\nO Romeo", "max_tokens": 32, "steps": 16, "block_length": 16, "cache": "dual", "seed": 3},
         {"prompt": "HAMLET:", "max_tokens": 16, "steps": 16, "threshold": 0.5, "seed": 4},
         {"prompt": "KING:", "max_tokens": 16, "steps": 8, "temperature": 0.8, "top_k": 20, "seed": 5},
-        {"prompt": "First Citizen:", "max_tokens": 12, "steps": 6, "remasking": "random", "seed": 6},
+        {"prompt": "First Citizen:", "max_tokens": 12, "steps": 6, "remasking": "random", "cfg_scale": 1.0,
+         "seed": 6},
     ]
-    assert_same_alone_and_together(srv, client, bodies)
-
-
-@pytest.mark.xfail(strict=True, reason="sampler bug (tzd/sampling/batch.py): a cfg_scale > 0 request and a "
-                   "cache request in one full forward pass record the KV cache with the wrong row count")
-def test_guidance_and_cache_requests_share_a_batch(srv: ServerProcess, client: httpx.Client) -> None:
-    bodies = [{"prompt": "ROMEO:", "max_tokens": 16, "steps": 8, "cfg_scale": 1.0, "seed": 1},
-              {"prompt": "JULIET:", "max_tokens": 16, "steps": 8, "cache": "prefix", "seed": 2}]
     assert_same_alone_and_together(srv, client, bodies)
 
 

@@ -3,6 +3,8 @@ an exception inside a step, and requests while the model is still loading."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import server.serving
 from server.app import create_app
 from server.config import ServerConfig
-from tests.server_utils import ThreadServer, metrics, stream_generate, wait_healthy
+from tests.server_utils import ThreadServer, metrics, sse_events, stream_generate, wait_healthy
 
 BODY = {"prompt": "ROMEO:", "max_tokens": 8, "steps": 8, "seed": 1}
 
@@ -95,3 +97,19 @@ def test_a_dead_engine_fails_requests_and_reports_503(tiny_checkpoint: Path) -> 
         assert r.status_code == 503 and r.json()["status"] == "dead"
         r = c.post(f"{ts.url}/generate", json=BODY)
         assert r.status_code == 503 and r.json()["error"]["code"] == "dead"
+
+
+def test_drain_timeout_fails_what_is_left(tiny_checkpoint: Path) -> None:
+    app = create_app(config(tiny_checkpoint))
+    long = {"prompt": "ROMEO:", "max_tokens": 64, "steps": 64, "block_length": 64, "cfg_scale": 1.0, "seed": 1}
+    with ThreadServer(app) as ts, httpx.Client(timeout=60) as c:
+        wait_healthy(ts.url)
+        serving = app.state.serving
+        with c.stream("POST", f"{ts.url}/generate", json={**long, "stream": True}) as r:
+            events = sse_events(r.iter_lines())
+            assert next(events)[0] == "step"
+            loop = serving.engine._task.get_loop()
+            asyncio.run_coroutine_threadsafe(serving.drain(0.05), loop).result(timeout=30)
+            rest = list(events)
+        assert rest[-1][0] == "error" and "shut down" in json.loads(rest[-1][1])["error"]["message"]
+        assert c.get(f"{ts.url}/health").json()["status"] == "draining"
