@@ -82,6 +82,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     (["data=text", "data.path=/nonexistent/corpus.txt"], "data.path=/nonexistent/corpus.txt"),
     (["data=text"], "data.path"),
     (["tokenizer.vocab_size=100"], "tokenizer.vocab_size=100"),
+    (["tokenizer.vocab_size=300"], "tokenizer.vocab_size=300"),  # SentencePiece: fewer pieces than characters
     (["model=nope"], "model"),
 ])
 def test_bad_config_is_one_line_error(overrides: list[str], needle: str, tmp_path: Path) -> None:

@@ -87,6 +87,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
     # One line per sentence: SentencePiece trains on lines; newlines are restored through user symbols.
     lines = [ln for t in texts for ln in t.splitlines() if ln.strip()]
     model = io.BytesIO()
+    try:
+        _train_spm(lines, model, vocab_size, max_sentence_length)
+    except RuntimeError as e:  # SentencePiece's own checks, e.g. fewer pieces than the corpus has characters
+        msg = str(e).strip().splitlines()[-1].split("] ")[-1]
+        raise ValueError(f"tokenizer.vocab_size={vocab_size}: {msg}") from None
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out)
+    return Tokenizer(out)
+
+
+def _train_spm(lines: list[str], model: io.BytesIO, vocab_size: int, max_sentence_length: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=model,
@@ -106,9 +120,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
         minloglevel=2,
         num_threads=2,
     )
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out)
-    return Tokenizer(out)
