@@ -25,6 +25,7 @@ import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,13 @@ class Offline:
         self.rt, self.batch = load_runtime(checkpoint, device, dtype, threads), batch
 
     def run(self, prompts: list[list[int]], params: dict) -> dict:
+        # on a worker thread, as the server's engine runs its steps: in the main thread, libgomp's spinning
+        # barrier makes every op ~70x slower while another busy process holds a core (OMP_WAIT_POLICY=PASSIVE
+        # avoids it too)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(self._run, prompts, params).result()
+
+    def _run(self, prompts: list[list[int]], params: dict) -> dict:
         from server.runtime import inference
         from tzd.sampling import SamplingParams, generate
 
