@@ -171,13 +171,13 @@ class Offline:
         from server.runtime import load_runtime
 
         self.rt, self.batch = load_runtime(checkpoint, device, dtype, threads), batch
+        self.pool = ThreadPoolExecutor(max_workers=1)  # one step thread, like the engine's
 
     def run(self, prompts: list[list[int]], params: dict) -> dict:
         # on a worker thread, as the server's engine runs its steps: in the main thread, libgomp's spinning
         # barrier makes every op ~70x slower while another busy process holds a core (OMP_WAIT_POLICY=PASSIVE
         # avoids it too)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(self._run, prompts, params).result()
+        return self.pool.submit(self._run, prompts, params).result()
 
     def _run(self, prompts: list[list[int]], params: dict) -> dict:
         from server.runtime import inference
