@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -127,6 +128,8 @@ def train(cfg: DictConfig) -> Path:
     if t.num_threads:
         torch.set_num_threads(int(t.num_threads))
     precision = resolve_precision(str(t.precision), str(t.accelerator))
+    for name in ("lightning.fabric", "lightning.pytorch.utilities.rank_zero"):  # Lightning's info lines
+        logging.getLogger(name).setLevel(logging.WARNING)  # (our summary line says the precision)
     fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
                       precision=precision, loggers=make_loggers(cfg, out_dir))
     fabric.launch()
