@@ -85,6 +85,9 @@ def router(auth: object) -> APIRouter:
             raise ApiError(404, f"model: {body.model!r} is not served here; this server serves {name!r}",
                            param="model", code="model_not_found", reason="invalid")
         prompts = [p for p in body.prompts() for _ in range(body.n)]
+        if len(prompts) > engine.scheduler.max_waiting:  # could never be queued: not a retry-later 429
+            raise ApiError(400, f"n: {len(prompts)} completions (prompts x n) exceed this server's queue of "
+                                f"{engine.scheduler.max_waiting}; ask for fewer", param="n", reason="invalid")
         params = [p for _ in body.prompts() for p in choice_params(body.sampling_params(), body.n)]
         group = serving.new_group("cmpl", prompts, params, "prefix" if body.stream else "none")
         engine.submit(group)
