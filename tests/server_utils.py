@@ -44,13 +44,16 @@ class ServerProcess:
     """`python -m server` as a user starts it; logs go to a file that failures print."""
 
     def __init__(self, checkpoint: Path, *args: str, env: dict[str, str] | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, step_delay: float | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = (log_dir or Path("/tmp")) / f"tzd-server-{self.port}.log"
-        self.cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+        module = "server" if step_delay is None else "tests.slow_server"  # see tests/slow_server.py
+        self.cmd = [sys.executable, "-m", module, "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
                     "--port", str(self.port), *args]
         self.env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+        if step_delay is not None:
+            self.env["TZD_TEST_STEP_DELAY"] = str(step_delay)
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> ServerProcess:
@@ -156,3 +159,19 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool: 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def long_request(url: str, max_tokens: int, headers: dict | None = None) -> dict:
+    """A /generate body that runs all its max_tokens steps (no early EOS), with guidance to double the work.
+
+    The tiny test model may commit EOS early for a given prompt; a seeded sampled request that ran its
+    full length alone runs it again (the sampler's noise is a function of seed, step and position).
+    """
+    for seed in range(32):
+        body = {"prompt": "ROMEO:\nBut soft", "max_tokens": max_tokens, "steps": max_tokens,
+                "block_length": max_tokens, "cfg_scale": 1.0, "temperature": 1.0, "seed": seed}
+        r = httpx.post(f"{url}/generate", json=body, headers=headers, timeout=120)
+        r.raise_for_status()
+        if r.json()["steps"] == max_tokens:
+            return body
+    raise AssertionError(f"no seed in 0..31 ran all {max_tokens} steps without EOS")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 import server.serving
 from server.app import create_app
 from server.config import ServerConfig
-from tests.server_utils import ThreadServer, metrics, sse_events, stream_generate, wait_healthy
+from tests.server_utils import ThreadServer, long_request, metrics, sse_events, stream_generate, wait_healthy
 
 BODY = {"prompt": "ROMEO:", "max_tokens": 8, "steps": 8, "seed": 1}
 
@@ -101,10 +102,18 @@ def test_a_dead_engine_fails_requests_and_reports_503(tiny_checkpoint: Path) -> 
 
 def test_drain_timeout_fails_what_is_left(tiny_checkpoint: Path) -> None:
     app = create_app(config(tiny_checkpoint))
-    long = {"prompt": "ROMEO:", "max_tokens": 64, "steps": 64, "block_length": 64, "cfg_scale": 1.0, "seed": 1}
     with ThreadServer(app) as ts, httpx.Client(timeout=60) as c:
         wait_healthy(ts.url)
+        long = long_request(ts.url, 64)
         serving = app.state.serving
+        batch = serving.engine.batch
+        real_step = batch.step
+
+        def slow_step():  # noqa: ANN202 - so that the request is surely in flight when the drain begins
+            time.sleep(0.02)
+            return real_step()
+
+        batch.step = slow_step
         with c.stream("POST", f"{ts.url}/generate", json={**long, "stream": True}) as r:
             events = sse_events(r.iter_lines())
             assert next(events)[0] == "step"

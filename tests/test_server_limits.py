@@ -1,9 +1,13 @@
-"""Server limits over real HTTP: API keys (401), a full queue (429), SIGTERM draining (503, then exit 0),
-a checkpoint that cannot load. The server here is configured through TZD_* environment variables."""
+"""Server limits over real HTTP: API keys (401), a full queue (429), client disconnects, SIGTERM draining
+(503, then exit 0), a checkpoint that cannot load. The server here is configured through TZD_* environment
+variables, and its steps are slowed down (tests/slow_server.py) so that requests are surely in flight while
+a test acts."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -13,18 +17,22 @@ import httpx
 import openai
 import pytest
 
-from tests.server_utils import ROOT, ServerProcess, metrics, sse_events, wait_for
+from tests.server_utils import ROOT, ServerProcess, long_request, metrics, sse_events, wait_for
 
 KEYS = ("k-one", "k-two")
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
-LONG = {"prompt": "ROMEO:", "max_tokens": 48, "steps": 48, "block_length": 48, "cfg_scale": 1.0, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def long(srv: ServerProcess) -> dict:
+    return long_request(srv.url, 48, AUTH)
 
 
 @pytest.fixture(scope="module")
 def srv(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     env = {"TZD_API_KEY": ",".join(KEYS), "TZD_MAX_BATCH_SIZE": "1", "TZD_MAX_QUEUE": "1", "TZD_DTYPE": "float32",
            "TZD_MODEL_NAME": "limits-test", "TZD_SHUTDOWN_TIMEOUT": "60"}
-    with ServerProcess(tiny_checkpoint, env=env, log_dir=tmp_path_factory.mktemp("srvlog")) as s:
+    with ServerProcess(tiny_checkpoint, env=env, log_dir=tmp_path_factory.mktemp("srvlog"), step_delay=0.025) as s:
         yield s
 
 
@@ -64,10 +72,10 @@ def test_valid_keys_and_open_endpoints(srv: ServerProcess) -> None:
         openai.OpenAI(base_url=f"{srv.url}/v1", api_key="nope", max_retries=0).models.list()
 
 
-def test_full_queue_is_429_with_retry_after(srv: ServerProcess) -> None:
+def test_full_queue_is_429_with_retry_after(srv: ServerProcess, long: dict) -> None:
     with httpx.Client(timeout=60, headers=AUTH) as a, httpx.Client(timeout=60, headers=AUTH) as b:
-        with a.stream("POST", f"{srv.url}/generate", json={**LONG, "stream": True}) as ra, \
-                b.stream("POST", f"{srv.url}/generate", json={**LONG, "stream": True}) as rb:
+        with a.stream("POST", f"{srv.url}/generate", json={**long, "stream": True}) as ra, \
+                b.stream("POST", f"{srv.url}/generate", json={**long, "stream": True}) as rb:
             assert ra.status_code == rb.status_code == 200
             assert wait_for(lambda: running(srv.url) == (1, 1))  # one slot, one queue place: both taken
             r = httpx.post(f"{srv.url}/generate", json={"prompt": "x", "max_tokens": 2}, headers=AUTH)
@@ -79,17 +87,43 @@ def test_full_queue_is_429_with_retry_after(srv: ServerProcess) -> None:
     assert metrics(srv.url)['tzd_rejected_total{reason="queue_full"}'] == 2
 
 
-def test_sigterm_drains_then_exits_0(srv: ServerProcess) -> None:
+def test_disconnect_frees_the_slot(srv: ServerProcess, long: dict) -> None:
+    def running_now() -> float:
+        return metrics(srv.url)["tzd_requests_running"]
+
+    before = metrics(srv.url)
+    with httpx.Client(timeout=60, headers=AUTH) as c, \
+            c.stream("POST", f"{srv.url}/generate", json={**long, "stream": True}) as r:
+        first = next(sse_events(r.iter_lines()))
+        assert first[0] == "step"
+        assert running_now() == 1
+    # the stream is closed mid-generation: the slot frees at the next step boundary
+    assert wait_for(lambda: running_now() == 0, timeout=10)
+    # a plain request whose client gives up once it runs
+    body = json.dumps(long).encode()
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Authorization: " + AUTH["Authorization"].encode() + b"\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: running_now() == 1, timeout=10)
+    assert wait_for(lambda: running_now() == 0, timeout=10)
+    after = metrics(srv.url)
+    assert after['tzd_requests_total{endpoint="generate",status="499"}'] - \
+        before.get('tzd_requests_total{endpoint="generate",status="499"}', 0) == 2
+    assert after["tzd_request_latency_seconds_count"] == before["tzd_request_latency_seconds_count"]  # none finished
+
+
+def test_sigterm_drains_then_exits_0(srv: ServerProcess, long: dict) -> None:
     """Runs last in this module: it stops the server."""
     results: dict[str, object] = {}
 
     def stream() -> None:
         with httpx.Client(timeout=60, headers=AUTH) as c, \
-                c.stream("POST", f"{srv.url}/generate", json={**LONG, "stream": True}) as r:
+                c.stream("POST", f"{srv.url}/generate", json={**long, "stream": True}) as r:
             results["stream"] = [e for e, _ in sse_events(r.iter_lines())]
 
     def queued() -> None:
-        results["queued"] = httpx.post(f"{srv.url}/generate", json=LONG, headers=AUTH, timeout=60).status_code
+        results["queued"] = httpx.post(f"{srv.url}/generate", json=long, headers=AUTH, timeout=60).status_code
 
     threads = [threading.Thread(target=stream)]
     threads[0].start()
