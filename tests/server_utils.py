@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -175,3 +175,13 @@ def long_request(url: str, max_tokens: int, headers: dict | None = None) -> dict
         if r.json()["steps"] == max_tokens:
             return body
     raise AssertionError(f"no seed in 0..31 ran all {max_tokens} steps without EOS")
+
+
+def delayed(step: Callable[[], list], delay: float) -> Callable[[], list]:
+    """`step` slowed by `delay` seconds, so that a test can act while a request is still in flight."""
+
+    def slow_step() -> list:
+        time.sleep(delay)
+        return step()
+
+    return slow_step

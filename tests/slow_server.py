@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import os
 import runpy
-import time
 
+from tests.server_utils import delayed
 from tzd.sampling.batch import DenoiseBatch
 
 DELAY = float(os.environ.get("TZD_TEST_STEP_DELAY", "0.02"))
 _real_step = DenoiseBatch.step
 
 
-def _slow_step(self: DenoiseBatch):  # noqa: ANN202
-    time.sleep(DELAY)
-    return _real_step(self)
+def _slow_step(self: DenoiseBatch) -> list:
+    return delayed(lambda: _real_step(self), DELAY)()
 
 
 DenoiseBatch.step = _slow_step  # type: ignore[method-assign]

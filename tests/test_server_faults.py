@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,15 @@ import pytest
 import server.serving
 from server.app import create_app
 from server.config import ServerConfig
-from tests.server_utils import ThreadServer, long_request, metrics, sse_events, stream_generate, wait_healthy
+from tests.server_utils import (
+    ThreadServer,
+    delayed,
+    long_request,
+    metrics,
+    sse_events,
+    stream_generate,
+    wait_healthy,
+)
 
 BODY = {"prompt": "ROMEO:", "max_tokens": 8, "steps": 8, "seed": 1}
 
@@ -107,13 +114,7 @@ def test_drain_timeout_fails_what_is_left(tiny_checkpoint: Path) -> None:
         long = long_request(ts.url, 64)
         serving = app.state.serving
         batch = serving.engine.batch
-        real_step = batch.step
-
-        def slow_step():  # noqa: ANN202 - so that the request is surely in flight when the drain begins
-            time.sleep(0.02)
-            return real_step()
-
-        batch.step = slow_step
+        batch.step = delayed(batch.step, 0.02)  # so that the request is surely in flight when the drain begins
         with c.stream("POST", f"{ts.url}/generate", json={**long, "stream": True}) as r:
             events = sse_events(r.iter_lines())
             assert next(events)[0] == "step"
