@@ -16,11 +16,11 @@ import platform
 import statistics
 import time
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from server.runtime import choose_precision
 from trainer.data import load_corpus
 from tzd.checkpoint import Loaded, load_checkpoint
 from tzd.sampling import SamplingParams, generate
@@ -87,18 +87,16 @@ def block_start_confidence(loaded: Loaded, prompts: list[list[int]], outputs: li
     return statistics.median(probs)
 
 
-def run(loaded: Loaded, prompts: list[list[int]], params: SamplingParams, batch: int, autocast: bool
+def run(loaded: Loaded, prompts: list[list[int]], params: SamplingParams, batch: int
         ) -> tuple[list[list[int]], float, float]:
     """(outputs, generated tokens per second, mean NFE) for `prompts` in batches of `batch`."""
     outs, nfes, t0 = [], [], time.perf_counter()
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
-    with ctx:
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            seeded = [params.model_copy(update={"seed": (params.seed or 0) + i + j}) for j in range(len(chunk))]
-            res = generate(loaded.model, chunk, seeded, loaded.mask_id)
-            outs += [r.tokens for r in res]
-            nfes += [r.nfe for r in res]
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        seeded = [params.model_copy(update={"seed": (params.seed or 0) + i + j}) for j in range(len(chunk))]
+        res = generate(loaded.model, chunk, seeded, loaded.mask_id)
+        outs += [r.tokens for r in res]
+        nfes += [r.nfe for r in res]
     dt = time.perf_counter() - t0
     return outs, sum(len(o) for o in outs) / dt, statistics.mean(nfes)
 
@@ -113,15 +111,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names from the list")
-    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="the model's precision, as the server's --dtype (auto: what `python -m server` picks on CPU)")
     ap.add_argument("--out", default="bench/results/sampler.json")
     ap.add_argument("--png", default="bench/results/sampler.png")
     args = ap.parse_args()
 
-    loaded = load_checkpoint(args.checkpoint, device="cpu")
-    judge = load_checkpoint(args.judge, device="cpu")
+    weights = choose_precision(torch.device("cpu"), args.dtype)
+    loaded = load_checkpoint(args.checkpoint, device="cpu", dtype=weights)
+    judge = load_checkpoint(args.judge, device="cpu")  # fp32: the quality measure stays exact
     prompts = held_out_prompts(loaded, args.prompts, args.prompt_len)
-    autocast = not args.fp32
     rows, outputs = [], {}
     for name in args.configs.split(","):
         extra = dict(CONFIGS[name])
@@ -131,7 +130,7 @@ def main() -> None:
         for temperature in (0.0, 1.0):
             params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length,
                                     temperature=temperature, seed=1234, **extra)
-            outs, tps16, nfe = run(loaded, prompts, params, 16, autocast)
+            outs, tps16, nfe = run(loaded, prompts, params, 16)
             tag = f"t{temperature:g}"
             outputs[name, temperature] = outs
             uncached = name.split("+")[0]
@@ -144,7 +143,7 @@ def main() -> None:
             row[f"{tag}_gen_ppl"] = math.exp(judge_nll(judge, prompts, outs))
             row[f"{tag}_entropy"] = unigram_entropy(outs)
             if temperature == 0.0:
-                _, tps1, _ = run(loaded, prompts[:args.batch1_prompts], params, 1, autocast)
+                _, tps1, _ = run(loaded, prompts[:args.batch1_prompts], params, 1)
                 row["t0_tokens_per_s_b1"] = tps1
                 if name.startswith("llada"):
                     row["median_block_start_confidence"] = block_start_confidence(
@@ -169,7 +168,8 @@ def main() -> None:
     print(f"batch 16 over batch 1 (baseline): {base['t0_tokens_per_s_b16'] / base['t0_tokens_per_s_b1']:.2f}x")
     result = {"checkpoint": args.checkpoint, "judge": args.judge, "prompts": args.prompts,
               "batch1_prompts": args.batch1_prompts, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
-              "block_length": args.block_length, "autocast_bf16": autocast,
+              "block_length": args.block_length,
+              "weights_dtype": str(weights).removeprefix("torch."),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "rows": rows, "best": best["config"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

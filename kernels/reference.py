@@ -16,26 +16,28 @@ def rope_cache(seq_len: int, rotary_dim: int, base: float = 10000.0,
     return freqs.cos(), freqs.sin()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B,T,H,D]; cos/sin: [B,T,R/2] already gathered for the positions.
-    half = cos.shape[-1]
-    x1 = x[..., :half].float()
-    x2 = x[..., half:2 * half].float()
-    c = cos.unsqueeze(2)
-    s = sin.unsqueeze(2)
-    rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-    return torch.cat((rotated, x[..., 2 * half:]), dim=-1)
+def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    # x: [B,T,H,D]; cos2 = [cos, cos], sin2 = [-sin, sin] over the R rotated dims, broadcast to [.,T,1,R].
+    # x*cos2 + swap_halves(x)*sin2 is the half-split rotation, in fp32, with one rounding at the end.
+    R = cos2.shape[-1]
+    xr = x[..., :R].float()
+    swapped = torch.cat((xr[..., R // 2:], xr[..., :R // 2]), dim=-1)
+    rotated = (xr * cos2 + swapped * sin2).to(x.dtype)
+    return rotated if R == x.shape[-1] else torch.cat((rotated, x[..., R:]), dim=-1)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate the first R dims of q [B,T,H,D] and k [B,T,Hk,D] (NeoX half split); the rest pass through."""
     T = q.shape[1]
-    if positions is None:
-        c, s = cos[:T].unsqueeze(0), sin[:T].unsqueeze(0)
-    else:
-        c, s = cos[positions], sin[positions]
-    return _rotate(q, c, s), _rotate(k, c, s)
+    c, s = (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])
+    cos2 = torch.cat((c, c), dim=-1).unsqueeze(-2)
+    sin2 = torch.cat((-s, s), dim=-1).unsqueeze(-2)
+    if q.dtype != k.dtype:
+        return _rotate(q, cos2, sin2), _rotate(k, cos2, sin2)
+    # one rotation for both: a few large ops cost less than twice as many small ones on CPU
+    qk = _rotate(torch.cat((q, k), dim=2), cos2, sin2)
+    return qk.split([q.shape[2], k.shape[2]], dim=2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,

@@ -227,6 +227,24 @@ def test_mixed_cache_modes_share_a_batch(ckpt: Loaded) -> None:
     assert [r.tokens for r in together] == [r.tokens for r in alone]
 
 
+def test_dual_row_beside_a_prefix_row_keeps_its_cached_suffix(ckpt: Loaded) -> None:
+    """A mixed batch's query window is as wide as its widest row (prefix: block and after); the
+    padding columns of a dual row must not overwrite the keys/values cached for its suffix."""
+    ps = prompts(ckpt)[:2]
+    batch = DenoiseBatch(ckpt.model, ckpt.mask_id, capacity=2)
+    for p, cache in zip(ps, ("prefix", "dual"), strict=True):
+        batch.add(p, plan(SamplingParams(max_tokens=32, steps=32, block_length=8, cache=cache), len(p), 96))
+    batch.step()  # block start: a full forward records both canvases
+    start = len(ps[1])
+    suffix = slice(start + 8, start + 32)
+    recorded = batch.kv.k[1, :, :, suffix].clone(), batch.kv.v[1, :, :, suffix].clone()
+    block = batch.kv.k[1, :, :, start:start + 8].clone()
+    batch.step()  # cached: the prefix row's window is 32 wide, the dual row's own is 8
+    assert torch.equal(batch.kv.k[1, :, :, suffix], recorded[0])
+    assert torch.equal(batch.kv.v[1, :, :, suffix], recorded[1])
+    assert not torch.equal(batch.kv.k[1, :, :, start:start + 8], block)  # the block itself was refreshed
+
+
 def test_eos_and_stop_strings_cut(ckpt: Loaded) -> None:
     tok = ckpt.tokenizer
     p = prompts(ckpt)[:1]

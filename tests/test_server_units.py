@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from clients.protocol import CompletionRequest, GenerateRequest, SamplingParams
 from server.config import DEFAULT_CHECKPOINT, PACKAGE_ROOT, parse_config
 from server.output import canvas_text, stable_prefix
+from server.runtime import choose_precision, cpu_has_bf16
 from tests.server_utils import ROOT
 from tzd.checkpoint import load_checkpoint
 
@@ -77,3 +79,10 @@ def test_request_models_extend_sampling_params() -> None:
 def test_protocol_imports_without_torch() -> None:
     code = "import sys, clients.protocol; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_precision_auto_runs_bf16_weights_where_the_cpu_has_bf16() -> None:
+    cpu = torch.device("cpu")
+    assert choose_precision(cpu, "auto") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert choose_precision(cpu, "float32") == torch.float32
+    assert choose_precision(cpu, "bfloat16") == torch.bfloat16

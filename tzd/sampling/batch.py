@@ -153,9 +153,16 @@ class DenoiseBatch:
         Q = max(max(q_lens), bl)
         start, q_len = self._tensor(list(starts)), self._tensor(q_lens)
         seqlens = self._tensor([s.plan.total_len for s in slots])
-        positions = (start[:, None] + torch.arange(Q, device=self.device)).clamp(max=self.context - 1)
+        offs = torch.arange(Q, device=self.device)
+        positions = (start[:, None] + offs).clamp(max=self.context - 1)
         ids = self.canvas[idx].gather(1, positions)
-        view = ReadView(self.kv, idx, start, q_len, seqlens)
+        # columns past a row's own window (a dual row beside prefix rows, a short last block) are padding
+        kv_positions = torch.where(offs[None, :] < q_len[:, None], positions, self.kv.scratch)
+        lengths = [s.plan.total_len for s in slots]
+        keys = max(lengths)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        view = ReadView(self.kv, idx, kv_positions, keys, None if min(lengths) == keys else seqlens,
+                        (rows[0], rows[0] + len(rows)) if contiguous else None)
         block = torch.arange(bl, device=self.device).expand(len(rows), bl)  # the block opens the window
         return self.model(ids, ForwardContext(positions=positions, seqlens=seqlens, cache=view,
                                               output_positions=block))
@@ -177,6 +184,7 @@ class DenoiseBatch:
         if cached:
             parts.append(self._cached_logits(cached, bl))
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        logits = logits.float()  # fp32 once: argmax and softmax on bf16 are several times slower on CPU
         logits[..., self.mask_id] = float("-inf")  # the mask is never a prediction
 
         idx = self._tensor(rows)

@@ -2,8 +2,8 @@
 
 At a block's first step a full forward records every layer's keys/values for the whole canvas.
 Inside the block, a cached forward runs only the query window (prefix: the block and everything
-after it; dual: the block alone) and attends to the recorded keys/values elsewhere, with the
-window's fresh keys/values written over them. Keys keep their absolute layout, so the key length
+after it; dual: the block alone), writes the window's fresh keys/values over the recorded ones and
+attends to the whole recorded canvas. Keys keep their absolute layout, so the key length
 of a row is simply its canvas length.
 """
 
@@ -13,11 +13,14 @@ import torch
 
 
 class KVStore:
-    """Keys/values per slot: [slots, layers, Hk, context, D] each, allocated on first use."""
+    """Keys/values per slot: [slots, layers, Hk, context + 1, D] each, allocated on first use.
+
+    Position `context` is scratch: the padding columns of a query window write there, never read."""
 
     def __init__(self, slots: int, layers: int, kv_heads: int, context: int, head_dim: int,
                  device: torch.device) -> None:
-        self.shape = (slots, layers, kv_heads, context, head_dim)
+        self.scratch = context
+        self.shape = (slots, layers, kv_heads, context + 1, head_dim)
         self.device = device
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -44,25 +47,24 @@ class RecordView:
 
 
 class ReadView:
-    """A cached forward: queries at q_start + [0, Q) per row; keys are the recorded canvas with the
-    window's fresh keys/values in place of [q_start, q_start + q_len)."""
+    """A cached forward of a query window: row b's fresh keys/values belong at `positions[b]`
+    (absolute canvas positions; the scratch position for padding columns). Each layer writes the window's fresh keys/values into the store, then attends to the
+    stored canvas [0, S). Writing in place is safe because a request's window stays the same for
+    every step of a block and the next block starts with a full forward that records everything."""
 
-    def __init__(self, store: KVStore, slots: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor,
-                 seqlens: torch.Tensor) -> None:
-        self.store, self.slots, self.seqlens = store, slots, seqlens
-        S = int(seqlens.max())
-        pos = torch.arange(S, device=slots.device)[None, :]
-        rel = pos - q_start[:, None]
-        self.fresh = ((rel >= 0) & (rel < q_len[:, None]))[:, None, :, None]  # [B,1,S,1]
-        self.rel = rel.clamp(min=0)
-        self.S = S
+    def __init__(self, store: KVStore, slots: torch.Tensor, positions: torch.Tensor, keys: int,
+                 seqlens: torch.Tensor | None, slot_range: tuple[int, int] | None = None) -> None:
+        self.store, self.positions, self.S, self.seqlens = store, positions, keys, seqlens
+        self.rows = slots[:, None].expand_as(positions)
+        # consecutive slots are read as a view (no copy); others by advanced indexing
+        self.read_index = slice(*slot_range) if slot_range is not None else slots
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, Hk, Q, D = k.shape
-        idx = self.rel.clamp(max=Q - 1)[:, None, :, None].expand(B, Hk, self.S, D)
-        k_cached = self.store.k[self.slots, layer, :, :self.S]
-        v_cached = self.store.v[self.slots, layer, :, :self.S]
-        k_all = torch.where(self.fresh, k.gather(2, idx), k_cached.to(k.dtype))
-        v_all = torch.where(self.fresh, v.gather(2, idx), v_cached.to(v.dtype))
-        return k_all, v_all, self.seqlens
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        store_k, store_v = self.store.k, self.store.v
+        # [B,Hk,Q,D] -> [B,Q,Hk,D]: the layout the (rows, layer, :, positions) index produces
+        store_k[self.rows, layer, :, self.positions] = k.transpose(1, 2).to(store_k.dtype)
+        store_v[self.rows, layer, :, self.positions] = v.transpose(1, 2).to(store_v.dtype)
+        k_all = store_k[self.read_index, layer, :, :self.S]
+        v_all = store_v[self.read_index, layer, :, :self.S]
+        return k_all.to(k.dtype), v_all.to(v.dtype), self.seqlens
