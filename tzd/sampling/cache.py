@@ -48,9 +48,10 @@ class RecordView:
 
 class ReadView:
     """A cached forward of a query window: row b's fresh keys/values belong at `positions[b]`
-    (absolute canvas positions; the scratch position for padding columns). Each layer writes the window's fresh keys/values into the store, then attends to the
-    stored canvas [0, S). Writing in place is safe because a request's window stays the same for
-    every step of a block and the next block starts with a full forward that records everything."""
+    (absolute canvas positions; the scratch position for padding columns). Each layer writes them
+    into the store, then attends to the stored canvas [0, S). Writing in place is safe: a request's
+    window is the same at every step of a block, and the next block starts with a full forward
+    that records everything again."""
 
     def __init__(self, store: KVStore, slots: torch.Tensor, positions: torch.Tensor, keys: int,
                  seqlens: torch.Tensor | None, slot_range: tuple[int, int] | None = None) -> None:
