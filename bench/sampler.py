@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -87,16 +88,17 @@ def block_start_confidence(loaded: Loaded, prompts: list[list[int]], outputs: li
     return statistics.median(probs)
 
 
-def run(loaded: Loaded, prompts: list[list[int]], params: SamplingParams, batch: int
-        ) -> tuple[list[list[int]], float, float]:
+def run(loaded: Loaded, prompts: list[list[int]], params: SamplingParams, batch: int,
+        autocast: torch.dtype | None) -> tuple[list[list[int]], float, float]:
     """(outputs, generated tokens per second, mean NFE) for `prompts` in batches of `batch`."""
     outs, nfes, t0 = [], [], time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        seeded = [params.model_copy(update={"seed": (params.seed or 0) + i + j}) for j in range(len(chunk))]
-        res = generate(loaded.model, chunk, seeded, loaded.mask_id)
-        outs += [r.tokens for r in res]
-        nfes += [r.nfe for r in res]
+    with torch.autocast("cpu", dtype=autocast) if autocast else nullcontext():
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            seeded = [params.model_copy(update={"seed": (params.seed or 0) + i + j}) for j in range(len(chunk))]
+            res = generate(loaded.model, chunk, seeded, loaded.mask_id)
+            outs += [r.tokens for r in res]
+            nfes += [r.nfe for r in res]
     dt = time.perf_counter() - t0
     return outs, sum(len(o) for o in outs) / dt, statistics.mean(nfes)
 
@@ -117,7 +119,7 @@ def main() -> None:
     ap.add_argument("--png", default="bench/results/sampler.png")
     args = ap.parse_args()
 
-    weights = choose_precision(torch.device("cpu"), args.dtype)
+    weights, autocast = choose_precision(torch.device("cpu"), args.dtype)
     loaded = load_checkpoint(args.checkpoint, device="cpu", dtype=weights)
     judge = load_checkpoint(args.judge, device="cpu")  # fp32: the quality measure stays exact
     prompts = held_out_prompts(loaded, args.prompts, args.prompt_len)
@@ -130,7 +132,7 @@ def main() -> None:
         for temperature in (0.0, 1.0):
             params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length,
                                     temperature=temperature, seed=1234, **extra)
-            outs, tps16, nfe = run(loaded, prompts, params, 16)
+            outs, tps16, nfe = run(loaded, prompts, params, 16, autocast)
             tag = f"t{temperature:g}"
             outputs[name, temperature] = outs
             uncached = name.split("+")[0]
@@ -143,7 +145,7 @@ def main() -> None:
             row[f"{tag}_gen_ppl"] = math.exp(judge_nll(judge, prompts, outs))
             row[f"{tag}_entropy"] = unigram_entropy(outs)
             if temperature == 0.0:
-                _, tps1, _ = run(loaded, prompts[:args.batch1_prompts], params, 1)
+                _, tps1, _ = run(loaded, prompts[:args.batch1_prompts], params, 1, autocast)
                 row["t0_tokens_per_s_b1"] = tps1
                 if name.startswith("llada"):
                     row["median_block_start_confidence"] = block_start_confidence(
@@ -170,6 +172,7 @@ def main() -> None:
               "batch1_prompts": args.batch1_prompts, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
               "block_length": args.block_length,
               "weights_dtype": str(weights).removeprefix("torch."),
+              "autocast": str(autocast).removeprefix("torch.") if autocast else None,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "rows": rows, "best": best["config"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -81,8 +81,8 @@ def test_protocol_imports_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
-def test_precision_auto_runs_bf16_weights_where_the_cpu_has_bf16() -> None:
+def test_precision_auto_on_cpu_is_fp32_weights_under_bf16_autocast_where_the_cpu_has_bf16() -> None:
     cpu = torch.device("cpu")
-    assert choose_precision(cpu, "auto") == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
-    assert choose_precision(cpu, "float32") == torch.float32
-    assert choose_precision(cpu, "bfloat16") == torch.bfloat16
+    assert choose_precision(cpu, "auto") == (torch.float32, torch.bfloat16 if cpu_has_bf16() else None)
+    assert choose_precision(cpu, "float32") == (torch.float32, None)
+    assert choose_precision(cpu, "bfloat16") == (torch.bfloat16, None)
