@@ -58,8 +58,8 @@ def choose_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, tor
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
     # fp32 weights under bf16 autocast: the matmuls in bf16, the residual stream and elementwise ops in
-    # fp32. bf16 weights were measured 5-7% faster per step at batch 1 but 15% slower per row at batch 16
-    # (bf16 elementwise ops are slow on CPU), and batches are what a server runs.
+    # fp32. bf16 weights measured 5-7% faster per step at batch 1 but 15% slower per row at batch 16
+    # (one comparison on a noisy 2-core host; bf16 elementwise ops looked slow), and a server runs batches.
     return torch.float32, (torch.bfloat16 if cpu_has_bf16() else None)
 
 

@@ -152,13 +152,13 @@ class DenoiseBatch:
                                                                                         strict=True)]
         Q = max(max(q_lens), bl)
         start, q_len = self._tensor(list(starts)), self._tensor(q_lens)
-        seqlens = self._tensor([s.plan.total_len for s in slots])
+        lengths = [s.plan.total_len for s in slots]
+        seqlens = self._tensor(lengths)
         offs = torch.arange(Q, device=self.device)
         positions = (start[:, None] + offs).clamp(max=self.context - 1)
         ids = self.canvas[idx].gather(1, positions)
         # columns past a row's own window (a dual row beside prefix rows, a short last block) are padding
         kv_positions = torch.where(offs[None, :] < q_len[:, None], positions, self.kv.scratch)
-        lengths = [s.plan.total_len for s in slots]
         keys = max(lengths)
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         view = ReadView(self.kv, idx, kv_positions, keys, None if min(lengths) == keys else seqlens,
