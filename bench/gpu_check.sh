@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# GPU check of the Triton kernels, in one go, installing nothing:
-#   1. the kernel tests on CUDA, compiled (not interpreted): tests/test_kernels*.py
-#   2. the kernel benchmark: bench/kernels.py (table + JSON)
-#   3. a short generation with the default model on both kernel paths (TZD_KERNELS=torch|triton),
+# GPU check, in one go, installing nothing (Python packages the machine lacks must already be on
+# PYTHONPATH), most informative first:
+#   1. a short generation with the default model on both kernel paths (TZD_KERNELS=torch|triton),
 #      plus the logits of one forward compared across the paths
+#   2. the sampler benchmark on CUDA (bench/sampler.py --device cuda): speed and quality per config
+#   3. the kernel tests on CUDA, compiled (not interpreted): tests/test_kernels*.py
+#   4. the serving benchmark against `python -m server --device cuda` (bench/serve.py)
+#   5. the kernel benchmark: bench/kernels.py (table + JSON)
 # Usage: bench/gpu_check.sh OUT_DIR [CHECKPOINT_DIR]   (default checkpoint: models/shakespeare-small)
 # Everything lands in OUT_DIR; summary.txt lists each step's exit status. Each step gets a share of
-# an overall 470 s deadline so the whole check ends within 8 minutes.
+# an overall deadline (GPU_CHECK_DEADLINE, default 470 s) so the whole check ends within 8 minutes.
 set -uo pipefail
 
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [CHECKPOINT_DIR]}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CKPT=${2:-$ROOT/models/shakespeare-small}
 PY=${PYTHON:-python}
-DEADLINE=470
+DEADLINE=${GPU_CHECK_DEADLINE:-470}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT"
@@ -47,13 +50,6 @@ if ! "$PY" -c "import torch, triton, sys; sys.exit(not torch.cuda.is_available()
         | tee -a "$OUT/summary.txt"
     exit 2
 fi
-
-step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py \
-    --junitxml "$OUT/tests.xml"
-
-QUICK=()
-((DEADLINE - SECONDS < 240)) && QUICK=(--quick)  # fewer shapes when the tests ran long
-step bench 190 "$PY" bench/kernels.py --out "$OUT/kernels.json" ${QUICK[@]+"${QUICK[@]}"}
 
 step generate 75 "$PY" - "$OUT/generate.json" "$CKPT" <<'PY'
 """Generate with the default model on both kernel paths; compare one forward's logits across them."""
@@ -128,6 +124,20 @@ for key in ("logits_max_abs", "logits_fp32_triton_vs_torch", "logits_bf16_torch_
     print(f"{key}: {res[key]:.4g}")
 out.write_text(json.dumps(res, indent=1))
 PY
+
+SAMPLER_CONFIGS=llada,threshold=0.9,threshold=0.9+dual,threshold=0.9+prefix,steps/2,steps/4,threshold=0.7,threshold=0.5
+step sampler 170 "$PY" -m bench.sampler --device cuda --checkpoint "$CKPT" --configs "$SAMPLER_CONFIGS" \
+    --out "$OUT/sampler_gpu.json" --png "$OUT/sampler_gpu.png"
+
+step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py \
+    --junitxml "$OUT/tests.xml"
+
+step serve 100 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --concurrency 1,4,16,32 --repeats 1 \
+    --out "$OUT/serve_gpu.json" --png "$OUT/serve_gpu.png"
+
+QUICK=()
+((DEADLINE - SECONDS < 150)) && QUICK=(--quick)  # fewer shapes when the steps before ran long
+step bench 80 "$PY" bench/kernels.py --out "$OUT/kernels.json" ${QUICK[@]+"${QUICK[@]}"}
 
 echo "== done in ${SECONDS}s; results in $OUT" | tee -a "$OUT/summary.txt"
 ! grep -q "rc=[1-9]" "$OUT/summary.txt"
