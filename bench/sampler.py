@@ -16,14 +16,13 @@ import platform
 import statistics
 import time
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from server.runtime import choose_precision
+from server.runtime import Runtime, inference, load_runtime
 from trainer.data import load_corpus
-from tzd.checkpoint import Loaded, load_checkpoint, resolve_device
+from tzd.checkpoint import Loaded, load_checkpoint
 from tzd.sampling import SamplingParams, generate
 
 # name -> SamplingParams overrides; "steps" is a fraction of max_tokens (1 = one token per step, LLaDA)
@@ -73,28 +72,29 @@ def unigram_entropy(outputs: list[list[int]]) -> float:
     return -sum(c / n * math.log(c / n) for c in counts.values())
 
 
-@torch.inference_mode()
-def block_start_confidence(loaded: Loaded, prompts: list[list[int]], outputs: list[list[int]],
-                           block: int) -> float:
+def block_start_confidence(rt: Runtime, prompts: list[list[int]], outputs: list[list[int]], block: int) -> float:
     """Median top-1 probability over the masked positions of a block at its first step."""
     probs = []
-    mask = loaded.mask_id
+    mask = rt.loaded.mask_id
     for p, o in zip(prompts, outputs, strict=True):
         for b in range(0, len(o), block):
-            ids = torch.tensor([p + o[:b] + [mask] * (len(o) - b)], device=loaded.device)
-            logits = loaded.model(ids)[0, len(p) + b:len(p) + b + block].float()
+            ids = torch.tensor([p + o[:b] + [mask] * (len(o) - b)], device=rt.device)
+            with inference(rt):
+                logits = rt.loaded.model(ids)[0, len(p) + b:len(p) + b + block].float()
             logits[:, mask] = float("-inf")
             probs += logits.softmax(-1).max(-1).values.tolist()
     return statistics.median(probs)
 
 
-def run(loaded: Loaded, prompts: list[list[int]], params: SamplingParams, batch: int,
-        autocast: torch.dtype | None) -> tuple[list[list[int]], float, float]:
+def run(rt: Runtime, prompts: list[list[int]], params: SamplingParams, batch: int
+        ) -> tuple[list[list[int]], float, float]:
     """(outputs, generated tokens per second, mean NFE) for `prompts` in batches of `batch`."""
-    if loaded.device.type == "cuda":  # untimed pass first: Triton compiles and autotunes per shape
-        run_untimed(loaded, prompts[:batch], params, batch, autocast)
+    loaded = rt.loaded
+    if rt.device.type == "cuda":  # an untimed pass first: Triton compiles and autotunes per shape
+        with inference(rt):
+            generate(loaded.model, prompts[:batch], [params] * len(prompts[:batch]), loaded.mask_id)
     outs, nfes, t0 = [], [], time.perf_counter()
-    with torch.autocast(loaded.device.type, dtype=autocast) if autocast else nullcontext():
+    with inference(rt):
         for i in range(0, len(prompts), batch):
             chunk = prompts[i:i + batch]
             seeded = [params.model_copy(update={"seed": (params.seed or 0) + i + j}) for j in range(len(chunk))]
@@ -104,11 +104,6 @@ def run(loaded: Loaded, prompts: list[list[int]], params: SamplingParams, batch:
     dt = time.perf_counter() - t0  # generate() returns host lists, so the device is done by now
     return outs, sum(len(o) for o in outs) / dt, statistics.mean(nfes)
 
-
-def run_untimed(loaded: Loaded, prompts: list[list[int]], params: SamplingParams, batch: int,
-                autocast: torch.dtype | None) -> None:
-    with torch.autocast(loaded.device.type, dtype=autocast) if autocast else nullcontext():
-        generate(loaded.model, prompts, [params] * len(prompts), loaded.mask_id)
 
 
 def main() -> None:
@@ -128,9 +123,8 @@ def main() -> None:
     ap.add_argument("--png", default="bench/results/sampler.png")
     args = ap.parse_args()
 
-    device = resolve_device(args.device)
-    weights, autocast = choose_precision(device, args.dtype)
-    loaded = load_checkpoint(args.checkpoint, device=device, dtype=weights)
+    rt = load_runtime(args.checkpoint, args.device, args.dtype)  # the server's precision policy
+    loaded, device = rt.loaded, rt.device
     judge = load_checkpoint(args.judge, device=device)  # fp32: the quality measure stays exact
     prompts = held_out_prompts(loaded, args.prompts, args.prompt_len)
     rows, outputs = [], {}
@@ -142,7 +136,7 @@ def main() -> None:
         for temperature in (0.0, 1.0):
             params = SamplingParams(max_tokens=args.max_tokens, block_length=args.block_length,
                                     temperature=temperature, seed=1234, **extra)
-            outs, tps16, nfe = run(loaded, prompts, params, 16, autocast)
+            outs, tps16, nfe = run(rt, prompts, params, 16)
             tag = f"t{temperature:g}"
             outputs[name, temperature] = outs
             uncached = name.split("+")[0]
@@ -155,11 +149,11 @@ def main() -> None:
             row[f"{tag}_gen_ppl"] = math.exp(judge_nll(judge, prompts, outs))
             row[f"{tag}_entropy"] = unigram_entropy(outs)
             if temperature == 0.0:
-                _, tps1, _ = run(loaded, prompts[:args.batch1_prompts], params, 1, autocast)
+                _, tps1, _ = run(rt, prompts[:args.batch1_prompts], params, 1)
                 row["t0_tokens_per_s_b1"] = tps1
                 if name.startswith("llada"):
                     row["median_block_start_confidence"] = block_start_confidence(
-                        loaded, prompts[:8], outs[:8], args.block_length)
+                        rt, prompts[:8], outs[:8], args.block_length)
         rows.append(row)
         print(json.dumps(row))
 
@@ -181,8 +175,7 @@ def main() -> None:
     result = {"checkpoint": args.checkpoint, "judge": args.judge, "prompts": args.prompts,
               "batch1_prompts": args.batch1_prompts, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
               "block_length": args.block_length,
-              "weights_dtype": str(weights).removeprefix("torch."),
-              "autocast": str(autocast).removeprefix("torch.") if autocast else None,
+              "dtype": rt.dtype_name,
               "device": str(device), "machine": machine(device),
               "rows": rows, "best": best["config"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

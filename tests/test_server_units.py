@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from clients.protocol import CompletionRequest, GenerateRequest, SamplingParams
 from server.config import DEFAULT_CHECKPOINT, PACKAGE_ROOT, parse_config
 from server.output import canvas_text, stable_prefix
-from server.runtime import choose_precision, cpu_has_bf16
+from server.runtime import choose_precision, cpu_has_bf16, inference, load_runtime
 from tests.server_utils import ROOT
 from tzd.checkpoint import load_checkpoint
 
@@ -86,3 +86,19 @@ def test_precision_auto_on_cpu_is_fp32_weights_under_bf16_autocast_where_the_cpu
     assert choose_precision(cpu, "auto") == (torch.float32, torch.bfloat16 if cpu_has_bf16() else None)
     assert choose_precision(cpu, "float32") == (torch.float32, None)
     assert choose_precision(cpu, "bfloat16") == (torch.bfloat16, None)
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU runs no native bf16, so auto picks no autocast")
+def test_auto_runtime_stores_linear_layers_in_bf16_and_matches_autocast_over_fp32(tiny_checkpoint: Path) -> None:
+    rt = load_runtime(tiny_checkpoint, "cpu", "auto")
+    linear = {n: p.dtype for n, p in rt.loaded.model.named_parameters() if n.endswith("wqkv.weight")}
+    assert linear and set(linear.values()) == {torch.bfloat16}
+    assert rt.loaded.model.tok_embeddings.weight.dtype == torch.float32
+    assert rt.dtype_name == "float32+bfloat16-linear+autocast-bfloat16"
+    # what autocast used to do over fp32 weights (cast each weight at each call) gives the same logits
+    plain = load_checkpoint(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, plain.model_config.vocab_size, (2, 24))
+    with inference(rt):
+        want = plain.model(ids)
+        got = rt.loaded.model(ids)
+    assert torch.equal(got, want)

@@ -19,6 +19,7 @@ from tzd.models import ForwardContext, model_config
 from tzd.sampling import rules
 from tzd.sampling.cache import KVStore, ReadView, RecordView
 from tzd.sampling.params import RequestPlan
+from tzd.sampling.rows import RowValues, upload
 
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
 
@@ -64,6 +65,11 @@ class _Slot:
     def cache_mode(self) -> int:
         return CACHE_MODES[self.plan.params.cache]
 
+    def query_len(self) -> int:
+        """Columns a cached forward runs: prefix, the block and everything after it; dual, the block."""
+        start, length = self.block_bounds()
+        return self.plan.total_len - start if self.cache_mode == 1 else length
+
     def needs_full_forward(self) -> bool:
         return self.cache_mode == 0 or self.block_step == 0 or self.plan.params.cfg_scale > 0
 
@@ -78,7 +84,8 @@ class DenoiseBatch:
         self.mask_id, self.eos_id, self.capacity = mask_id, eos_id, capacity
         self.context = self.cfg.block_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.canvas = torch.full((capacity, self.context), mask_id, dtype=torch.long, device=self.device)
+        # one scratch column past the context: the step writes its padding columns there
+        self.canvas = torch.full((capacity, self.context + 1), mask_id, dtype=torch.long, device=self.device)
         self.slots: list[_Slot | None] = [None] * capacity
         self.kv = KVStore(capacity, self.cfg.n_layer, self.cfg.n_kv_head, self.context, self.cfg.head_dim,
                           self.device)
@@ -95,9 +102,9 @@ class DenoiseBatch:
         if plan.total_len > self.context:
             raise ValueError(f"prompt + max_tokens = {plan.total_len} exceeds the context of {self.context}")
         slot = self.slots.index(None)  # raises ValueError when full: callers check free_slots
-        row = torch.full((self.context,), self.mask_id, dtype=torch.long)
-        row[:len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        self.canvas[slot] = row.to(self.device)
+        row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
+        row[:len(prompt)] = prompt
+        self.canvas[slot] = upload(row, self.device)
         self.slots[slot] = _Slot(handle, plan, masked=plan.max_tokens)
         return slot
 
@@ -111,60 +118,58 @@ class DenoiseBatch:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def _tensor(self, values: list[Any], dtype: torch.dtype = torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+    def _row_values(self, rows: list[int], slots: list[_Slot]) -> RowValues:
+        bounds = [s.block_bounds() for s in slots]
+        params = [s.plan.params for s in slots]
+        return RowValues.build({
+            "slot": rows, "start": [b[0] for b in bounds], "block_len": [b[1] for b in bounds],
+            "total_len": [s.plan.total_len for s in slots], "prompt_len": [s.plan.prompt_len for s in slots],
+            "query_len": [s.query_len() for s in slots], "seed": [s.plan.seed for s in slots],
+            "steps_done": [s.steps_done for s in slots],
+            "steps_left": [s.block_budget() - s.block_step for s in slots],
+            "top_k": [p.top_k for p in params], "random_remask": [p.remasking == "random" for p in params],
+            "temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
+            "threshold": [p.threshold or 0.0 for p in params], "cfg_scale": [p.cfg_scale for p in params],
+        }, self.device)
 
-    def _full_logits(self, rows: list[int], bl: int) -> torch.Tensor:
-        """Whole-canvas forward for `rows`; logits of each row's current block window [n, bl, V]."""
-        slots = [self.slots[r] for r in rows]
-        idx = self._tensor(rows)
+    def _full_logits(self, rv: RowValues, slots: list[_Slot], bl: int) -> torch.Tensor:
+        """Whole-canvas forward for these rows; logits of each row's current block window [n, bl, V]."""
         L = max(s.plan.total_len for s in slots)
-        ids = self.canvas[idx, :L]
-        seqlens = self._tensor([s.plan.total_len for s in slots])
+        ids = self.canvas[rv.slot, :L]
+        seqlens = rv.total_len
+        pos = (rv.start[:, None] + torch.arange(bl, device=self.device)).clamp(max=L - 1)
         cfg_rows = [i for i, s in enumerate(slots) if s.plan.params.cfg_scale > 0]
         if cfg_rows:  # unconditional copies with the prompt masked, in the same forward
-            ci = self._tensor(cfg_rows)
-            prompt_len = self._tensor([slots[i].plan.prompt_len for i in cfg_rows])
-            in_prompt = torch.arange(L, device=self.device)[None, :] < prompt_len[:, None]
+            ci = upload(np.array(cfg_rows, dtype=np.int64), self.device)
+            in_prompt = torch.arange(L, device=self.device)[None, :] < rv.prompt_len[ci][:, None]
             ids = torch.cat([ids, ids[ci].masked_fill(in_prompt, self.mask_id)])
             seqlens = torch.cat([seqlens, seqlens[ci]])
+            pos = torch.cat([pos, pos[ci]])
         if all(s.plan.total_len == L for s in slots):
             seqlens = None  # no padding: attention takes its unmasked fast path
-        cache = RecordView(self.kv, idx, seqlens) if any(s.cache_mode for s in slots) else None
-        start = self._tensor([s.block_bounds()[0] for s in slots])
-        pos = (start[:, None] + torch.arange(bl, device=self.device)).clamp(max=L - 1)
-        if cfg_rows:
-            pos = torch.cat([pos, pos[ci]])
+        cache = RecordView(self.kv, rv.slot, seqlens) if any(s.cache_mode for s in slots) else None
         logits = self.model(ids, ForwardContext(seqlens=seqlens, cache=cache, output_positions=pos))
         if cfg_rows:
-            n = len(rows)
-            scale = self._tensor([slots[i].plan.params.cfg_scale for i in cfg_rows], torch.float32)
+            n, scale = len(slots), rv.cfg_scale[ci]
             cond, uncond = logits[ci], logits[n:]
             logits = logits[:n].index_copy(0, ci, uncond + (scale[:, None, None] + 1) * (cond - uncond))
         return logits
 
-    def _cached_logits(self, rows: list[int], bl: int) -> torch.Tensor:
+    def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot], bl: int) -> torch.Tensor:
         """Forward of the query window only (prefix: block and after; dual: block), keys from the cache."""
-        slots = [self.slots[r] for r in rows]
-        idx = self._tensor(rows)
-        starts, lens = zip(*(s.block_bounds() for s in slots), strict=True)
-        q_lens = [s.plan.total_len - st if s.cache_mode == 1 else n for s, st, n in zip(slots, starts, lens,
-                                                                                        strict=True)]
-        Q = max(max(q_lens), bl)
-        start, q_len = self._tensor(list(starts)), self._tensor(q_lens)
-        lengths = [s.plan.total_len for s in slots]
-        seqlens = self._tensor(lengths)
+        Q = max(max(s.query_len() for s in slots), bl)
         offs = torch.arange(Q, device=self.device)
-        positions = (start[:, None] + offs).clamp(max=self.context - 1)
-        ids = self.canvas[idx].gather(1, positions)
+        positions = (rv.start[:, None] + offs).clamp(max=self.context - 1)
+        ids = self.canvas[rv.slot[:, None], positions]
         # columns past a row's own window (a dual row beside prefix rows, a short last block) are padding
-        kv_positions = torch.where(offs[None, :] < q_len[:, None], positions, self.kv.scratch)
+        kv_positions = torch.where(offs[None, :] < rv.query_len[:, None], positions, self.kv.scratch)
+        lengths = [s.plan.total_len for s in slots]
         keys = max(lengths)
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        view = ReadView(self.kv, idx, kv_positions, keys, None if min(lengths) == keys else seqlens,
+        view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.total_len,
                         (rows[0], rows[0] + len(rows)) if contiguous else None)
         block = torch.arange(bl, device=self.device).expand(len(rows), bl)  # the block opens the window
-        return self.model(ids, ForwardContext(positions=positions, seqlens=seqlens, cache=view,
+        return self.model(ids, ForwardContext(positions=positions, seqlens=rv.total_len, cache=view,
                                               output_positions=block))
 
     @torch.inference_mode()
@@ -177,56 +182,50 @@ class DenoiseBatch:
         cached = [i for i in active if not self.slots[i].needs_full_forward()]
         rows = full + cached
         slots = [self.slots[r] for r in rows]
+        n, nf = len(rows), len(full)
         bl = max(s.block_bounds()[1] for s in slots)
+        rv = self._row_values(rows, slots)  # the step's one host-to-device copy
         parts = []
         if full:
-            parts.append(self._full_logits(full, bl))
+            parts.append(self._full_logits(rv.rows(0, nf), slots[:nf], bl))
         if cached:
-            parts.append(self._cached_logits(cached, bl))
+            parts.append(self._cached_logits(rv.rows(nf, n), cached, slots[nf:], bl))
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         logits = logits.float()  # fp32 once: argmax and softmax on bf16 are several times slower on CPU
         logits[..., self.mask_id] = float("-inf")  # the mask is never a prediction
 
-        idx = self._tensor(rows)
-        start = self._tensor([s.block_bounds()[0] for s in slots])
-        blen = self._tensor([s.block_bounds()[1] for s in slots])
         offs = torch.arange(bl, device=self.device)
-        pos = (start[:, None] + offs).clamp(max=self.context - 1)
-        in_block = offs[None, :] < blen[:, None]
-        current = self.canvas[idx].gather(1, pos)
+        in_block = offs[None, :] < rv.block_len[:, None]
+        # columns past a row's block read and write the canvas's scratch column: no boolean indexing
+        # (a device sync) and no duplicate positions inside the canvas
+        pos = torch.where(in_block, rv.start[:, None] + offs, self.context)
+        slot_2d = rv.slot[:, None].expand_as(pos)
+        current = self.canvas[slot_2d, pos]
         is_mask = (current == self.mask_id) & in_block
 
         params = [s.plan.params for s in slots]
-        temperature = self._tensor([p.temperature for p in params], torch.float32)
-        seed = self._tensor([s.plan.seed for s in slots])
-        step_no = self._tensor([s.steps_done for s in slots])
         sampling = any(p.temperature > 0 for p in params)
-        tokens = rules.choose_tokens(
-            logits, temperature, self._tensor([p.top_k for p in params]),
-            self._tensor([p.top_p for p in params], torch.float32), seed, step_no, pos, sampling)
-        conf = rules.confidence(logits, tokens, self._tensor([p.remasking == "random" for p in params], torch.bool),
-                                seed, step_no, pos, any(p.remasking == "random" for p in params))
-        steps_left = self._tensor([s.block_budget() - s.block_step for s in slots])
-        threshold = self._tensor([p.threshold or 0.0 for p in params], torch.float32)
-        select, count = rules.select_commits(conf, is_mask, steps_left.clamp(min=1), threshold,
-                                             any(p.threshold is not None for p in params))
-        new = torch.where(select, tokens, current)
-        rows_2d = idx[:, None].expand_as(pos)
-        self.canvas.index_put_((rows_2d[in_block], pos[in_block]), new[in_block])
+        filtering = any(p.top_k > 0 or p.top_p < 1 for p in params)
+        any_random = any(p.remasking == "random" for p in params)
+        any_threshold = any(p.threshold is not None for p in params)
+        tokens = rules.choose_tokens(logits, rv.temperature, rv.top_k, rv.top_p, rv.seed, rv.steps_done, pos,
+                                     sampling, filtering)
+        conf = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, pos, any_random)
+        select, count = rules.select_commits(conf, is_mask, rv.steps_left.clamp(min=1), rv.threshold,
+                                             any_threshold)
+        self.canvas.index_put_((slot_2d, pos), torch.where(select, tokens, current))
 
         L = max(s.plan.total_len for s in slots)
-        stop = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        canvas = self.canvas[rv.slot, :L]
+        stop = torch.zeros(n, dtype=torch.bool, device=self.device)
         if self.eos_id is not None:  # an EOS inside the fully committed left part ends the request
-            canvas = self.canvas[idx, :L]
             ar = torch.arange(L, device=self.device)[None, :]
-            p_len = self._tensor([s.plan.prompt_len for s in slots])
-            gen = (ar >= p_len[:, None]) & (ar < self._tensor([s.plan.total_len for s in slots])[:, None])
+            gen = (ar >= rv.prompt_len[:, None]) & (ar < rv.total_len[:, None])
             first_mask = torch.where(gen & (canvas == self.mask_id), ar, L).min(dim=1).values
             stop = (gen & (canvas == self.eos_id) & (ar < first_mask[:, None])).any(dim=1)
         # the one device-to-host copy of the step
         packed = torch.cat([select.flatten().long(), tokens.flatten(), count, stop.long(),
-                            self.canvas[idx, :L].flatten()]).cpu().numpy()
-        n = len(rows)
+                            canvas.flatten()]).cpu().numpy()
         sel = packed[:n * bl].reshape(n, bl).astype(bool)
         tok = packed[n * bl:2 * n * bl].reshape(n, bl)
         cnt = packed[2 * n * bl:2 * n * bl + n]

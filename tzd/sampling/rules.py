@@ -22,15 +22,16 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  seed: torch.Tensor, step: torch.Tensor, positions: torch.Tensor, sampling: bool
-                  ) -> torch.Tensor:
+                  seed: torch.Tensor, step: torch.Tensor, positions: torch.Tensor, sampling: bool,
+                  filtering: bool) -> torch.Tensor:
     """Greedy argmax, or where temperature > 0 an exact sample of softmax(filtered / T) by Gumbel-max
-    in float64 with counter-based noise keyed by (seed, step, position)."""
+    in float64 with counter-based noise keyed by (seed, step, position). `sampling` / `filtering`: some
+    row has temperature > 0 / top-k or top-p on (host flags, so that no device value is read back)."""
     greedy = logits.argmax(dim=-1)
     if not sampling:
         return greedy
     filtered = logits
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if filtering:
         filtered = filter_top_k_top_p(logits, top_k, top_p)
     filtered = filtered.double()
     noise = rng.gumbel(rng.keys(seed, step, positions, rng.STREAM_GUMBEL), logits.shape[-1])
