@@ -130,7 +130,7 @@ SAMPLER_CONFIGS=llada,threshold=0.9,threshold=0.9+dual,threshold=0.9+prefix,step
 step sampler 170 "$PY" -m bench.sampler --device cuda --checkpoint "$CKPT" --configs "$SAMPLER_CONFIGS" \
     --out "$OUT/sampler_gpu.json" --png "$OUT/sampler_gpu.png"
 
-step tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py \
+step tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py tests/test_sampling_cuda.py \
     --junitxml "$OUT/tests.xml"
 
 step serve 100 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --concurrency 1,4,16,32 --repeats 1 \
