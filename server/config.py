@@ -86,8 +86,8 @@ FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--host", str, "127.0.0.1", "interface to bind"),
     ("--port", _port, 8000, "TCP port"),
     ("--device", _device, "auto", "auto (CUDA where there is one), cpu, cuda, cuda:N"),
-    ("--dtype", _dtype, "auto", "auto (CUDA: bf16 weights; CPU: fp32 weights + bf16 autocast where the CPU "
-                             "has bf16), float32, bfloat16, float16"),
+    ("--dtype", _dtype, "auto", "auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers "
+                             "stored in bf16, the rest fp32), float32, bfloat16, float16"),
     ("--max-batch-size", _positive(int), 16, "requests denoised together in one step"),
     ("--max-queue", _positive(int), 256, "requests waiting for a slot before 429"),
     ("--max-tokens-limit", _positive(int), 256, "largest max_tokens a request may ask for"),
