@@ -48,12 +48,19 @@ class _Slot:
     masked: int = 0
     steps_done: int = 0
     nfe: int = 0
+    open: np.ndarray | None = None  # offsets in the current block still masked; None = all (a new block)
 
     def block_bounds(self) -> tuple[int, int]:
         """(start, length) of the current block in canvas coordinates."""
         p = self.plan
         start = self.block * p.block_length
         return p.prompt_len + start, min(p.block_length, p.max_tokens - start)
+
+    def open_offsets(self) -> np.ndarray:
+        """Offsets (from the block start, ascending) of the current block's masked positions."""
+        if self.open is None:
+            self.open = np.arange(self.block_bounds()[1])
+        return self.open
 
     def block_budget(self) -> int:
         """Steps for the current block: steps // blocks, the first steps % blocks one more, <= its length."""
@@ -121,8 +128,12 @@ class DenoiseBatch:
     def _row_values(self, rows: list[int], slots: list[_Slot]) -> RowValues:
         bounds = [s.block_bounds() for s in slots]
         params = [s.plan.params for s in slots]
+        opened = [s.open_offsets() for s in slots]
+        offsets = np.full((len(slots), max(len(o) for o in opened)), -1, dtype=np.int64)
+        for i, o in enumerate(opened):
+            offsets[i, :len(o)] = o
         return RowValues.build({
-            "slot": rows, "start": [b[0] for b in bounds], "block_len": [b[1] for b in bounds],
+            "slot": rows, "start": [b[0] for b in bounds],
             "total_len": [s.plan.total_len for s in slots], "prompt_len": [s.plan.prompt_len for s in slots],
             "query_len": [s.query_len() for s in slots], "seed": [s.plan.seed for s in slots],
             "steps_done": [s.steps_done for s in slots],
@@ -130,14 +141,14 @@ class DenoiseBatch:
             "top_k": [p.top_k for p in params], "random_remask": [p.remasking == "random" for p in params],
             "temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
             "threshold": [p.threshold or 0.0 for p in params], "cfg_scale": [p.cfg_scale for p in params],
-        }, self.device)
+        }, offsets, self.device)
 
-    def _full_logits(self, rv: RowValues, slots: list[_Slot], bl: int) -> torch.Tensor:
-        """Whole-canvas forward for these rows; logits of each row's current block window [n, bl, V]."""
+    def _full_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
+        """Whole-canvas forward for these rows; logits at the open positions of each row's block [n, P, V]."""
         L = max(s.plan.total_len for s in slots)
         ids = self.canvas[rv.slot, :L]
         seqlens = rv.total_len
-        pos = (rv.start[:, None] + torch.arange(bl, device=self.device)).clamp(max=L - 1)
+        pos = rv.start[:, None] + rv.offsets.clamp(min=0)  # padding columns read the block's first position
         cfg_rows = [i for i, s in enumerate(slots) if s.plan.params.cfg_scale > 0]
         if cfg_rows:  # unconditional copies with the prompt masked, in the same forward
             ci = upload(np.array(cfg_rows, dtype=np.int64), self.device)
@@ -155,9 +166,9 @@ class DenoiseBatch:
             logits = logits[:n].index_copy(0, ci, uncond + (scale[:, None, None] + 1) * (cond - uncond))
         return logits
 
-    def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot], bl: int) -> torch.Tensor:
+    def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot]) -> torch.Tensor:
         """Forward of the query window only (prefix: block and after; dual: block), keys from the cache."""
-        Q = max(max(s.query_len() for s in slots), bl)
+        Q = max(s.query_len() for s in slots)
         offs = torch.arange(Q, device=self.device)
         positions = (rv.start[:, None] + offs).clamp(max=self.context - 1)
         ids = self.canvas[rv.slot[:, None], positions]
@@ -168,9 +179,9 @@ class DenoiseBatch:
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.total_len,
                         (rows[0], rows[0] + len(rows)) if contiguous else None)
-        block = torch.arange(bl, device=self.device).expand(len(rows), bl)  # the block opens the window
+        opened = rv.offsets.clamp(min=0)  # the block opens the window
         return self.model(ids, ForwardContext(positions=positions, seqlens=rv.total_len, cache=view,
-                                              output_positions=block))
+                                              output_positions=opened))
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
@@ -183,22 +194,22 @@ class DenoiseBatch:
         rows = full + cached
         slots = [self.slots[r] for r in rows]
         n, nf = len(rows), len(full)
-        bl = max(s.block_bounds()[1] for s in slots)
         rv = self._row_values(rows, slots)  # the step's one host-to-device copy
+        bl = rv.offsets.shape[1]  # columns: the most open positions of any row's block
+        # logits only where a block still has masks: committed positions need none
         parts = []
         if full:
-            parts.append(self._full_logits(rv.rows(0, nf), slots[:nf], bl))
+            parts.append(self._full_logits(rv.rows(0, nf), slots[:nf]))
         if cached:
-            parts.append(self._cached_logits(rv.rows(nf, n), cached, slots[nf:], bl))
+            parts.append(self._cached_logits(rv.rows(nf, n), cached, slots[nf:]))
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         logits = logits.float()  # fp32 once: argmax and softmax on bf16 are several times slower on CPU
         logits[..., self.mask_id] = float("-inf")  # the mask is never a prediction
 
-        offs = torch.arange(bl, device=self.device)
-        in_block = offs[None, :] < rv.block_len[:, None]
-        # columns past a row's block read and write the canvas's scratch column: no boolean indexing
-        # (a device sync) and no duplicate positions inside the canvas
-        pos = torch.where(in_block, rv.start[:, None] + offs, self.context)
+        in_block = rv.offsets >= 0
+        # padding columns read and write the canvas's scratch column: no boolean indexing (a device
+        # sync) and no duplicate positions inside the canvas
+        pos = torch.where(in_block, rv.start[:, None] + rv.offsets, self.context)
         slot_2d = rv.slot[:, None].expand_as(pos)
         current = self.canvas[slot_2d, pos]
         is_mask = (current == self.mask_id) & in_block
@@ -239,13 +250,15 @@ class DenoiseBatch:
         """Host bookkeeping after a step: block and step counters, the event, freeing a finished slot."""
         start, _ = s.block_bounds()
         offset = start - s.plan.prompt_len
-        committed = [(offset + int(j), int(tok[j])) for j in np.flatnonzero(sel)]
+        cols = np.flatnonzero(sel)
+        committed = [(offset + int(s.open[j]), int(tok[j])) for j in cols]
+        s.open = np.delete(s.open, cols)
         s.masked -= count
         s.steps_done += 1
         s.nfe += 2 if s.plan.params.cfg_scale > 0 else 1
         s.block_step += 1
         if self._block_done(s):
-            s.block, s.block_step = s.block + 1, 0
+            s.block, s.block_step, s.open = s.block + 1, 0, None
         done = eos or s.masked == 0
         if done:
             self.slots[row] = None

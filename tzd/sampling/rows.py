@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 FIELDS: dict[str, torch.dtype] = {
-    "slot": torch.long, "start": torch.long, "block_len": torch.long, "total_len": torch.long,
+    "slot": torch.long, "start": torch.long, "total_len": torch.long,
     "prompt_len": torch.long, "query_len": torch.long, "seed": torch.long, "steps_done": torch.long,
     "steps_left": torch.long, "top_k": torch.long, "random_remask": torch.bool,
     "temperature": torch.float32, "top_p": torch.float32, "threshold": torch.float32, "cfg_scale": torch.float32,
@@ -32,7 +32,6 @@ class RowValues:
 
     slot: torch.Tensor
     start: torch.Tensor  # the current block's first canvas position
-    block_len: torch.Tensor
     total_len: torch.Tensor  # prompt + max_tokens: the row's canvas (and key) length
     prompt_len: torch.Tensor
     query_len: torch.Tensor  # columns a cached forward runs (prefix: block to end; dual: the block)
@@ -45,15 +44,18 @@ class RowValues:
     top_p: torch.Tensor
     threshold: torch.Tensor  # 0 = none
     cfg_scale: torch.Tensor
+    offsets: torch.Tensor  # [rows, P]: block offsets still masked, ascending; -1 pads a row's tail
 
     @classmethod
-    def build(cls, columns: dict[str, Sequence[int | float | bool]], device: torch.device) -> RowValues:
-        """`columns` maps every field to its per-row values."""
-        n = len(columns["slot"])
-        host = np.empty((len(FIELDS), n), dtype=np.int64)  # a field per row of the table: contiguous slices
+    def build(cls, columns: dict[str, Sequence[int | float | bool]], offsets: np.ndarray,
+              device: torch.device) -> RowValues:
+        """`columns` maps every field to its per-row values; `offsets` is the [rows, P] int64 matrix."""
+        n, F = len(columns["slot"]), len(FIELDS)
+        host = np.empty((F + offsets.shape[1], n), dtype=np.int64)  # a field per row: contiguous slices
         for i, (name, dtype) in enumerate(FIELDS.items()):
             values = columns[name]
             host[i] = np.asarray(values, dtype=np.float64).view(np.int64) if dtype.is_floating_point else values
+        host[F:] = offsets.T
         table = upload(host, device)
         self = cls()
         for i, (name, dtype) in enumerate(FIELDS.items()):
@@ -63,11 +65,12 @@ class RowValues:
             elif dtype == torch.bool:
                 col = col.bool()
             setattr(self, name, col)
+        self.offsets = table[F:].T
         return self
 
     def rows(self, start: int, stop: int) -> RowValues:
         """The values of rows [start, stop)."""
         part = RowValues()
-        for name in FIELDS:
+        for name in (*FIELDS, "offsets"):
             setattr(part, name, getattr(self, name)[start:stop])
         return part
