@@ -1,9 +1,11 @@
 """A batch of requests being denoised: a slot table on the device plus one batched step.
 
 Requests join (`add`) and leave (finished ones are freed inside `step`) between steps, so the same
-object serves offline `generate()` and the server's continuous batching. Per step: at most two
-forward passes (rows that need the whole canvas, rows served from the block KV cache), the commit
-rule vectorised over rows, and one device-to-host copy for the events.
+object serves offline `generate()` and the server's continuous batching. Per step: one
+host-to-device copy of the per-row values (rows.py), at most two forward passes (rows that need the
+whole canvas, rows served from the block KV cache) with logits only at the block positions still
+masked, the commit rule vectorised over rows, and one device-to-host copy for the events: the step's
+only sync with the device.
 """
 
 from __future__ import annotations
