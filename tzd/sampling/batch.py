@@ -170,7 +170,9 @@ class DenoiseBatch:
 
     def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot]) -> torch.Tensor:
         """Forward of the query window only (prefix: block and after; dual: block), keys from the cache."""
-        Q = max(s.query_len() for s in slots)
+        q_lens = [s.query_len() for s in slots]
+        starts = {s.block_bounds()[0] for s in slots}
+        Q = max(q_lens)
         offs = torch.arange(Q, device=self.device)
         positions = (rv.start[:, None] + offs).clamp(max=self.context - 1)
         ids = self.canvas[rv.slot[:, None], positions]
@@ -179,8 +181,10 @@ class DenoiseBatch:
         lengths = [s.plan.total_len for s in slots]
         keys = max(lengths)
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        aligned = len(starts) == 1 and min(q_lens) == Q  # one window start, no padding columns
         view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.total_len,
-                        (rows[0], rows[0] + len(rows)) if contiguous else None)
+                        (rows[0], rows[0] + len(rows)) if contiguous else None,
+                        next(iter(starts)) if aligned else None)
         opened = rv.offsets.clamp(min=0)  # the block opens the window
         return self.model(ids, ForwardContext(positions=positions, seqlens=rv.total_len, cache=view,
                                               output_positions=opened))

@@ -54,18 +54,28 @@ class ReadView:
     that records everything again."""
 
     def __init__(self, store: KVStore, slots: torch.Tensor, positions: torch.Tensor, keys: int,
-                 seqlens: torch.Tensor | None, slot_range: tuple[int, int] | None = None) -> None:
+                 seqlens: torch.Tensor | None, slot_range: tuple[int, int] | None = None,
+                 window_start: int | None = None) -> None:
         self.store, self.positions, self.S, self.seqlens = store, positions, keys, seqlens
         self.rows = slots[:, None].expand_as(positions)
         # consecutive slots are read as a view (no copy); others by advanced indexing
         self.read_index = slice(*slot_range) if slot_range is not None else slots
+        # consecutive slots whose windows all start at `window_start`, without padding columns, are
+        # written by slicing too (a plain copy instead of an index_put)
+        self.write_window = None
+        if slot_range is not None and window_start is not None:
+            self.write_window = (slice(*slot_range), slice(window_start, window_start + positions.shape[1]))
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         store_k, store_v = self.store.k, self.store.v
-        # [B,Hk,Q,D] -> [B,Q,Hk,D]: the layout the (rows, layer, :, positions) index produces
-        store_k[self.rows, layer, :, self.positions] = k.transpose(1, 2).to(store_k.dtype)
-        store_v[self.rows, layer, :, self.positions] = v.transpose(1, 2).to(store_v.dtype)
+        if self.write_window is not None:
+            rows, cols = self.write_window
+            store_k[rows, layer, :, cols] = k
+            store_v[rows, layer, :, cols] = v
+        else:  # [B,Hk,Q,D] -> [B,Q,Hk,D]: the layout the (rows, layer, :, positions) index produces
+            store_k[self.rows, layer, :, self.positions] = k.transpose(1, 2).to(store_k.dtype)
+            store_v[self.rows, layer, :, self.positions] = v.transpose(1, 2).to(store_v.dtype)
         k_all = store_k[self.read_index, layer, :, :self.S]
         v_all = store_v[self.read_index, layer, :, :self.S]
         return k_all.to(k.dtype), v_all.to(v.dtype), self.seqlens
