@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tzd.checkpoint import Loaded, load_checkpoint, resolve_device
-from tzd.models import count_params, linear_weights_to
+from tzd.models import count_params
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,17 +67,17 @@ def choose_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, tor
 
 
 def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
-                 threads: int | None = None) -> Runtime:
-    """Load the checkpoint onto the device in the chosen precision (`threads`: torch's CPU threads)."""
+                 threads: int | None = None, max_model_len: int | None = None) -> Runtime:
+    """Load the checkpoint onto the device in the chosen precision (`threads`: torch's CPU threads;
+    `max_model_len`: the most positions, prompt + generated, one request may use)."""
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     weights, autocast = choose_precision(dev, dtype)
-    loaded = load_checkpoint(checkpoint, device=dev, dtype=weights)
-    if autocast is not None:
-        linear_weights_to(loaded.model, autocast)
+    # linear layers go straight to the autocast dtype: a public 8B model never exists in fp32 first
+    loaded = load_checkpoint(checkpoint, device=dev, dtype=weights, linear_dtype=autocast, max_context=max_model_len)
     return Runtime(loaded, dev, weights, autocast, count_params(loaded.model))
 
 

@@ -1,4 +1,6 @@
-"""The checkpoint directory: config.json + model.safetensors + tokenizer.model, written atomically."""
+"""The checkpoint directory: config.json + model.safetensors + tokenizer.model, written atomically.
+
+load_checkpoint also reads the public families' Hugging Face layout (tzd.hf): one call for both."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -16,6 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from tzd.models import ModelConfig, build_model
 from tzd.tokenizer import SpecialIds, Tokenizer
+
+if TYPE_CHECKING:
+    from tzd.hf.tokenizer import HFTokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.model"
@@ -28,7 +33,7 @@ class CheckpointError(ValueError):
 @dataclass
 class Loaded:
     model: nn.Module
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HFTokenizer
     config: dict[str, Any]
     model_config: ModelConfig
     path: Path
@@ -110,9 +115,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> Loaded:
-    """Load a checkpoint onto `device` (None = CUDA where available, else CPU) in `dtype` (None = fp32)."""
+                    dtype: torch.dtype | None = None, linear_dtype: torch.dtype | None = None,
+                    max_context: int | None = None) -> Loaded:
+    """Load a checkpoint onto `device` (None = CUDA where available, else CPU) in `dtype` (None = fp32).
+
+    TZD's own directories and the Hugging Face layout of LLaDA and Dream (config.json with a
+    `model_type`) alike. `linear_dtype`: store the linear layers' weights in this dtype instead (CPU
+    serving under bf16 autocast); `max_context`: serve at most this many positions (a public model's
+    own context can be far longer than its KV store should reserve)."""
     path = Path(path)
+    from tzd.hf import is_hf_checkpoint, load_hf_checkpoint
+    from tzd.hf.loader import HFCheckpointError
+
+    if path.is_dir() and is_hf_checkpoint(path):
+        try:
+            model, tok, hf_config, model_config, special = load_hf_checkpoint(
+                path, resolve_device(device), dtype, linear_dtype, max_context)
+        except HFCheckpointError as e:
+            raise CheckpointError(str(e)) from None
+        return Loaded(model=model, tokenizer=tok, config=hf_config, model_config=model_config, path=path,
+                      special=special)
     config = read_config(path)
     try:
         model_config = ModelConfig.from_dict(config["model"])
@@ -145,8 +167,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
             raise CheckpointError(f"{path / WEIGHTS_FILE}: tensor {k} has shape {tuple(state[k].shape)}, "
                                   f"the config implies {tuple(v.shape)}")
     dev = resolve_device(device)
+    if max_context is not None:
+        model_config.block_size = min(model_config.block_size, max_context)
     model = build_model(model_config)  # real buffers (rope tables) need a real device
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model = model.to(device=dev, dtype=dtype or torch.float32).eval()
+    if linear_dtype is not None:
+        from tzd.models import linear_weights_to
+
+        linear_weights_to(model, linear_dtype)
     model.requires_grad_(False)
     return Loaded(model=model, tokenizer=tokenizer, config=config, model_config=model_config, path=path)

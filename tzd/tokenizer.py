@@ -17,11 +17,13 @@ MIN_VOCAB_SIZE = 5 + 256 + 8  # specials + the 256 byte-fallback pieces + a few 
 
 @dataclass(frozen=True)
 class SpecialIds:
+    """TZD's fixed layout by default; a public checkpoint's own ids (None where it has none) otherwise."""
+
     mask: int = MASK_ID
-    bos: int = BOS_ID
-    eos: int = EOS_ID
-    pad: int = PAD_ID
-    unk: int = UNK_ID
+    bos: int | None = BOS_ID
+    eos: int | None = EOS_ID
+    pad: int | None = PAD_ID
+    unk: int | None = UNK_ID
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -47,7 +49,17 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int:
-        return self.special.eos
+        return EOS_ID
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generation (one here; a public instruct model may have several)."""
+        return (EOS_ID,)
+
+    chat = None  # no chat template: TZD's own models are plain text models
+
+    def encode_chat(self, text: str) -> list[int]:
+        return self.encode(text)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int)

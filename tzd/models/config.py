@@ -22,6 +22,10 @@ class ModelConfig:
     rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates
     norm_eps: float = 1e-5
     causal: bool = False  # True builds the same network as a left-to-right model (the judge)
+    # Switches for the public LLaMA-like families (LLaDA, Dream), off for TZD's own models:
+    qkv_bias: bool = False  # biases on the q/k/v projections (Dream, Qwen2 layout)
+    tie_embeddings: bool = False  # the output head reuses the token embedding matrix
+    logit_shift: bool = False  # position i's logits come from the output at i-1, the first's from itself (Dream)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -37,6 +41,11 @@ class ModelConfig:
             raise ValueError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
         if self.intermediate_size is None:
             self.intermediate_size = -(-(8 * self.n_embd // 3) // 64) * 64
+        if self.backend != "smdm" and (self.qkv_bias or self.tie_embeddings or self.logit_shift):
+            raise ValueError(f"model.backend={self.backend!r}: qkv_bias, tie_embeddings and logit_shift are "
+                             "switches of the smdm backend")
+        if self.logit_shift and self.causal:
+            raise ValueError("model.logit_shift applies to diffusion models only, not with model.causal")
         if not 0.0 < self.rotary_fraction <= 1.0:
             raise ValueError(f"model.rotary_fraction={self.rotary_fraction}: must be in (0, 1]")
 

@@ -25,8 +25,13 @@ class ForwardContext:
     # [B,P] positions whose logits are wanted (the sampler needs only the current block); None = all
     output_positions: torch.Tensor | None = None
 
-    def select_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B,T,C] at output_positions, before the norm and the output head."""
+    def select_outputs(self, x: torch.Tensor, shift: bool = False) -> torch.Tensor:
+        """Hidden states [B,T,C] at output_positions, before the norm and the output head.
+
+        With `shift` (models whose output at i-1 predicts token i, like Dream) each position reads
+        the hidden state one to its left, the first position its own; callers that run a window of
+        columns start it one column early so that the left neighbour is inside it."""
         if self.output_positions is None:
-            return x
-        return x.gather(1, self.output_positions[..., None].expand(-1, -1, x.shape[-1]))
+            return torch.cat((x[:, :1], x[:, :-1]), dim=1) if shift else x
+        idx = (self.output_positions - 1).clamp(min=0) if shift else self.output_positions
+        return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))

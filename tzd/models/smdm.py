@@ -1,4 +1,5 @@
-"""SMDM: our own bidirectional transformer (RMSNorm, RoPE, SwiGLU, no bias, optional GQA)."""
+"""SMDM: our own bidirectional transformer (RMSNorm, RoPE, SwiGLU, optional GQA), also the network of the
+public LLaMA-like diffusion families (LLaDA, Dream: see tzd.hf for the mapping) through config switches."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -76,13 +77,20 @@ class SMDM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        cos, sin = kernels.rope_cache(cfg.block_size, cfg.rotary_dim, cfg.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of the residual projections
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / (2 * cfg.n_layer) ** 0.5)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE tables: at init, and on the real device after a model built on `meta` is loaded."""
+        cfg = self.config
+        self.rope_cos, self.rope_sin = kernels.rope_cache(cfg.block_size, cfg.rotary_dim, cfg.rope_base, device)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -96,4 +104,4 @@ class SMDM(nn.Module):
         x = self.tok_embeddings(ids)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin, ctx)
-        return self.output(self.norm(ctx.select_outputs(x)))
+        return self.output(self.norm(ctx.select_outputs(x, shift=self.config.logit_shift)))

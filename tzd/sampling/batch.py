@@ -10,6 +10,7 @@ only sync with the device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,13 @@ from tzd.sampling.params import RequestPlan
 from tzd.sampling.rows import RowValues, upload
 
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
+
+
+def eos_set(eos: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The ids that end a generation: one id, several (an instruct model's end-of-turn and end-of-text), or none."""
+    if eos is None:
+        return ()
+    return (int(eos),) if isinstance(eos, int) else tuple(dict.fromkeys(int(e) for e in eos))
 
 
 @dataclass
@@ -74,10 +82,11 @@ class _Slot:
     def cache_mode(self) -> int:
         return CACHE_MODES[self.plan.params.cache]
 
-    def query_len(self) -> int:
-        """Columns a cached forward runs: prefix, the block and everything after it; dual, the block."""
+    def query_len(self, shift: int = 0) -> int:
+        """Columns a cached forward runs: prefix, the block and everything after it; dual, the block;
+        `shift` more on the left for models whose logits at i come from the output at i-1."""
         start, length = self.block_bounds()
-        return self.plan.total_len - start if self.cache_mode == 1 else length
+        return (self.plan.total_len - start if self.cache_mode == 1 else length) + shift
 
     def needs_full_forward(self) -> bool:
         return self.cache_mode == 0 or self.block_step == 0 or self.plan.params.cfg_scale > 0
@@ -86,13 +95,16 @@ class _Slot:
 class DenoiseBatch:
     """Up to `capacity` requests denoised together on `model`."""
 
-    def __init__(self, model: nn.Module, mask_id: int, capacity: int, eos_id: int | None = None,
+    def __init__(self, model: nn.Module, mask_id: int, capacity: int, eos_id: int | Sequence[int] | None = None,
                  device: torch.device | str | None = None) -> None:
         self.model = model
         self.cfg = model_config(model)
-        self.mask_id, self.eos_id, self.capacity = mask_id, eos_id, capacity
+        self.mask_id, self.capacity = mask_id, capacity
+        self.eos_ids = eos_set(eos_id)
         self.context = self.cfg.block_size
+        self.shift = int(self.cfg.logit_shift)  # a cached window starts one column left of its block
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         # one scratch column past the context: the step writes its padding columns there
         self.canvas = torch.full((capacity, self.context + 1), mask_id, dtype=torch.long, device=self.device)
         self.slots: list[_Slot | None] = [None] * capacity
@@ -137,7 +149,7 @@ class DenoiseBatch:
         return RowValues.build({
             "slot": rows, "start": [b[0] for b in bounds],
             "total_len": [s.plan.total_len for s in slots], "prompt_len": [s.plan.prompt_len for s in slots],
-            "query_len": [s.query_len() for s in slots], "seed": [s.plan.seed for s in slots],
+            "query_len": [s.query_len(self.shift) for s in slots], "seed": [s.plan.seed for s in slots],
             "steps_done": [s.steps_done for s in slots],
             "steps_left": [s.block_budget() - s.block_step for s in slots],
             "top_k": [p.top_k for p in params], "random_remask": [p.remasking == "random" for p in params],
@@ -170,11 +182,11 @@ class DenoiseBatch:
 
     def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot]) -> torch.Tensor:
         """Forward of the query window only (prefix: block and after; dual: block), keys from the cache."""
-        q_lens = [s.query_len() for s in slots]
-        starts = {s.block_bounds()[0] for s in slots}
+        q_lens = [s.query_len(self.shift) for s in slots]
+        starts = {s.block_bounds()[0] - self.shift for s in slots}
         Q = max(q_lens)
         offs = torch.arange(Q, device=self.device)
-        positions = (rv.start[:, None] + offs).clamp(max=self.context - 1)
+        positions = (rv.start[:, None] - self.shift + offs).clamp(max=self.context - 1)
         ids = self.canvas[rv.slot[:, None], positions]
         # columns past a row's own window (a dual row beside prefix rows, a short last block) are padding
         kv_positions = torch.where(offs[None, :] < rv.query_len[:, None], positions, self.kv.scratch)
@@ -185,7 +197,7 @@ class DenoiseBatch:
         view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.total_len,
                         (rows[0], rows[0] + len(rows)) if contiguous else None,
                         next(iter(starts)) if aligned else None)
-        opened = rv.offsets.clamp(min=0)  # the block opens the window
+        opened = rv.offsets.clamp(min=0) + self.shift  # the block opens the window (after the shift column)
         return self.model(ids, ForwardContext(positions=positions, seqlens=rv.total_len, cache=view,
                                               output_positions=opened))
 
@@ -235,11 +247,12 @@ class DenoiseBatch:
         L = max(s.plan.total_len for s in slots)
         canvas = self.canvas[rv.slot, :L]
         stop = torch.zeros(n, dtype=torch.bool, device=self.device)
-        if self.eos_id is not None:  # an EOS inside the fully committed left part ends the request
+        if self.eos_ids:  # an EOS inside the fully committed left part ends the request
             ar = torch.arange(L, device=self.device)[None, :]
             gen = (ar >= rv.prompt_len[:, None]) & (ar < rv.total_len[:, None])
             first_mask = torch.where(gen & (canvas == self.mask_id), ar, L).min(dim=1).values
-            stop = (gen & (canvas == self.eos_id) & (ar < first_mask[:, None])).any(dim=1)
+            is_eos = canvas == self._eos[0] if len(self.eos_ids) == 1 else torch.isin(canvas, self._eos)
+            stop = (gen & is_eos & (ar < first_mask[:, None])).any(dim=1)
         # the one device-to-host copy of the step
         packed = torch.cat([select.flatten().long(), tokens.flatten(), count, stop.long(),
                             canvas.flatten()]).cpu().numpy()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from tzd.models import model_config
-from tzd.sampling.batch import DenoiseBatch, StepEvent
+from tzd.sampling.batch import DenoiseBatch, StepEvent, eos_set
 from tzd.sampling.params import SamplingParams, plan
 
 
@@ -22,12 +22,14 @@ class GenerationResult:
     text: str | None = None  # with a tokenizer
 
 
-def finish(canvas: list[int], finish_reason: str, eos_id: int | None, stop: Sequence[str],
+def finish(canvas: list[int], finish_reason: str, eos_id: int | Sequence[int] | None, stop: Sequence[str],
            decode: Callable[[list[int]], str] | None) -> tuple[list[int], str, str | None]:
-    """Cut a finished canvas at the first EOS, then at the first stop string (text and tokens)."""
+    """Cut a finished canvas at the first EOS (of the eos set), then at the first stop string (text and tokens)."""
     tokens = list(canvas)
-    if eos_id is not None and eos_id in tokens:
-        tokens, finish_reason = tokens[:tokens.index(eos_id)], "stop"
+    eos = set(eos_set(eos_id))
+    first = next((i for i, t in enumerate(tokens) if t in eos), None) if eos else None
+    if first is not None:
+        tokens, finish_reason = tokens[:first], "stop"
     if decode is None:
         return tokens, finish_reason, None
     text = decode(tokens)
@@ -42,7 +44,8 @@ def finish(canvas: list[int], finish_reason: str, eos_id: int | None, stop: Sequ
 
 
 def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             mask_id: int, on_step: Callable[[int, StepEvent], None] | None = None, eos_id: int | None = None,
+             mask_id: int, on_step: Callable[[int, StepEvent], None] | None = None,
+             eos_id: int | Sequence[int] | None = None,
              tokenizer=None, max_batch: int | None = None) -> list[GenerationResult]:
     """Generate for every prompt; `on_step(i, event)` sees each step of prompt i.
 

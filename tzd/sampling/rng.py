@@ -42,8 +42,8 @@ def uniform(key: torch.Tensor) -> torch.Tensor:
     return (_shr(mix(key), 11).double() + 0.5) * 2.0**-53
 
 
-def gumbel(key: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel(0,1) noise [B,P,V] in float64 for keys [B,P]."""
-    tok = torch.arange(vocab, device=key.device, dtype=torch.int64)
+def gumbel(key: torch.Tensor, vocab: int, first_token: int = 0) -> torch.Tensor:
+    """Gumbel(0,1) noise [B,P,vocab] in float64 for keys [B,P], for tokens first_token .. first_token+vocab-1."""
+    tok = torch.arange(first_token, first_token + vocab, device=key.device, dtype=torch.int64)
     u = uniform(mix(key[..., None] + tok))
     return -torch.log(-torch.log(u))

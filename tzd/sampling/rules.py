@@ -21,6 +21,33 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return logits.masked_fill(drop, float("-inf"))
 
 
+# Vocabulary columns per chunk of the Gumbel-max sample: its float64 noise and int64 keys then take
+# [B,P,GUMBEL_CHUNK] at a time, not [B,P,V] (at V = 126k, batch 16, block 32 that would be 0.5 GB each).
+GUMBEL_CHUNK = 8192
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary of logits / T + Gumbel noise, in float64, chunk by chunk.
+
+    The noise of token t is a function of (key, t) only, so the chunking changes no draw: a strictly
+    greater maximum replaces the running one, which keeps the first index on ties, as argmax does."""
+    V = logits.shape[-1]
+    temp = temperature.double().clamp(min=1e-6)[:, None, None]
+    best_val = best_idx = None
+    for lo in range(0, V, GUMBEL_CHUNK):  # ceil(V / chunk) iterations, independent of batch and positions
+        hi = min(V, lo + GUMBEL_CHUNK)
+        scores = logits[..., lo:hi].double() / temp + rng.gumbel(key, hi - lo, first_token=lo)
+        idx = scores.argmax(dim=-1)  # the first maximal index, as a full-vocabulary argmax gives
+        val = scores.gather(-1, idx[..., None]).squeeze(-1)
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx + lo, best_idx)
+    return best_idx
+
+
 def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   seed: torch.Tensor, step: torch.Tensor, positions: torch.Tensor, sampling: bool,
                   filtering: bool) -> torch.Tensor:
@@ -33,10 +60,7 @@ def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     filtered = logits
     if filtering:
         filtered = filter_top_k_top_p(logits, top_k, top_p)
-    filtered = filtered.double()
-    noise = rng.gumbel(rng.keys(seed, step, positions, rng.STREAM_GUMBEL), logits.shape[-1])
-    temp = temperature.double().clamp(min=1e-6)[:, None, None]
-    sampled = (filtered / temp + noise).argmax(dim=-1)
+    sampled = gumbel_argmax(filtered, temperature, rng.keys(seed, step, positions, rng.STREAM_GUMBEL))
     return torch.where((temperature > 0)[:, None], sampled, greedy)
 
 
