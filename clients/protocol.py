@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4
 
@@ -90,13 +90,45 @@ class Health(BaseModel):
     model: str | None = None
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation (OpenAI's shape); list content may hold text parts only."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def template_dict(self) -> dict[str, str]:
+        """What a chat template reads: role and content as one string."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        out = {"role": self.role, "content": content}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+Messages = Annotated[list[ChatMessage], Field(min_length=1)]
+
+
 # ---- POST /generate --------------------------------------------------------------------------------
 
 class GenerateRequest(SamplingParams):
-    """POST /generate: a prompt (text or token ids), the SamplingParams fields, and whether to stream."""
+    """POST /generate: a prompt (text or token ids) or chat `messages` (rendered by the model's chat
+    template), the SamplingParams fields, and whether to stream."""
 
-    prompt: str | list[TokenId]
+    prompt: str | list[TokenId] | None = None
+    messages: Messages | None = None
     stream: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
 
     def sampling_params(self) -> SamplingParams:
         return sampling_fields(self)
@@ -234,3 +266,101 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- OpenAI-compatible /v1/chat/completions --------------------------------------------------------
+
+class ChatCompletionRequest(SamplingParams):
+    """POST /v1/chat/completions: OpenAI's fields plus the diffusion fields of SamplingParams as extra body
+    fields. `max_completion_tokens` is OpenAI's newer name for max_tokens; options without a diffusion
+    meaning are accepted only when off."""
+
+    model: str | None = None
+    messages: Messages
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_completion_tokens(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("max_completion_tokens") is not None:
+            given = data.get("max_tokens")
+            if given is not None and given != data["max_completion_tokens"]:
+                raise ValueError("max_tokens and max_completion_tokens differ; give one of them")
+            data = {**data, "max_tokens": data["max_completion_tokens"]}
+        return data
+
+    @field_validator("logprobs", "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty", "tools",
+                     "tool_choice")
+    @classmethod
+    def _off_only(cls, v: object, info: ValidationInfo) -> object:
+        _unsupported(info.field_name, v in (None, False, 0, 0.0, "", {}, [], "none"))
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict | None) -> dict | None:
+        _unsupported("response_format other than text", v is None or v.get("type") == "text")
+        return v
+
+    def sampling_params(self) -> SamplingParams:
+        return sampling_fields(self)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """The answer of POST /v1/chat/completions."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` chunk of a streamed chat completion: the committed left-to-right text as it grows."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

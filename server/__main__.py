@@ -13,7 +13,7 @@ import uvicorn
 from server.app import create_app
 from server.config import ServerConfig, parse_config
 from server.serving import Serving
-from tzd.checkpoint import CheckpointError, read_config
+from tzd.checkpoint import CheckpointError, check_checkpoint
 
 log = logging.getLogger("tzd.server")
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg: ServerConfig = parse_config(argv)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        read_config(cfg.checkpoint)  # fail fast on a bad path, before binding the port
+        check_checkpoint(cfg.checkpoint)  # fail fast on a bad path, before binding the port
     except CheckpointError as e:
         print(f"error: --checkpoint: {e}", file=sys.stderr)
         return 2

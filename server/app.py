@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from server import playground, routes_generate, routes_openai, routes_ops
+from server import playground, routes_chat, routes_generate, routes_openai, routes_ops
 from server.auth import bearer_auth
 from server.config import ServerConfig
 from server.errors import install_error_handlers
@@ -34,12 +34,13 @@ def create_app(config: ServerConfig, on_fatal: Callable[[BaseException], None] |
 
     app = FastAPI(title="TZD", version="0.1.0", lifespan=lifespan,
                   description="Masked-diffusion language model server: /generate streams every denoising "
-                              "step; /v1 speaks OpenAI's completions API.")
+                              "step; /v1 speaks OpenAI's completions and chat completions APIs.")
     app.state.serving = serving
     auth = bearer_auth(config.api_keys)
     app.include_router(routes_ops.router)
     app.include_router(routes_generate.router(auth))
     app.include_router(routes_openai.router(auth))
+    app.include_router(routes_chat.router(auth))
     playground.install(app)  # GET /: the web playground
     install_error_handlers(app, lambda reason: serving.metrics.rejected.labels(reason).inc())
 

@@ -25,6 +25,7 @@ class ServerConfig:
     max_batch_size: int = 16
     max_queue: int = 256
     max_tokens_limit: int = 256
+    max_model_len: int | None = 4096
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 1 << 20
@@ -91,6 +92,9 @@ FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--max-batch-size", _positive(int), 16, "requests denoised together in one step"),
     ("--max-queue", _positive(int), 256, "requests waiting for a slot before 429"),
     ("--max-tokens-limit", _positive(int), 256, "largest max_tokens a request may ask for"),
+    ("--max-model-len", _positive(int), 4096, "most positions (prompt + max_tokens) a request may use; the "
+                                             "model's own context where shorter (public models declare far "
+                                             "longer ones than a step's KV store should reserve)"),
     ("--shutdown-timeout", _positive(float), 30.0, "seconds to finish in-flight requests after SIGTERM"),
     ("--max-body-bytes", _positive(int), 1 << 20, "largest request body (413 above)"),
     ("--threads", _positive(int), None, "torch CPU threads (default: torch's, one per core; 1 where other busy "
@@ -150,7 +154,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return ServerConfig(
         checkpoint=resolve_checkpoint(args.checkpoint), host=args.host, port=args.port, device=args.device,
         dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        max_tokens_limit=args.max_tokens_limit, api_keys=tuple(k.strip() for k in keys),
+        max_tokens_limit=args.max_tokens_limit, max_model_len=args.max_model_len, api_keys=tuple(k.strip() for k in keys),
         shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes, threads=args.threads,
         model_name=args.model_name,
         log_level=args.log_level)

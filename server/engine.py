@@ -51,7 +51,7 @@ class Engine:
         self.runtime, self.metrics = runtime, metrics
         tok = runtime.loaded.tokenizer
         self.batch = DenoiseBatch(runtime.loaded.model, runtime.loaded.mask_id, capacity=max_batch_size,
-                                  eos_id=tok.eos_id)
+                                  eos_id=tok.eos_ids)
         self.scheduler = Scheduler(max_batch_size, max_queue)
         self.state: State = "ready"
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-step")
@@ -224,6 +224,6 @@ class Engine:
         p = plan(SamplingParams(max_tokens=n, steps=n, block_length=n, seed=0), 1, self.runtime.context)
         handle = object()
         with inference(self.runtime):
-            self.batch.add([self.runtime.loaded.tokenizer.eos_id], p, handle=handle)
+            self.batch.add([0], p, handle=handle)  # any id will do: the output is thrown away
             while len(self.batch):
                 self.batch.step()

@@ -13,7 +13,7 @@ import numpy as np
 
 from clients.protocol import MASK_PLACEHOLDER, CommittedToken, StepEventData
 from tzd.sampling import StepEvent, finish
-from tzd.tokenizer import Tokenizer
+from tzd.tokenizer import TextTokenizer
 
 StreamMode = Literal["none", "events", "prefix"]  # /generate without stream, /generate stream, OpenAI stream
 
@@ -37,7 +37,7 @@ class Update:
     result: Result | None = None  # once finished
 
 
-def canvas_text(tokenizer: Tokenizer, canvas: list[int], mask_id: int, placeholder: str = MASK_PLACEHOLDER) -> str:
+def canvas_text(tokenizer: TextTokenizer, canvas: list[int], mask_id: int, placeholder: str = MASK_PLACEHOLDER) -> str:
     """The partly denoised canvas as text, one placeholder per masked position (decoded run by run)."""
     arr = np.asarray(canvas)
     is_mask = arr == mask_id
@@ -63,9 +63,9 @@ def stable_prefix(text: str, stop: list[str]) -> str:
 class RequestOutput:
     """Per-request view of the canvas: stop strings, stream rendering, the final cut."""
 
-    def __init__(self, tokenizer: Tokenizer, mode: StreamMode, stop: list[str], max_tokens: int) -> None:
+    def __init__(self, tokenizer: TextTokenizer, mode: StreamMode, stop: list[str], max_tokens: int) -> None:
         self.tok, self.mode, self.stop = tokenizer, mode, stop
-        self.mask_id, self.eos_id = tokenizer.mask_id, tokenizer.eos_id
+        self.mask_id, self.eos_ids = tokenizer.mask_id, tokenizer.eos_ids
         self.max_tokens = max_tokens
         self.prefix_len = 0  # committed left-to-right prefix length at the last step
         self.prefix_text = ""
@@ -83,7 +83,7 @@ class RequestOutput:
             stopped = self._advance_prefix(ev.canvas)
         if ev.done or stopped:
             canvas = ev.canvas if ev.done else ev.canvas[:self.prefix_len]
-            tokens, reason, text = finish(canvas, ev.finish_reason or "stop", self.eos_id, self.stop,
+            tokens, reason, text = finish(canvas, ev.finish_reason or "stop", self.eos_ids, self.stop,
                                           self.tok.decode)
             up.result = Result(tokens, text or "", reason, ev.step + 1, ev.nfe, self.max_tokens - ev.masked)
             if self.mode == "prefix":
@@ -95,8 +95,7 @@ class RequestOutput:
     def _advance_prefix(self, canvas: list[int]) -> bool:
         """Track the committed prefix (up to the first mask, cut at EOS); True once it holds a stop string."""
         n = canvas.index(self.mask_id) if self.mask_id in canvas else len(canvas)
-        if self.eos_id in canvas[:n]:
-            n = canvas.index(self.eos_id)
+        n = next((i for i, t in enumerate(canvas[:n]) if t in self.eos_ids), n)  # cut at the first EOS
         if n == self.prefix_len:
             return False
         self.prefix_len, self.prefix_text = n, self.tok.decode(canvas[:n])

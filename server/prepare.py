@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from clients.protocol import SamplingParams
+from tzd.hf.chat import ChatTemplateError
 from tzd.sampling import RequestPlan, SamplingParamsError, plan
-from tzd.tokenizer import Tokenizer
+from tzd.tokenizer import TextTokenizer
 
 
 class InvalidRequest(ValueError):
@@ -15,8 +18,25 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
+class ChatPrompt(str):
+    """A prompt rendered from `messages` by the model's chat template: encoded without added specials."""
+
+
+def render_chat(tokenizer: TextTokenizer, messages: list[dict[str, Any]]) -> ChatPrompt:
+    """The conversation through the model's chat template, or InvalidRequest naming `messages`."""
+    if tokenizer.chat is None:
+        raise InvalidRequest("messages", "messages: this model has no chat template (its tokenizer_config.json "
+                                         "has no chat_template); send a plain `prompt` instead")
+    try:
+        return ChatPrompt(tokenizer.chat.render(messages, add_generation_prompt=True))
+    except ChatTemplateError as e:
+        raise InvalidRequest("messages", str(e)) from None
+
+
+def prompt_ids(tokenizer: TextTokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
     """Tokenize a text prompt; check a token-id prompt (no id outside the vocabulary, no mask)."""
+    if isinstance(prompt, ChatPrompt):
+        return tokenizer.encode_chat(prompt)
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
     ids = list(prompt)
@@ -27,10 +47,16 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int) -
     return ids
 
 
-def prepare(tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams, context: int,
-            vocab_size: int, max_tokens_limit: int) -> tuple[list[int], RequestPlan]:
-    """The prompt's ids and the request's plan, or InvalidRequest naming the field and the limit."""
+def prepare(tokenizer: TextTokenizer, prompt: str | list[int], params: SamplingParams, context: int,
+            vocab_size: int, max_tokens_limit: int, min_prompt: int = 0) -> tuple[list[int], RequestPlan]:
+    """The prompt's ids and the request's plan, or InvalidRequest naming the field and the limit.
+
+    `min_prompt`: 1 for a model with shifted logits (its first generated token is read off the last
+    prompt position)."""
     ids = prompt_ids(tokenizer, prompt, vocab_size)
+    if len(ids) < min_prompt:
+        raise InvalidRequest("prompt", "prompt: this model predicts each token from the position before it, "
+                                       "so the prompt needs at least one token")
     if len(ids) >= context:
         raise InvalidRequest("prompt", f"prompt: {len(ids)} tokens, but the model's context is {context} tokens "
                                        f"and prompt + max_tokens must fit in it (prompt <= {context - 1} tokens)")

@@ -70,7 +70,8 @@ def router(auth: object) -> APIRouter:
     async def generate(body: GenerateRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
         serving: Serving = http.app.state.serving
         engine = serving.ready_engine()
-        group = serving.new_group("gen", [body.prompt], [body.sampling_params()],
+        prompt = body.prompt if body.messages is None else serving.chat_prompt(body.messages)
+        group = serving.new_group("gen", [prompt], [body.sampling_params()],
                                   "events" if body.stream else "none")
         engine.submit(group)
         if body.stream:

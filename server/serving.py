@@ -9,12 +9,12 @@ from collections.abc import Callable
 
 import torch
 
-from clients.protocol import SamplingParams
+from clients.protocol import ChatMessage, SamplingParams
 from server.config import ServerConfig
 from server.engine import Engine, Unavailable
 from server.metrics import Metrics
 from server.output import RequestOutput, StreamMode
-from server.prepare import prepare
+from server.prepare import ChatPrompt, prepare, render_chat
 from server.request import RequestGroup
 from server.runtime import Runtime, load_runtime
 
@@ -37,7 +37,8 @@ class Serving:
         cfg = self.config
         try:
             log.info("loading %s (device %s, dtype %s)", cfg.checkpoint, cfg.device, cfg.dtype)
-            rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype, cfg.threads)
+            rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype, cfg.threads,
+                                         cfg.max_model_len)
             engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue)
             await engine.start()
         except Exception as e:  # noqa: BLE001 - reported through /health and on_fatal
@@ -70,15 +71,21 @@ class Serving:
             raise Unavailable("loading" if status == "loading" else status)
         return self.engine
 
+    def chat_prompt(self, messages: list[ChatMessage]) -> ChatPrompt:
+        """`messages` through the model's chat template (InvalidRequest naming `messages` without one)."""
+        assert self.runtime is not None
+        return render_chat(self.runtime.loaded.tokenizer, [m.template_dict() for m in messages])
+
     def new_group(self, prefix: str, prompts: list[str | list[int]], params: list[SamplingParams],
                   mode: StreamMode) -> RequestGroup:
         """Checked requests, one per (prompt, params) pair; InvalidRequest names the bad field."""
         assert self.runtime is not None
         rt, group = self.runtime, RequestGroup(prefix)
         tok = rt.loaded.tokenizer
+        min_prompt = int(rt.loaded.model_config.logit_shift)
         for prompt, p in zip(prompts, params, strict=True):
             ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,
-                                self.config.max_tokens_limit)
+                                self.config.max_tokens_limit, min_prompt)
             group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
         return group
 

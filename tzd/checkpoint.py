@@ -108,6 +108,21 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Fail fast (CheckpointError) on a directory neither format can load, before anything heavy starts."""
+    from tzd.hf import family_of, is_hf_checkpoint
+    from tzd.hf.families import FamilyConfigError
+
+    if Path(path).is_dir() and is_hf_checkpoint(path):
+        cfg_path = Path(path) / CONFIG_FILE
+        try:
+            family_of(json.loads(cfg_path.read_text()).get("model_type"))
+        except FamilyConfigError as e:
+            raise CheckpointError(f"{cfg_path}: {e}") from None
+        return
+    read_config(path)
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,6 +6,7 @@ import io
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import sentencepiece as spm
 
@@ -27,6 +28,24 @@ class SpecialIds:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class TextTokenizer(Protocol):
+    """What the sampler and the server need of a tokenizer: TZD's SentencePiece one (below) or a public
+    family's tokenizer.json (tzd.hf.tokenizer.HFTokenizer)."""
+
+    special: SpecialIds
+    chat: Any  # tzd.hf.chat.ChatTemplate, or None for a model without a chat template
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def mask_id(self) -> int: ...
+    @property
+    def eos_ids(self) -> tuple[int, ...]: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_chat(self, text: str) -> list[int]: ...  # a rendered chat prompt: no special tokens added
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 class Tokenizer:

@@ -106,7 +106,7 @@ def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[st
     """SMDM's state dict, each tensor read once (parts concatenated), converted and on `device`."""
     files = weight_files(path)
     sources = family.tensor_sources(cfg)
-    for key, parts in sources.items():
+    for parts in sources.values():
         for name in parts:
             if name not in files:
                 where = WEIGHTS_INDEX if (path / WEIGHTS_INDEX).is_file() else WEIGHTS_FILE

@@ -122,6 +122,8 @@ class DenoiseBatch:
         """Place a request in a free slot; its canvas is the prompt followed by max_tokens masks."""
         if plan.total_len > self.context:
             raise ValueError(f"prompt + max_tokens = {plan.total_len} exceeds the context of {self.context}")
+        if self.shift and not prompt:
+            raise ValueError("a model with shifted logits needs a prompt of at least one token")
         slot = self.slots.index(None)  # raises ValueError when full: callers check free_slots
         row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
         row[:len(prompt)] = prompt
