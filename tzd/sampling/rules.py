@@ -7,18 +7,30 @@ import torch
 
 from tzd.sampling import rng
 
+# Elements of [rows, V] per chunk of the top-k/top-p filter: its sort keeps values, int64 indices, the
+# probabilities and their cumulative sum, so it runs on bounded groups of (request, position) rows
+# (at the default model's V = 4096 up to 1024 rows, a whole batch of 16 x 32; at V = 126k 33 rows).
+FILTER_CHUNK = 1 << 22
+
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Set to -inf what top-k (k > 0) and top-p (p < 1) exclude; logits [B,P,V], top_k/top_p [B]."""
-    V = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    B, P, V = logits.shape
+    flat = logits.reshape(B * P, V)
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V).repeat_interleave(P)
+    p = top_p.repeat_interleave(P)
+    out = torch.empty_like(flat)
+    rows = max(1, FILTER_CHUNK // V)
     rank = torch.arange(V, device=logits.device)
-    k = torch.where(top_k > 0, top_k, V).clamp(max=V)[:, None, None]
-    probs = sorted_logits.float().softmax(dim=-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    drop_sorted = (rank >= k) | ((probs.cumsum(dim=-1) - probs) >= top_p[:, None, None])
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    for lo in range(0, B * P, rows):  # each row is filtered on its own: the grouping changes no result
+        part = flat[lo:lo + rows]
+        sorted_logits, order = part.sort(dim=-1, descending=True)
+        probs = sorted_logits.float().softmax(dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop_sorted = (rank >= k[lo:lo + rows, None]) | ((probs.cumsum(dim=-1) - probs) >= p[lo:lo + rows, None])
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out[lo:lo + rows] = part.masked_fill(drop, float("-inf"))
+    return out.view(B, P, V)
 
 
 # Vocabulary columns per chunk of the Gumbel-max sample: its float64 noise and int64 keys then take
