@@ -70,7 +70,9 @@ def write_checkpoint(out: Path, layers: int, shard_bytes: int) -> int:
                                                                   "weight_map": weight_map}))
     config = {**family.hf_config(cfg), "mask_token_id": MASK_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    vocab = {"<unk>": 0, "<|endoftext|>": EOS_ID, "<|mdm_mask|>": MASK_ID}
+    vocab = {f"<|t{i}|>": i for i in range(cfg.vocab_size)}  # every id named: no holes in the vocabulary
+    vocab.update({"<unk>": 0, "<|endoftext|>": EOS_ID, "<|mdm_mask|>": MASK_ID})
+    vocab = {t: i for t, i in vocab.items() if t not in (f"<|t{EOS_ID}|>", f"<|t{MASK_ID}|>", "<|t0|>")}
     Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))

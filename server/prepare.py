@@ -35,10 +35,12 @@ def render_chat(tokenizer: TextTokenizer, messages: list[dict[str, Any]]) -> Cha
 
 def prompt_ids(tokenizer: TextTokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
     """Tokenize a text prompt; check a token-id prompt (no id outside the vocabulary, no mask)."""
-    if isinstance(prompt, ChatPrompt):
-        return tokenizer.encode_chat(prompt)
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        ids = tokenizer.encode_chat(prompt) if isinstance(prompt, ChatPrompt) else tokenizer.encode(prompt)
+        if tokenizer.mask_id in ids:  # a tokenizer.json parses special tokens out of text
+            raise InvalidRequest("prompt", "prompt: the text holds the model's mask token, which a prompt cannot "
+                                           "contain")
+        return ids
     ids = list(prompt)
     if ids and max(ids) >= vocab_size:
         raise InvalidRequest("prompt", f"prompt: token id {max(ids)} is outside the vocabulary [0, {vocab_size})")
