@@ -274,3 +274,34 @@ def test_stop_frees_the_slot_and_a_full_queue_is_said_in_words(slow: ThreadServe
     assert int(page.inner_text("#stat-masked")) == stopped_masked  # the canvas stays as it was stopped
     assert all(u.startswith(slow.url + "/") or u.startswith("data:") for u in requests), requests
     page.close()
+
+
+def test_chat_mode_on_a_model_with_a_chat_template(browser: BrowserContext, tmp_path: Path) -> None:
+    """A LLaDA-layout model with a template: the page starts in chat mode and keeps the conversation."""
+    from tests.hf_checkpoints import write_llada
+
+    body = {"max_tokens": 8, "steps": 8, "block_length": 8, "seed": 4}
+    with ServerProcess(write_llada(tmp_path / "llada"), "--dtype", "float32", log_dir=tmp_path) as chat_srv:
+        page = open_page(browser, chat_srv.url, [])
+        page.wait_for_function("() => !document.getElementById('chat-field').hidden")
+        assert page.is_checked("#chat")
+        fill(page, prompt="To be, or not?", **body)
+        page.press("#prompt", "Enter")
+        assert wait_state(page, "done", "error", "stopped") == "done", page.inner_text("#message")
+        first = [{"role": "user", "content": "To be, or not?"}]
+        want = httpx.post(f"{chat_srv.url}/generate", json={"messages": first, **body}, timeout=60).json()
+        assert page.text_content("#text") == want["text"]
+        assert page.eval_on_selector_all("#history .turn", "els => els.map(e => e.className)") == [
+            "turn user", "turn assistant"]
+
+        fill(page, prompt="And then?")  # the second turn is sent with the first
+        page.press("#prompt", "Enter")
+        assert wait_state(page, "done", "error", "stopped") == "done", page.inner_text("#message")
+        second = [*first, {"role": "assistant", "content": want["text"]}, {"role": "user", "content": "And then?"}]
+        want2 = httpx.post(f"{chat_srv.url}/generate", json={"messages": second, **body}, timeout=60).json()
+        assert page.text_content("#text") == want2["text"]
+        assert page.eval_on_selector_all("#history .turn", "els => els.length") == 4
+        page.screenshot(path=str(ARTIFACTS / "playground-chat.png"))
+        page.click("#chat-clear")
+        assert page.is_hidden("#history")
+        page.close()

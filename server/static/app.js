@@ -49,9 +49,27 @@ function clearInvalid() {
 
 // ---- the request -----------------------------------------------------------------------------------
 
+// chat mode (models with a chat template): the turns so far, sent as `messages` with the new one
+const chatBox = $("chat"), historyList = $("history");
+let history = [];
+
+function chatting() { return !$("chat-field").hidden && chatBox.checked; }
+
+function drawHistory() {
+  historyList.replaceChildren(...history.map(({role, content}) => {
+    const li = document.createElement("li");
+    li.className = "turn " + role;
+    li.textContent = content;
+    return li;
+  }));
+  historyList.hidden = !chatting() || history.length === 0;
+}
+
 function readBody() {
   // -> [body, JSON text]; the seed goes as its digits (seeds reach 2^63, past a JS number's exact integers)
-  const body = {prompt: promptBox.value, stream: true, cache: $("cache").value};
+  const body = chatting()
+    ? {messages: [...history, {role: "user", content: promptBox.value}], stream: true, cache: $("cache").value}
+    : {prompt: promptBox.value, stream: true, cache: $("cache").value};
   for (const name of NUMBER_FIELDS) {
     const raw = $(name).value.trim();
     if (raw !== "" && name !== "seed") body[name] = Number(raw);
@@ -153,7 +171,12 @@ function onStep(ev) {
   textBox.textContent = ev.text;
 }
 
-function onDone(res, seed) {
+function onDone(res, seed, body) {
+  if (body.messages) {  // the turn is kept: the next message continues the conversation
+    history = [...body.messages, {role: "assistant", content: res.text}];
+    promptBox.value = "";
+    drawHistory();
+  }
   finalText = res.text;
   textBox.textContent = res.text;
   textBox.classList.add("final");
@@ -215,7 +238,7 @@ async function generate() {
       const payload = JSON.parse(data);
       if (event === "step") onStep(payload);
       else if (event === "done") {
-        onDone(payload, /"seed":\s*(\d+)/.exec(data)?.[1] ?? String(payload.seed));
+        onDone(payload, /"seed":\s*(\d+)/.exec(data)?.[1] ?? String(payload.seed), body);
         outcome = "done";
       }
       else if (event === "error") {
@@ -289,6 +312,10 @@ async function poll() {
     $("m-batch").textContent = s.mean_batch_size == null ? "–" : s.mean_batch_size.toFixed(2);
     $("m-steps").textContent = String(s.steps);
     if (s.auth) keyField.hidden = false;
+    if (s.chat && $("chat-field").hidden) {  // first sight of a chat model: start in chat mode
+      $("chat-field").hidden = false;
+      chatBox.checked = true;
+    }
     const max = s.context == null ? s.max_tokens_limit : Math.min(s.max_tokens_limit, s.context - 1);
     for (const name of ["max_tokens", "steps", "block_length"]) $(name).max = String(max);
   } catch {
@@ -312,4 +339,6 @@ promptBox.addEventListener("keydown", (e) => {
 document.addEventListener("keydown", (e) => { if (e.key === "Escape") stop(); });
 document.addEventListener("visibilitychange", () => { if (!document.hidden) pollSoon(0); });
 form.addEventListener("input", (e) => e.target.removeAttribute?.("aria-invalid"));
+chatBox.addEventListener("change", drawHistory);
+$("chat-clear").addEventListener("click", () => { history = []; drawHistory(); promptBox.focus(); });
 poll();
