@@ -3,7 +3,8 @@
 # PYTHONPATH), most informative first:
 #   1. a short generation with the default model on both kernel paths (TZD_KERNELS=torch|triton),
 #      plus the logits of one forward compared across the paths
-#   2. the sampler benchmark on CUDA (bench/sampler.py --device cuda): speed and quality per config
+#   2. the sampler benchmark on CUDA (bench/sampler.py --device cuda): speed and quality per config,
+#      then an LLaDA-8B-shaped model's speed and MFU (bench/family_speed.py)
 #   3. the kernel tests on CUDA, compiled (not interpreted): tests/test_kernels*.py (about 130 s on an H200,
 #      most of it compiling and autotuning)
 #   4. the serving benchmark against `python -m server --device cuda` (bench/serve.py)
@@ -129,6 +130,10 @@ PY
 SAMPLER_CONFIGS=llada,threshold=0.9,threshold=0.9+dual,threshold=0.9+prefix,steps/2,steps/4,threshold=0.7,threshold=0.5
 step sampler 170 "$PY" -m bench.sampler --device cuda --checkpoint "$CKPT" --configs "$SAMPLER_CONFIGS" \
     --out "$OUT/sampler_gpu.json" --png "$OUT/sampler_gpu.png"
+
+# an LLaDA-8B-shaped model (32 layers, random bf16 weights): tokens/s at batch 1 and 16, baseline and dual
+# cache, and the MFU of the baseline's forward (about 16 GB of weights, 4 GB of KV store at batch 16)
+step llada8b 150 "$PY" -m bench.family_speed --device cuda --out "$OUT/llada8b.json"
 
 step tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py tests/test_sampling_cuda.py \
     --junitxml "$OUT/tests.xml"
