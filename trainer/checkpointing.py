@@ -1,4 +1,9 @@
-"""A run's checkpoints: TZD's own directory (config.json, weights, tokenizer) plus the state to resume from."""
+"""A run's checkpoints: TZD's own directory (config.json, weights, tokenizer) plus the state to resume from.
+
+Weights and optimizer state are saved whole (unsharded, keyed by parameter name) whatever the strategy,
+through torch.distributed.checkpoint's get_state_dict/set_state_dict: FSDP shards are gathered to rank 0
+on save and re-cut for the current processes on load, so a run saved by N processes resumes on M.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from tzd.checkpoint import CheckpointError, read_config, save_checkpoint
 
@@ -40,17 +46,40 @@ def resolve_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
     return path
 
 
+def full_state(run: Run) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model, optimizer) state dicts, whole and on CPU, on rank 0 (others get empty ones). Every rank calls."""
+    return get_state_dict(run.model.module, run.optimizer.optimizer,
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def keyed_by_name(optimizer_state: dict[str, Any], model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name. Training states written before sharding are keyed
+    by position in `optimizer`'s groups (torch's own optimizer.state_dict()); they are renamed here."""
+    if not any(isinstance(p, int) for g in optimizer_state["param_groups"] for p in g["params"]):
+        return optimizer_state
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {names[i]: s for i, s in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                             for g in optimizer_state["param_groups"]]}
+
+
 def restore_state(run: Run, path: Path) -> None:
-    """Weights, optimizer, progress and RNG from `path`, so that the run goes on as if never stopped."""
-    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    run.model.load_state_dict(saved["model"])
-    run.optimizer.load_state_dict(saved["optimizer"])
+    """Weights, optimizer, progress and RNG from `path`, so that the run goes on as if never stopped.
+
+    Every process reads the file (memory-mapped: a process touches only the pages of its own shard).
+    """
+    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+    set_state_dict(run.model.module, run.optimizer.optimizer, model_state_dict=saved["model"],
+                   optim_state_dict=keyed_by_name(saved["optimizer"], run.model.module, run.optimizer.optimizer),
+                   options=StateDictOptions(full_state_dict=True))
     run.state.update(saved["progress"])
     torch.set_rng_state(saved["torch_rng"])
 
 
 def save_run(run: Run, name: str, metrics: dict[str, float]) -> Path:
-    """Write out_dir/<name> (rank 0 writes; every rank waits for it)."""
+    """Write out_dir/<name>: every rank gives its shards, rank 0 writes, every rank waits for it."""
     t, state, fabric = run.cfg.training, run.state, run.fabric
     meta = {
         "backend": run.model_cfg.backend,
@@ -62,14 +91,13 @@ def save_run(run: Run, name: str, metrics: dict[str, float]) -> Path:
             "validation": metrics, "config": OmegaConf.to_container(run.cfg),
         },
     }
-    extra: dict[str, Any] = {
-        STATE_FILE: {"model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
-                     "optimizer": run.optimizer.state_dict(), "progress": dict(state),
-                     "torch_rng": torch.get_rng_state()}}
     path = run.out_dir / name
     try:
+        weights, optimizer = full_state(run)
         if fabric.is_global_zero:
-            save_checkpoint(path, run.model, run.model_cfg, run.tok_path, meta,
+            extra = {STATE_FILE: {"model": weights, "optimizer": optimizer, "progress": dict(state),
+                                  "torch_rng": torch.get_rng_state()}}
+            save_checkpoint(path, weights, run.model_cfg, run.tok_path, meta,
                             weights_dtype=getattr(torch, str(t.save_dtype)), extra_files=extra)
     finally:
         fabric.barrier()  # also when rank 0 failed: the other ranks must not wait for it forever

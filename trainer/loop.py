@@ -18,8 +18,16 @@ from tqdm import tqdm
 
 from trainer.checkpointing import save_run
 from trainer.run import Run, setup_run
-from trainer.samples import NoRoomForSamples, SamplePlan, plan_samples, sample_prompts, write_samples
+from trainer.samples import (
+    NoRoomForSamples,
+    SamplePlan,
+    generate_samples,
+    plan_samples,
+    sample_prompts,
+    write_samples,
+)
 from trainer.side_tasks import SideTasks
+from trainer.strategy import is_sharded
 from tzd.diffusion import evaluate, training_loss
 
 __all__ = ["lr_at", "step_generator", "train", "train_step"]
@@ -40,7 +48,7 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean over the micro-batches, still on the device (read only when logged)
+    loss_sum: torch.Tensor  # over the micro-batches, still on the device (read only when logged)
     lr: float
     grad_norm: torch.Tensor | None
 
@@ -65,7 +73,7 @@ def train_step(run: Run) -> StepResult:
     optimizer.zero_grad(set_to_none=True)
     run.state["step"] += 1
     run.state["tokens_seen"] += run.tokens_per_step
-    return StepResult(loss_sum / t.grad_accum, lr, grad_norm)
+    return StepResult(loss_sum, lr, grad_norm)
 
 
 class Throughput:
@@ -92,7 +100,7 @@ def due(step: int, every: int, t: DictConfig) -> bool:
 
 
 def log_step(run: Run, result: StepResult, tok_s: float, bar: tqdm) -> None:
-    loss = float(result.loss)
+    loss = float(result.loss_sum) / run.cfg.training.grad_accum
     metrics = {"loss": loss, "lr": result.lr, "tokens_per_s": tok_s, "tokens_seen": run.state["tokens_seen"]}
     if result.grad_norm is not None:
         metrics["grad_norm"] = float(result.grad_norm)
@@ -122,10 +130,16 @@ def validate(run: Run, side: SideTasks, bar: tqdm) -> dict[str, float] | None:
 
 def log_validation(run: Run, metrics: dict[str, float], bar: tqdm) -> None:
     run.fabric.log_dict(metrics, step=run.state["step"])
-    bar.write(f"step {run.state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if run.fabric.is_global_zero:
+        bar.write(f"step {run.state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def sample(run: Run, plan: SamplePlan, bar: tqdm) -> None:
+    # Sharded, every forward is a collective: the other ranks run the same sampler for rank 0's samples (it
+    # fails alike on every rank, or a rank left alone would wait in the collective)
+    if not run.fabric.is_global_zero:
+        generate_samples(run.model, run.tokenizer, plan, run.state["step"])
+        return
     for row in write_samples(run.model, run.tokenizer, plan, run.state["step"], run.out_dir):
         bar.write(f"[sample T={row['temperature']}] {row['prompt']!r} -> {row['text']!r}")
 
@@ -155,6 +169,7 @@ def train(cfg: DictConfig) -> Path:
     t, fabric = cfg.training, run.fabric
     side = SideTasks(fabric.global_rank, fabric.world_size)
     plan = make_sample_plan(run)
+    sharded = is_sharded(fabric.strategy)  # every forward then needs every rank: all ranks sample
     stop_at = min(int(t.stop_at_step) if t.get("stop_at_step") else t.max_steps, t.max_steps)
     last_metrics: dict[str, float] = {}
     bar = tqdm(total=t.max_steps, initial=run.state["step"], disable=not fabric.is_global_zero, dynamic_ncols=True)
@@ -171,7 +186,7 @@ def train(cfg: DictConfig) -> Path:
         t_side = time.perf_counter()
         if due(step, t.eval_every, t):
             last_metrics = validate(run, side, bar) or last_metrics
-        if plan is not None and fabric.is_global_zero and due(step, t.sample_every, t):
+        if plan is not None and (fabric.is_global_zero or sharded) and due(step, t.sample_every, t):
             side.run("samples", step, sample, run, plan, bar)
         if side.failed:
             run.model.train()  # a side task that raised half-way may have left the model in eval mode

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpointing import resolve_resume, restore_state
 from trainer.data import Corpus, TokenWindows, encode_documents, load_corpus
+from trainer.strategy import make_strategy
 from tzd.checkpoint import CheckpointError
 from tzd.models import ModelConfig, build_model, count_params
 from tzd.tokenizer import Tokenizer, train_tokenizer
@@ -91,8 +92,8 @@ def launch_fabric(cfg: DictConfig, out_dir: Path, precision: str) -> L.Fabric:
     t = cfg.training
     for name in ("lightning.fabric", "lightning.pytorch.utilities.rank_zero"):  # Lightning's info lines
         logging.getLogger(name).setLevel(logging.WARNING)  # (our summary line says the precision)
-    fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                      precision=precision, loggers=make_loggers(cfg, out_dir))
+    fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                      strategy=make_strategy(t), precision=precision, loggers=make_loggers(cfg, out_dir))
     fabric.launch()
     return fabric
 
@@ -133,13 +134,15 @@ def setup_run(cfg: DictConfig) -> Run:
     fabric.seed_everything(int(t.seed), verbose=False)  # the same initial weights on every run and rank
     with fabric.init_module():
         model = build_model(model_cfg)
-    optimizer = make_optimizer(model, t)
-    model, optimizer = fabric.setup(model, optimizer)
+    n_params = count_params(model)  # on the plain module, before any wrapping or sharding
+    # the optimizer after the model is set up: sharding (FSDP) replaces the parameters it must hold
+    model = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(make_optimizer(model, t))
     run = Run(cfg=cfg, out_dir=out_dir, fabric=fabric, precision=precision, corpus=corpus, tok_path=tok_path,
               tokenizer=tokenizer, model_cfg=model_cfg, train_windows=train_windows,
               val_batches=val_windows.grid(t.batch_size, t.eval_batches),
               chars_per_token=val_chars / len(val_windows.tokens), model=model, optimizer=optimizer,
-              n_params=count_params(model),
+              n_params=n_params,
               state={"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "best_val": float("inf")})
     if resume_from is not None:
         restore_state(run, resume_from)
