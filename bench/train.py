@@ -19,7 +19,8 @@ import torch
 
 from trainer.config import load_config
 from trainer.data import TokenWindows, encode_documents, load_corpus
-from trainer.loop import lr_at, make_optimizer, resolve_precision, step_generator, train
+from trainer.loop import lr_at, step_generator, train
+from trainer.run import make_optimizer, resolve_precision
 from tzd.diffusion import training_loss
 from tzd.models import ModelConfig, build_model
 from tzd.tokenizer import Tokenizer, train_tokenizer

@@ -84,6 +84,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     (["tokenizer.vocab_size=100"], "tokenizer.vocab_size=100"),
     (["tokenizer.vocab_size=300"], "tokenizer.vocab_size=300"),  # SentencePiece: fewer pieces than characters
     (["model=nope"], "model"),
+    (["training.strategy=fsdp", "training.devices=auto"], "training.devices=auto"),
 ])
 def test_bad_config_is_one_line_error(overrides: list[str], needle: str, tmp_path: Path) -> None:
     proc = run_trainer(*overrides, "training.max_steps=1", f"out_dir={tmp_path / 'x'}", check=False)

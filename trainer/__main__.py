@@ -1,4 +1,8 @@
-"""Entry point: `python -m trainer [group=option ...] [key=value ...]` (Hydra-style overrides)."""
+"""Entry point: `python -m trainer [group=option ...] [key=value ...]` (Hydra-style overrides).
+
+Exit status: 0 trained and saved; 2 bad config, data or checkpoint (one `error:` line); 3 trained and
+saved, but a side task (validation, samples, logging) failed on the way (the `error:` line names each).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,14 @@ import sys
 
 from omegaconf import OmegaConf
 
+EXIT_BAD_INPUT = 2
+EXIT_SIDE_TASK_FAILED = 3
+
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError
+    from trainer.side_tasks import SideTaskError
     from tzd.checkpoint import CheckpointError
 
     args = sys.argv[1:] if argv is None else argv
@@ -22,9 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.loop import train
 
         last = train(cfg)
+    except SideTaskError as e:
+        print(f"checkpoint: {e.checkpoint}")
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SIDE_TASK_FAILED
     except (ConfigError, DataError, CheckpointError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(f"checkpoint: {last}")
     return 0
 

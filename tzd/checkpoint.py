@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,12 +49,13 @@ class Loaded:
         return next(self.model.parameters()).device
 
 
-def save_checkpoint(out_dir: str | Path, model: nn.Module, model_config: ModelConfig,
+def save_checkpoint(out_dir: str | Path, model: nn.Module | Mapping[str, torch.Tensor], model_config: ModelConfig,
                     tokenizer_path: str | Path, metadata: dict[str, Any] | None = None,
                     weights_dtype: torch.dtype | None = None, extra_files: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint directory atomically: build it under a temporary name, then rename into place.
 
-    `extra_files` maps a file name to an object saved with torch.save beside the weights (resume state).
+    `model` is the module or its full state dict (what a sharded trainer gathers). `extra_files` maps a
+    file name to an object saved with torch.save beside the weights (resume state).
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, model_config: ModelCo
     tmp.mkdir()
     try:
         state = {k: v.detach().to("cpu", weights_dtype or v.dtype).contiguous()
-                 for k, v in model.state_dict().items()}
+                 for k, v in (model.state_dict() if isinstance(model, nn.Module) else model).items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         config = {

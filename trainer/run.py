@@ -1,0 +1,153 @@
+"""What a training run sets up before its first step: devices, tokenizer, data, model, optimizer, resumed state."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.checkpointing import resolve_resume, restore_state
+from trainer.data import Corpus, TokenWindows, encode_documents, load_corpus
+from trainer.strategy import make_strategy
+from tzd.checkpoint import CheckpointError
+from tzd.models import ModelConfig, build_model, count_params
+from tzd.tokenizer import Tokenizer, train_tokenizer
+
+
+@dataclass
+class Run:
+    """Everything the steps, side tasks and saves of one run share."""
+
+    cfg: DictConfig
+    out_dir: Path
+    fabric: L.Fabric
+    precision: str
+    corpus: Corpus
+    tok_path: Path
+    tokenizer: Tokenizer
+    model_cfg: ModelConfig
+    train_windows: TokenWindows
+    val_batches: list[torch.Tensor]
+    chars_per_token: float  # of the validation split: turns nats/token into nats/char
+    model: torch.nn.Module  # as set up by Fabric
+    optimizer: torch.optim.Optimizer
+    n_params: int
+    state: dict[str, Any]  # progress (step, tokens_seen, wall_time_s, best_val): saved and resumed
+
+    @property
+    def main_metric(self) -> str:
+        return "val_nll" if self.model_cfg.causal else "val_nelbo"
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.training
+        return t.batch_size * t.grad_accum * self.model_cfg.block_size * self.fabric.world_size
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    on_cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def make_optimizer(model: torch.nn.Module, t: DictConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def make_loggers(cfg: DictConfig, out_dir: Path) -> list[Any]:
+    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+    kind = cfg.training.logger
+    if kind == "csv":
+        return [CSVLogger(root_dir=str(out_dir), name="logs")]  # logs/version_N: one per (resumed) run
+    if kind == "tensorboard":
+        return [TensorBoardLogger(root_dir=str(out_dir), name="logs")]
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        return [WandbLogger(save_dir=str(out_dir), project="tzd")]
+    raise ValueError(f"training.logger={kind!r}: must be csv, tensorboard or wandb")
+
+
+def launch_fabric(cfg: DictConfig, out_dir: Path, precision: str) -> L.Fabric:
+    t = cfg.training
+    for name in ("lightning.fabric", "lightning.pytorch.utilities.rank_zero"):  # Lightning's info lines
+        logging.getLogger(name).setLevel(logging.WARNING)  # (our summary line says the precision)
+    fabric = L.Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                      strategy=make_strategy(t), precision=precision, loggers=make_loggers(cfg, out_dir))
+    fabric.launch()
+    return fabric
+
+
+def load_tokenizer(cfg: DictConfig, corpus: Corpus, out_dir: Path, resume_from: Path | None,
+                   fabric: L.Fabric) -> tuple[Path, Tokenizer]:
+    """The resumed tokenizer, a given one, or one trained on the training split by rank 0."""
+    tok_path = out_dir / "tokenizer.model"
+    if resume_from is not None:
+        tok_path = resume_from / "tokenizer.model"
+    elif cfg.tokenizer.path:
+        tok_path = Path(str(cfg.tokenizer.path))
+        if not tok_path.is_file():
+            raise CheckpointError(f"tokenizer.path={tok_path}: no such file")
+    elif fabric.is_global_zero:
+        train_tokenizer(corpus.train, int(cfg.tokenizer.vocab_size), tok_path)
+    fabric.barrier()
+    return tok_path, Tokenizer(tok_path)
+
+
+def setup_run(cfg: DictConfig) -> Run:
+    """Launch the processes, then build (or resume) everything the first step needs."""
+    t = cfg.training
+    out_dir = Path(cfg.out_dir)
+    resume_from = resolve_resume(cfg, out_dir)
+    corpus = load_corpus(cfg.data)
+    if t.num_threads:
+        torch.set_num_threads(int(t.num_threads))
+    precision = resolve_precision(str(t.precision), str(t.accelerator))
+    fabric = launch_fabric(cfg, out_dir, precision)
+    tok_path, tokenizer = load_tokenizer(cfg, corpus, out_dir, resume_from, fabric)
+
+    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model), vocab_size=tokenizer.vocab_size)
+    train_windows = TokenWindows(encode_documents(tokenizer, corpus.train), model_cfg.block_size, "train")
+    val_windows = TokenWindows(encode_documents(tokenizer, corpus.val), model_cfg.block_size, "validation")
+    val_chars = sum(len(d) for d in corpus.val) + len(corpus.val)  # +1 per document for its EOS
+
+    fabric.seed_everything(int(t.seed), verbose=False)  # the same initial weights on every run and rank
+    with fabric.init_module():
+        model = build_model(model_cfg)
+    n_params = count_params(model)  # on the plain module, before any wrapping or sharding
+    # the optimizer after the model is set up: sharding (FSDP) replaces the parameters it must hold
+    model = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(make_optimizer(model, t))
+    run = Run(cfg=cfg, out_dir=out_dir, fabric=fabric, precision=precision, corpus=corpus, tok_path=tok_path,
+              tokenizer=tokenizer, model_cfg=model_cfg, train_windows=train_windows,
+              val_batches=val_windows.grid(t.batch_size, t.eval_batches),
+              chars_per_token=val_chars / len(val_windows.tokens), model=model, optimizer=optimizer,
+              n_params=n_params,
+              state={"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "best_val": float("inf")})
+    if resume_from is not None:
+        restore_state(run, resume_from)
+        fabric.print(f"resumed from {resume_from} at step {run.state['step']}")
+    fabric.print(f"{model_cfg.backend} model: {run.n_params / 1e6:.2f}M params, causal={model_cfg.causal}, "
+                 f"{fabric.world_size} process(es), precision {precision}; {corpus.description}; "
+                 f"{len(train_windows.tokens):,} train tokens, {len(val_windows.tokens):,} val tokens")
+    return run
