@@ -120,15 +120,19 @@ class GenerateRequest(SamplingParams):
     """POST /generate: a prompt (text or token ids) or chat `messages` (rendered by the model's chat
     template), the SamplingParams fields, and whether to stream."""
 
-    prompt: str | list[TokenId] | None = None
-    messages: Messages | None = None
+    messages: Messages | None = None  # before prompt: prompt's check below sees it
+    prompt: str | list[TokenId] | None = Field(None, validate_default=True)
     stream: bool = False
 
-    @model_validator(mode="after")
-    def _prompt_or_messages(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_or_messages(cls, v: object, info: ValidationInfo) -> object:
+        has_messages = info.data.get("messages") is not None
+        if v is None and not has_messages:
+            raise ValueError("Field required (a prompt, or chat messages)")
+        if v is not None and has_messages:
             raise ValueError("give exactly one of prompt and messages")
-        return self
+        return v
 
     def sampling_params(self) -> SamplingParams:
         return sampling_fields(self)
