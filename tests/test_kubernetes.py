@@ -164,3 +164,12 @@ def test_the_training_job_writes_into_the_servers_volume_with_valid_overrides(
     assert {m["mountPath"] for m in c["volumeMounts"] if m["name"] == "models"} == {"/models"}
     cfg = load_config(c["args"])  # the trainer's own parser: a bad override fails here, not in the cluster
     assert str(cfg.out_dir).startswith("/models/") and cfg.training.resume == "auto"
+
+
+def test_the_prometheus_adapter_rule_serves_the_hpas_metric(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    values = yaml.safe_load((KUBE / "prometheus-adapter-values.yaml").read_text())
+    [rule] = values["rules"]["custom"]
+    hpa = one(rendered["base"], "HorizontalPodAutoscaler")
+    [metric] = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
+    assert rule["name"]["as"] == metric and rule["seriesQuery"].startswith(metric + "{")
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}  # a pods metric, as the HPA asks
