@@ -7,7 +7,8 @@ Uses the SDK (AsyncTZDClient, with its retries on 503 and refused connections) a
 1. resilience: --requests requests (every second one streamed) at --concurrency through the LB while the
    second replica is stopped with SIGTERM (`docker stop`: it drains) in the middle and started again.
    Checks: no request fails at the client (SDK retries are counted, not failures); both replicas served
-   requests (their own tzd_requests_total); the replica exited 0 and became healthy again; every stream
+   requests (their own tzd_requests_total); the draining replica left the LB's rotation within 5 s of
+   SIGTERM, exited 0, became healthy again and rejoined the rotation (LB retries reported); every stream
    arrived step by step through the proxy (the span from its first step event to its `done` event is at
    least half the span the server measured between its first step and its end; a buffering proxy
    delivers them all at once).
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import dataclasses
+import io
 import json
 import re
 import subprocess
@@ -67,6 +70,7 @@ class Record:
     step_times: list[float] = dataclasses.field(default_factory=list)  # arrival of each step event
     server_total: float | None = None  # the server's own timings (from acceptance)
     server_first_step: float | None = None
+    server_steps: int = 0  # the steps the server says it took (a stream has one event per step)
 
     @property
     def latency(self) -> float:
@@ -89,6 +93,7 @@ async def one(client: AsyncTZDClient, i: int, streamed: bool, params: dict) -> R
             done = await client.generate(prompt, **params)
         rec.tokens = len(done.tokens)
         rec.server_total, rec.server_first_step = done.timings.total, done.timings.first_step
+        rec.server_steps = done.steps
     except Exception as e:  # noqa: BLE001 - every failure is recorded and fails the check
         rec.error = f"{type(e).__name__}: {e}"
     rec.end = time.perf_counter()
@@ -149,6 +154,30 @@ def requests_total(cid: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(r"^tzd_requests_total\{[^}]*\} (\S+)$", text, re.M))
 
 
+def lb_stats(stats_url: str) -> dict[str, dict[str, str]]:
+    """The LB's rows for the replicas backend, by server name (HAProxy's stats CSV: status, addr, wretr...)."""
+    text = urllib.request.urlopen(stats_url + "/stats;csv", timeout=5).read().decode().lstrip("# ")
+    return {r["svname"]: r for r in csv.DictReader(io.StringIO(text)) if r["pxname"] == "replicas"}
+
+
+def in_rotation(stats_url: str, ip: str) -> bool:
+    return any(r["addr"].startswith(ip + ":") and r["status"].startswith("UP") for r in lb_stats(stats_url).values())
+
+
+async def wait_rotation(stats_url: str, ip: str, want: bool, timeout: float = 120) -> float:
+    """Seconds until the replica at `ip` is (want=True) or is no longer (want=False) UP in the LB."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if in_rotation(stats_url, ip) == want:
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{ip} {'never came back into' if want else 'never left'} the LB's rotation")
+
+
+def container_ip(cid: str) -> str:
+    return docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", cid).split()[0]
+
+
 async def wait_healthy(cid: str, timeout: float = 240) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
@@ -204,9 +233,11 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
     async def stop_and_start() -> None:
         await started.wait()
         chaos["b_requests_before_sigterm"] = requests_total(cid_b)
+        ip = container_ip(cid_b)
         events["sigterm"] = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(*DOCKER, "stop", cid_b,  # its stop_grace_period
                                                     stdout=subprocess.DEVNULL)
+        chaos["left_rotation_after_sigterm_s"] = round(await wait_rotation(args.lb_stats, ip, want=False), 2)
         await proc.wait()
         events["exited"] = time.perf_counter()
         chaos["exit_code"] = int(docker("inspect", "-f", "{{.State.ExitCode}}", cid_b))
@@ -214,10 +245,16 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
         events["started"] = time.perf_counter()
         await wait_healthy(cid_b)
         events["healthy"] = time.perf_counter()
+        chaos["back_in_rotation_after_healthy_s"] = round(
+            await wait_rotation(args.lb_stats, container_ip(cid_b), want=True), 2)
 
+    lb_before = lb_stats(args.lb_stats)
     task = asyncio.create_task(stop_and_start())
     records, wall = await load(args.lb, args.api_key, args.requests, args.concurrency, params, progress)
     await task
+    lb_after = lb_stats(args.lb_stats)
+    for key, field in (("lb_retries", "wretr"), ("lb_redispatches", "wredis")):
+        chaos[key] = int(lb_after["BACKEND"][field] or 0) - int(lb_before["BACKEND"][field] or 0)
     chaos.update(a_requests=requests_total(cid_a), b_requests_after_restart=requests_total(cid_b),
                  drain_s=round(events["exited"] - events["sigterm"], 2),
                  restart_to_healthy_s=round(events["healthy"] - events["started"], 2),
@@ -226,6 +263,8 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
     failed = [r for r in records if r.error]
     if failed:
         problems.append(f"{len(failed)} of {len(records)} requests failed at the client, e.g. {failed[0].error}")
+    if chaos["left_rotation_after_sigterm_s"] > 5:
+        problems.append(f"the draining replica stayed in the LB's rotation {chaos['left_rotation_after_sigterm_s']} s")
     if chaos["exit_code"] != 0:
         problems.append(f"the stopped replica exited {chaos['exit_code']}, not 0")
     if not chaos["a_requests"] > 0 or not chaos["b_requests_before_sigterm"] > 0:
@@ -234,9 +273,10 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
     bursty = [r for r in streams if not stepwise(r)]
     if not streams or bursty:
         problems.append(f"{len(bursty)} of {len(streams)} streams did not arrive step by step")
-    wrong_count = [r for r in streams if len(r.step_times) != params["steps"]]
+    wrong_count = [r for r in streams if len(r.step_times) != r.server_steps]
     if wrong_count:
-        problems.append(f"{len(wrong_count)} streams had not {params['steps']} step events")
+        r = wrong_count[0]
+        problems.append(f"{len(wrong_count)} streams lost step events, e.g. {len(r.step_times)} of {r.server_steps}")
 
     def phase(r: Record) -> str:
         if r.start < events["sigterm"]:
@@ -292,7 +332,7 @@ async def measure(args: argparse.Namespace, params: dict) -> dict:
     out.update(await health_rtt(paths, 100))
     # throughput at the same concurrency: one replica direct, then both through the LB (one after the other)
     for name, url in (("direct_one_replica", direct), ("lb_two_replicas", args.lb)):
-        recs, wall = await load(url, args.api_key, n, c, params)
+        recs, wall = await load(url, args.api_key, 2 * n, c, params)
         out[name] = summary(recs, wall)
     d, v = out["mixed"]["direct"], out["mixed"]["via_lb"]
     out["proxy"] = {
@@ -316,7 +356,9 @@ async def main_async(args: argparse.Namespace) -> int:
         s, c = res["summary"], res["chaos"]
         print(f"ok - {s['requests']} requests ({args.requests // 2} streamed) at concurrency {args.concurrency} "
               f"through the LB, one replica stopped (drain {c['drain_s']} s, exit 0) and started again "
-              f"(healthy after {c['restart_to_healthy_s']} s): 0 failed, {c['sdk_retries']} SDK retries; "
+              f"(healthy after {c['restart_to_healthy_s']} s): 0 failed, {c['sdk_retries']} SDK retries, "
+              f"{c['lb_retries']} LB retries ({c['lb_redispatches']} to another replica); the draining replica left "
+              f"the rotation {c['left_rotation_after_sigterm_s']} s after SIGTERM; "
               f"replica requests A {c['a_requests']:.0f}, B {c['b_requests_before_sigterm']:.0f} before SIGTERM "
               f"and {c['b_requests_after_restart']:.0f} after the restart; all {res['streams']['count']} "
               f"streams step by step")
@@ -334,6 +376,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lb", required=True, help="the LB's published URL (both replicas behind it)")
     p.add_argument("--lb-one", required=True, help="a second LB whose only backend is the first replica")
+    p.add_argument("--lb-stats", required=True, help="the LB's stats port (for /stats;csv)")
     p.add_argument("--replica", action="append", required=True, help="container id (twice: A, then B)")
     p.add_argument("--api-key")
     p.add_argument("--requests", type=int, default=200)

@@ -631,7 +631,7 @@ EOF
     fi
     lb_one=$("$DOCKER" port "$("${COMPOSE_SCALE[@]}" ps -q lb-one)" 8080/tcp | head -n 1)
     t=$EPOCHREALTIME
-    if python3 docker/scale_test.py --docker "$DOCKER" --lb "http://$TZD_PUBLISH" --lb-one "http://$lb_one" \
+    if python3 docker/scale_test.py --docker "$DOCKER" --lb "http://$TZD_PUBLISH" --lb-one "http://$lb_one" --lb-stats "http://$TZD_LB_STATS_PUBLISH" \
         --replica "${REPLICAS[0]}" --replica "${REPLICAS[1]}" --api-key "$API_KEY" --out "$WORK/scale.json"; then
         pass "scale-out through the LB: zero failed requests while a replica drained and restarted, both replicas served, streams step by step"
     else
