@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import csv
 import dataclasses
 import io
@@ -205,7 +206,32 @@ def summary(records: list[Record], wall: float) -> dict:
             "tokens_per_s": round(sum(r.tokens for r in records) / wall, 1),
             "latency_p50_s": round(pct(lat, 50), 4), "latency_p90_s": round(pct(lat, 90), 4),
             "latency_max_s": round(max(lat, default=float("nan")), 4),
-            "step_gap_p50_ms": round(1000 * pct(gaps, 50), 2), "step_gap_p90_ms": round(1000 * pct(gaps, 90), 2)}
+            "step_gap_p50_ms": round(1000 * pct(gaps, 50), 2), "step_gap_p90_ms": round(1000 * pct(gaps, 90), 2),
+            # the client's latency less the server's own (from acceptance to the answer): connecting, the
+            # proxy, the transport and the client's parsing; the batch the request ran in cancels out
+            "outside_server_p50_ms": round(1000 * pct([r.latency - r.server_total for r in records
+                                                       if r.server_total is not None], 50), 2)}
+
+
+def event_delays(via: list[Record], direct: list[Record]) -> list[float]:
+    """For each step event through the proxy, its arrival less the nearest arrival of a direct stream's event.
+
+    Both halves ran in the same batches, and the engine hands every request of a step its event at the same
+    moment, so this is how much later the proxy delivered that step (events farther apart than half a step
+    belong to different steps and are left out).
+    """
+    ref = sorted(t for r in direct for t in r.step_times)
+    gaps = [b - a for r in direct for a, b in zip(r.step_times, r.step_times[1:], strict=False)]
+    if not ref or not gaps:
+        return []
+    window = 0.5 * pct(gaps, 50)
+    out = []
+    for t in (t for r in via for t in r.step_times):
+        i = bisect.bisect_left(ref, t)
+        near = min((ref[j] for j in (i - 1, i) if 0 <= j < len(ref)), key=lambda x: abs(x - t))
+        if abs(t - near) < window:
+            out.append(t - near)
+    return out
 
 
 def stepwise(r: Record) -> bool:
@@ -329,6 +355,7 @@ async def measure(args: argparse.Namespace, params: dict) -> dict:
             mixed[name] += recs
     wall = time.perf_counter() - t0
     out: dict = {"mixed": {name: summary(recs, wall) for name, recs in mixed.items()}}
+    delays = event_delays(mixed["via_lb"], mixed["direct"])
     out.update(await health_rtt(paths, 100))
     # throughput at the same concurrency: one replica direct, then both through the LB (one after the other)
     for name, url in (("direct_one_replica", direct), ("lb_two_replicas", args.lb)):
@@ -341,6 +368,12 @@ async def measure(args: argparse.Namespace, params: dict) -> dict:
         "target_pct": 5.0,
         "step_gap_p90_direct_ms": d["step_gap_p90_ms"], "step_gap_p90_via_lb_ms": v["step_gap_p90_ms"],
         "step_gap_p90_added_ms": round(v["step_gap_p90_ms"] - d["step_gap_p90_ms"], 2), "target_ms": 5.0,
+        "outside_server_p50_direct_ms": d["outside_server_p50_ms"], "outside_server_p50_via_lb_ms": v["outside_server_p50_ms"],
+        "proxy_added_p50_ms": round(v["outside_server_p50_ms"] - d["outside_server_p50_ms"], 2),
+        "proxy_added_pct_of_p50": round(100 * (v["outside_server_p50_ms"] - d["outside_server_p50_ms"])
+                                        / (1000 * d["latency_p50_s"]), 3),
+        "step_event_delay_via_lb_p50_ms": round(1000 * pct(delays, 50), 2),
+        "step_event_delay_via_lb_p90_ms": round(1000 * pct(delays, 90), 2), "step_events_paired": len(delays),
         "health_rtt_added_ms": round(out["health_rtt_p50_via_lb_ms"] - out["health_rtt_p50_direct_ms"], 3),
         "throughput_direct_req_s": out["direct_one_replica"]["req_per_s"],
         "throughput_lb_both_req_s": out["lb_two_replicas"]["req_per_s"]}
@@ -383,7 +416,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=16, help="also the steps: one token a step")
     p.add_argument("--measure-requests", type=int, default=32, help="per measurement round (0: no measuring)")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out")
     p.add_argument("--docker", default="docker", help="the docker CLI (DOCKER_HOST from the environment)")
     args = p.parse_args()

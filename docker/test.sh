@@ -646,7 +646,10 @@ if m:
     print(f"  proxy at c16 (half direct, half through an LB to the same replica, at once): p50 {m['latency_p50_direct_s']:.3f} s direct, {m['latency_p50_via_lb_s']:.3f} s via "
           f"the LB ({m['latency_p50_overhead_pct']:+.1f}%, target <= {m['target_pct']}%); step gap p90 "
           f"{m['step_gap_p90_direct_ms']:.1f} ms direct, {m['step_gap_p90_via_lb_ms']:.1f} ms via the LB "
-          f"({m['step_gap_p90_added_ms']:+.1f} ms, target <= {m['target_ms']} ms); GET /health {m['health_rtt_added_ms']:+.2f} ms; "
+          f"({m['step_gap_p90_added_ms']:+.1f} ms, target <= {m['target_ms']} ms); per request outside the server "
+          f"{m['proxy_added_p50_ms']:+.2f} ms p50 ({m['proxy_added_pct_of_p50']:+.3f}% of p50); each step event "
+          f"{m['step_event_delay_via_lb_p50_ms']:+.2f} ms p50, {m['step_event_delay_via_lb_p90_ms']:+.2f} ms p90 later; "
+          f"GET /health {m['health_rtt_added_ms']:+.2f} ms; "
           f"throughput {m['throughput_direct_req_s']} req/s "
           f"one replica direct, {m['throughput_lb_both_req_s']} req/s two replicas through the LB")
 EOF
