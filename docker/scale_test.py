@@ -14,7 +14,8 @@ Uses the SDK (AsyncTZDClient, with its retries on 503 and refused connections) a
    delivers them all at once).
 2. measurement (printed and written to --out, never asserted: this machine's cores are shared): the first
    replica at --concurrency, half of the requests direct (its published port) and half at the same time
-   through a second LB whose only backend is that replica (--lb-one): the proxy's cost on p50 latency and on
+   through a second LB whose only backend is that replica (--lb-one), each half from its own client
+   process: the proxy's cost on p50 latency and on
    the per-step cadence of streams (gaps between step events, p90), and on a GET /health round trip; then
    both replicas through the LB against the replica direct, one after the other (throughput; on a 2-core
    machine the replicas share the cores, so this shows the proxy's cost, not a speed-up).
@@ -30,6 +31,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +48,11 @@ from clients.client import Completion, StepEvent  # noqa: E402
 from clients.errors import APIError  # noqa: E402
 
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nWe are", "KING HENRY:\nOnce more", "HAMLET:\nTo be"]
+
+
+def now() -> float:
+    """CLOCK_MONOTONIC: system-wide on Linux, so the two client processes of a measurement share it."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
 class CountingRetry(RetryPolicy):
@@ -79,14 +86,14 @@ class Record:
 
 
 async def one(client: AsyncTZDClient, i: int, streamed: bool, params: dict) -> Record:
-    rec = Record(i, streamed, time.perf_counter())
+    rec = Record(i, streamed, now())
     prompt = PROMPTS[i % len(PROMPTS)]
     try:
         if streamed:
             done: Completion | None = None
             async for ev in client.stream(prompt, **params):
                 if isinstance(ev, StepEvent):
-                    rec.step_times.append(time.perf_counter())
+                    rec.step_times.append(now())
                 else:
                     done = ev
             assert done is not None
@@ -97,7 +104,7 @@ async def one(client: AsyncTZDClient, i: int, streamed: bool, params: dict) -> R
         rec.server_steps = done.steps
     except Exception as e:  # noqa: BLE001 - every failure is recorded and fails the check
         rec.error = f"{type(e).__name__}: {e}"
-    rec.end = time.perf_counter()
+    rec.end = now()
     return rec
 
 
@@ -119,9 +126,43 @@ async def load(url: str, api_key: str | None, n: int, concurrency: int, params: 
                 if on_progress is not None:
                     on_progress(len(records))
 
-        t0 = time.perf_counter()
+        t0 = now()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return sorted(records, key=lambda r: r.index), time.perf_counter() - t0
+        return sorted(records, key=lambda r: r.index), now() - t0
+
+
+async def load_in_process(url: str, api_key: str | None, n: int, concurrency: int, params: dict,
+                          start: float) -> list[Record]:
+    """load() in a child process (this file with --worker), from the moment `start` on."""
+    cmd = [sys.executable, __file__, "--worker", url, "--worker-requests", str(n), "--concurrency", str(concurrency),
+           "--max-tokens", str(params["max_tokens"]), "--start", repr(start)]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE,
+                                                env={**os.environ, "TZD_API_KEY": api_key or ""})
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the measuring client for {url} exited {proc.returncode}")
+    return [Record(**json.loads(line)) for line in out.decode().splitlines() if line.strip()]
+
+
+def worker_main(argv: list[str]) -> int:
+    """--worker URL: load() from --start on, one JSON Record a line on stdout (a half of measure())."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True)
+    p.add_argument("--worker-requests", type=int, required=True)
+    p.add_argument("--concurrency", type=int, required=True)
+    p.add_argument("--max-tokens", type=int, required=True)
+    p.add_argument("--start", type=float, required=True)
+    args = p.parse_args(argv)
+    params = {"max_tokens": args.max_tokens, "steps": args.max_tokens, "seed": 1}
+
+    async def run() -> list[Record]:
+        await asyncio.sleep(max(0.0, args.start - now()))
+        key = os.environ.get("TZD_API_KEY") or None
+        return (await load(args.worker, key, args.worker_requests, args.concurrency, params))[0]
+
+    for rec in asyncio.run(run()):
+        print(json.dumps(dataclasses.asdict(rec)))
+    return 0
 
 
 # ---- docker and the replicas' own endpoints -----------------------------------------------------------
@@ -167,10 +208,10 @@ def in_rotation(stats_url: str, ip: str) -> bool:
 
 async def wait_rotation(stats_url: str, ip: str, want: bool, timeout: float = 120) -> float:
     """Seconds until the replica at `ip` is (want=True) or is no longer (want=False) UP in the LB."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
+    t0 = now()
+    while now() - t0 < timeout:
         if in_rotation(stats_url, ip) == want:
-            return time.perf_counter() - t0
+            return now() - t0
         await asyncio.sleep(0.1)
     raise TimeoutError(f"{ip} {'never came back into' if want else 'never left'} the LB's rotation")
 
@@ -180,11 +221,11 @@ def container_ip(cid: str) -> str:
 
 
 async def wait_healthy(cid: str, timeout: float = 240) -> float:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
+    t0 = now()
+    while now() - t0 < timeout:
         try:
             if http_get(replica_url(cid) + "/health")[0] == 200:
-                return time.perf_counter() - t0
+                return now() - t0
         except subprocess.CalledProcessError:
             pass  # not published yet
         await asyncio.sleep(0.2)
@@ -260,17 +301,17 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
         await started.wait()
         chaos["b_requests_before_sigterm"] = requests_total(cid_b)
         ip = container_ip(cid_b)
-        events["sigterm"] = time.perf_counter()
+        events["sigterm"] = now()
         proc = await asyncio.create_subprocess_exec(*DOCKER, "stop", cid_b,  # its stop_grace_period
                                                     stdout=subprocess.DEVNULL)
         chaos["left_rotation_after_sigterm_s"] = round(await wait_rotation(args.lb_stats, ip, want=False), 2)
         await proc.wait()
-        events["exited"] = time.perf_counter()
+        events["exited"] = now()
         chaos["exit_code"] = int(docker("inspect", "-f", "{{.State.ExitCode}}", cid_b))
         docker("start", cid_b)
-        events["started"] = time.perf_counter()
+        events["started"] = now()
         await wait_healthy(cid_b)
-        events["healthy"] = time.perf_counter()
+        events["healthy"] = now()
         chaos["back_in_rotation_after_healthy_s"] = round(
             await wait_rotation(args.lb_stats, container_ip(cid_b), want=True), 2)
 
@@ -331,9 +372,9 @@ async def health_rtt(urls: dict[str, str], pairs: int) -> dict[str, float]:
     try:
         for _ in range(pairs):
             for name, c in clients.items():
-                t0 = time.perf_counter()
+                t0 = now()
                 (await c.get("/health")).raise_for_status()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(now() - t0)
     finally:
         for c in clients.values():
             await c.aclose()
@@ -348,12 +389,16 @@ async def measure(args: argparse.Namespace, params: dict) -> dict:
     paths = {"direct": direct, "via_lb": args.lb_one}
     await asyncio.gather(*(load(url, args.api_key, c // 2, c // 2, params) for url in paths.values()))  # warm
     mixed: dict[str, list[Record]] = {name: [] for name in paths}
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in range(args.rounds):
-        results = await asyncio.gather(*(load(url, args.api_key, n // 2, c // 2, params) for url in paths.values()))
-        for name, (recs, _wall) in zip(paths, results, strict=True):
+        # one client process per half: in one event loop the half whose events arrive a little later would
+        # also wait behind the other half's parsing, and that would be charged to the proxy
+        start = now() + 3.0  # both processes begin together, after their imports
+        results = await asyncio.gather(*(load_in_process(url, args.api_key, n // 2, c // 2, params, start)
+                                         for url in paths.values()))
+        for name, recs in zip(paths, results, strict=True):
             mixed[name] += recs
-    wall = time.perf_counter() - t0
+    wall = now() - t0
     out: dict = {"mixed": {name: summary(recs, wall) for name, recs in mixed.items()}}
     delays = event_delays(mixed["via_lb"], mixed["direct"])
     out.update(await health_rtt(paths, 100))
@@ -407,6 +452,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    if "--worker" in sys.argv:
+        return worker_main(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lb", required=True, help="the LB's published URL (both replicas behind it)")
     p.add_argument("--lb-one", required=True, help="a second LB whose only backend is the first replica")
