@@ -86,8 +86,13 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
+    """GET /health and GET /live: the replica's state, and the load a router or an autoscaler reads."""
+
     status: Literal["ok", "loading", "draining", "dead", "failed"]
     model: str | None = None
+    running: int = 0  # requests in the running batch
+    waiting: int = 0  # requests queued for a slot (tzd_requests_waiting)
+    max_batch_size: int | None = None  # slots in the running batch (the server's --max-batch-size)
 
 
 class TextPart(BaseModel):

@@ -11,15 +11,19 @@
 # check that a code change rebuilds no dependency layer; `docker compose up` the server; wait for the
 # healthcheck; /generate (JSON and stream), the API key from the env file and /metrics through the
 # published port; train a tiny checkpoint with the trainer service into the models volume and serve
-# it by setting TZD_CHECKPOINT; stop the server (graceful exit); bring the stack down. An EXIT trap
-# removes everything it started: the compose project, dockerd (by its PID), its files and the wheels
-# and model copy it put into the build context.
+# it by setting TZD_CHECKPOINT; stop the server (graceful exit); bring the stack down. Then scale-out
+# (docker-compose.scale.yml): build the HAProxy image, bring up 2 replicas behind it, check its stats page
+# and metrics, and run docker/scale_test.py (200 requests through the LB while one replica is stopped
+# and started again; the proxy's cost measured). An EXIT trap removes everything it started: the compose
+# projects, dockerd (by its PID), its files and the wheels and model copy it put into the build context.
 #
 # Environment:
 #   TZD_DOCKER_MODEL   checkpoint directory baked into the image (default models/shakespeare-small)
 #   TZD_DOCKER_CACHE   cache for the stand-in base image, the wheelhouse and the tools
 #                      (default /var/cache/tzd-docker; used when present, never required)
 #   TZD_DOCKER_TRAIN   0 skips the trainer build and the training run (default 1)
+#   TZD_DOCKER_SCALE   0 skips the scale-out stage (default 1)
+#   TZD_DOCKER_SCALE_OUT  a file to copy docker/scale_test.py's JSON results to (default: not kept)
 #   TZD_DOCKER_TORCH_INDEX  an extra index for the torch +cpu wheel where pip has no copy of it
 #   TZD_DOCKER_TMPFS   0 keeps the engine's data on disk (default: a tmpfs when over 12 GB are free)
 # Skips (exit 0, with the reason) only when a Docker engine cannot be started here.
@@ -30,6 +34,7 @@ ROOT=$PWD
 MODEL_DIR=${TZD_DOCKER_MODEL:-models/shakespeare-small}
 CACHE=${TZD_DOCKER_CACHE:-/var/cache/tzd-docker}
 TRAIN=${TZD_DOCKER_TRAIN:-1}
+SCALE=${TZD_DOCKER_SCALE:-1}
 HADOLINT_VERSION=2.15.1.2
 COMPOSE_VERSION=5.6.1.0
 HEALTH_TIMEOUT=240
@@ -45,6 +50,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/tzd-docker-test.XXXXXX")
 PROJECT="tzdci$$"
 DOCKERD_PID=""
 STACK_UP=0
+SCALE_UP=0
 ADDED_WHEELS=()
 STAGED=""
 PASSED=0
@@ -75,6 +81,9 @@ cleanup() {
     set +e
     if [ "$STACK_UP" = 1 ]; then
         "${COMPOSE[@]}" --profile train down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1
+    fi
+    if [ "$SCALE_UP" = 1 ]; then
+        "${COMPOSE_SCALE[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1
     fi
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
         kill -TERM "$DOCKERD_PID"
@@ -128,6 +137,9 @@ DOCKER=/usr/bin/docker
 [ -x "$DOCKER" ] || DOCKER=$(command -v docker || true)
 [ -n "$DOCKER" ] || skip "no docker CLI could be installed (apt-get install docker.io failed)"
 COMPOSE=("$DOCKER" compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.cpu.yml)
+# the scale-out stack: a project of its own, with the CI override written below (replica ports published)
+COMPOSE_SCALE=("$DOCKER" compose -p "${PROJECT}s" -f docker-compose.yml -f docker-compose.cpu.yml
+               -f docker-compose.scale.yml -f "$WORK/scale-ci.yml")
 
 # ---- lint ------------------------------------------------------------------------------------------
 log "hadolint $("$TOOLS/bin/hadolint" --version | awk '{print $NF}')"
@@ -135,6 +147,11 @@ if "$TOOLS/bin/hadolint" --config .hadolint.yaml Dockerfile; then
     pass "hadolint: Dockerfile clean (failure threshold: info; the one ignored rule is justified in .hadolint.yaml)"
 else
     fail "hadolint found problems in the Dockerfile"
+fi
+if "$TOOLS/bin/hadolint" --config .hadolint.yaml docker/haproxy/Dockerfile; then
+    pass "hadolint: docker/haproxy/Dockerfile (the load balancer) clean"
+else
+    fail "hadolint found problems in docker/haproxy/Dockerfile"
 fi
 
 # ---- compose files ---------------------------------------------------------------------------------
@@ -200,6 +217,20 @@ then
 else
     fail "docker/prometheus.yml does not scrape server:8000/metrics"
 fi
+# scale-out: N replicas behind the LB (over the CPU and the GPU file), one GPU per replica, Prometheus on all
+if compose_json -f docker-compose.yml -f docker-compose.cpu.yml -f docker-compose.scale.yml >"$WORK/scale-cpu.json" \
+    && compose_json -f docker-compose.yml -f docker-compose.scale.yml >"$WORK/scale-gpu.json" \
+    && compose_json -f docker-compose.yml -f docker-compose.scale.yml -f docker-compose.gpus.yml >"$WORK/scale-gpus.json"
+then
+    pass "docker compose config: docker-compose.scale.yml (over the CPU and the GPU file) and docker-compose.gpus.yml are valid"
+    if python3 docker/check_scale_compose.py "$WORK/scale-cpu.json" "$WORK/scale-gpu.json" "$WORK/scale-gpus.json"; then
+        pass "compose scale-out: 2 unpublished replicas behind the LB (API 8080, stats 8404, soft stop); one device id per replica with docker-compose.gpus.yml; Prometheus on every replica and the LB"
+    else
+        fail "the scale-out compose files miss a required setting (see above)"
+    fi
+else
+    fail "docker compose config rejected docker-compose.scale.yml or docker-compose.gpus.yml"
+fi
 if python3 - <<'EOF'
 import json, re, sys
 dash = json.load(open("docker/grafana/dashboards/tzd.json"))
@@ -251,7 +282,9 @@ log "engine $("$DOCKER" version --format '{{.Server.Version}}') up (pid $DOCKERD
 PYTHON_IMAGE=$(sed -n 's/^ARG PYTHON_IMAGE=//p' Dockerfile)
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
 SHAKESPEARE_VERSION=$(sed -n 's/^ARG SHAKESPEARE_VERSION=//p' Dockerfile)
+REGISTRY=0
 if timeout 60 "$DOCKER" pull -q "$PYTHON_IMAGE" >/dev/null 2>&1; then
+    REGISTRY=1
     log "pulled $PYTHON_IMAGE"
 else
     BASE_CACHE=$(cache_dir base)
@@ -505,6 +538,134 @@ if "${COMPOSE[@]}" --profile train down --volumes --remove-orphans --timeout 10 
     pass "docker compose down --volumes"
 else
     fail "docker compose down failed"
+fi
+
+# ---- scale-out: 2 replicas behind HAProxy (docker-compose.scale.yml) --------------------------------------
+if [ "$SCALE" = 1 ]; then
+    log "scale-out: the load balancer's image, 2 replicas behind it, docker/scale_test.py"
+    # the LB's base: Debian's slim image, or the stand-in (the same Debian release) when no registry answers
+    LB_BASE=$(sed -n 's/^ARG BASE_IMAGE=//p' docker/haproxy/Dockerfile)
+    if [ "$REGISTRY" = 1 ] && timeout 60 "$DOCKER" pull -q "$LB_BASE" >/dev/null 2>&1; then
+        log "pulled $LB_BASE"
+    else
+        "$DOCKER" tag "$PYTHON_IMAGE" "$LB_BASE"
+        log "no registry: the stand-in for $PYTHON_IMAGE (Debian ${PYTHON_IMAGE##*-}, debootstrap) serves as $LB_BASE"
+    fi
+    SCALE_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    STATS_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    export TZD_PUBLISH="127.0.0.1:$SCALE_PORT" TZD_LB_STATS_PUBLISH="127.0.0.1:$STATS_PORT"
+    # CI only: each replica published on a free loopback port (the direct path that the proxy is measured
+    # against), one torch thread per replica (2 replicas, 2 cores), and a second LB whose only backend is
+    # the first replica (the same image and configuration, so that the proxy's cost is measured alone)
+    cat >"$WORK/scale-ci.yml" <<EOF
+services:
+  server:
+    ports: ["127.0.0.1::8000"]
+    environment:
+      TZD_THREADS: "1"
+  lb-one:
+    image: \${TZD_LB_IMAGE:-tzd-lb:latest}
+    environment:
+      TZD_LB_BACKEND: ${PROJECT}s-server-1:8000
+    ports: ["127.0.0.1::8080"]
+EOF
+    "${COMPOSE_SCALE[@]}" config --format json >"$WORK/compose-scale.json" || die "docker compose config of the scale-out stack failed"
+    LB_IMAGE=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["services"]["lb"]["image"])' "$WORK/compose-scale.json")
+    t=$EPOCHREALTIME
+    # --network=host: apt reaches Debian's archive through the host (the private engine has no bridge for builds)
+    if DOCKER_BUILDKIT=1 nice -n 10 "$DOCKER" build --network=host --progress=plain --build-arg "BASE_IMAGE=$LB_BASE" \
+        -t "$LB_IMAGE" docker/haproxy >"$WORK/build-lb.log" 2>&1; then
+        timing "build $LB_IMAGE (HAProxy from Debian's archive)" "$(elapsed "$t")s"
+        timing "image size $LB_IMAGE" "$(size "$LB_IMAGE")"
+        pass "the load balancer's image builds (haproxy -c accepts docker/haproxy/haproxy.cfg)"
+    else
+        tail -n 30 "$WORK/build-lb.log"
+        die "building the load balancer's image failed"
+    fi
+
+    http_ok() { python3 -c 'import sys, urllib.request
+sys.exit(urllib.request.urlopen(sys.argv[1], timeout=3).status != 200)' "$1" 2>/dev/null; }
+    replica_url() { echo "http://$("$DOCKER" port "$1" 8000/tcp | head -n 1)"; }
+    t=$EPOCHREALTIME
+    SCALE_UP=1
+    "${COMPOSE_SCALE[@]}" up -d --no-build server lb lb-one >"$WORK/scale-up.log" 2>&1 || { cat "$WORK/scale-up.log"; die "compose up of the scale-out stack failed"; }
+    mapfile -t REPLICAS < <("${COMPOSE_SCALE[@]}" ps -q server | while read -r c; do
+        echo "$("$DOCKER" inspect -f '{{index .Config.Labels "com.docker.compose.container-number"}}' "$c") $c"; done | sort -n | cut -d' ' -f2)
+    [ "${#REPLICAS[@]}" = 2 ] || die "the scale-out stack has ${#REPLICAS[@]} server replicas, not 2"
+    lb_first=""
+    for _ in $(seq $((HEALTH_TIMEOUT * 5))); do
+        [ -z "$lb_first" ] && http_ok "http://$TZD_PUBLISH/health" && lb_first=$(elapsed "$t")
+        if [ -n "$lb_first" ] && http_ok "$(replica_url "${REPLICAS[0]}")/health" && http_ok "$(replica_url "${REPLICAS[1]}")/health"; then
+            break
+        fi
+        sleep 0.2
+    done
+    both=$(elapsed "$t")
+    http_ok "$(replica_url "${REPLICAS[0]}")/health" && http_ok "$(replica_url "${REPLICAS[1]}")/health" \
+        || { "${COMPOSE_SCALE[@]}" logs --no-color --tail 30 >&2; die "the replicas did not become healthy within ${HEALTH_TIMEOUT}s"; }
+    timing "scale up -> first GET /health 200 through the LB" "${lb_first:-?}s"
+    timing "scale up -> both replicas answer /health 200" "${both}s"
+
+    # the LB's own pages: both replicas UP in the stats CSV (2 good checks each), its Prometheus metrics
+    lb_state() { python3 - "http://$TZD_LB_STATS_PUBLISH" <<'EOF'
+import csv, io, sys, urllib.request
+rows = list(csv.DictReader(io.StringIO(urllib.request.urlopen(sys.argv[1] + "/stats;csv", timeout=3).read().decode().lstrip("# "))))
+up = [r["svname"] for r in rows if r["pxname"] == "replicas" and r["svname"].startswith("replica") and r["status"] == "UP"]
+metrics = urllib.request.urlopen(sys.argv[1] + "/metrics", timeout=3).read().decode()
+active = [ln for ln in metrics.splitlines() if ln.startswith('haproxy_backend_active_servers{proxy="replicas"}')]
+print(len(up), active[0].split()[-1] if active else "none")
+EOF
+    }
+    state=""
+    for _ in $(seq 60); do state=$(lb_state 2>/dev/null) || state=""; [ "$state" = "2 2" ] && break; sleep 0.5; done
+    if [ "$state" = "2 2" ]; then
+        pass "the LB's stats page (/stats) shows both replicas UP by their /health checks; its /metrics says 2 active servers"
+    else
+        fail "the LB's stats page or metrics do not show 2 replicas up (got: ${state:-no answer})"
+    fi
+
+    if ! python3 -c 'import httpx, pydantic' 2>/dev/null; then
+        SDK=$(cache_dir sdk)
+        python3 -m pip install --quiet --disable-pip-version-check --target "$SDK" httpx pydantic >/dev/null 2>&1
+        export PYTHONPATH="$SDK${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    lb_one=$("$DOCKER" port "$("${COMPOSE_SCALE[@]}" ps -q lb-one)" 8080/tcp | head -n 1)
+    t=$EPOCHREALTIME
+    if python3 docker/scale_test.py --docker "$DOCKER" --lb "http://$TZD_PUBLISH" --lb-one "http://$lb_one" --lb-stats "http://$TZD_LB_STATS_PUBLISH" \
+        --replica "${REPLICAS[0]}" --replica "${REPLICAS[1]}" --api-key "$API_KEY" --out "$WORK/scale.json"; then
+        pass "scale-out through the LB: zero failed requests while a replica drained and restarted, both replicas served, streams step by step"
+    else
+        fail "scale-out through the LB (see the FAIL lines above)"
+    fi
+    timing "docker/scale_test.py (resilience + measurement)" "$(elapsed "$t")s"
+    [ -n "${TZD_DOCKER_SCALE_OUT:-}" ] && [ -f "$WORK/scale.json" ] && cp "$WORK/scale.json" "$TZD_DOCKER_SCALE_OUT"
+    python3 - "$WORK/scale.json" <<'EOF' || true
+import json, sys
+m = json.load(open(sys.argv[1])).get("measure", {}).get("proxy")
+if m:
+    print(f"  proxy at c16 (half direct, half through an LB to the same replica, at once): p50 {m['latency_p50_direct_s']:.3f} s direct, {m['latency_p50_via_lb_s']:.3f} s via "
+          f"the LB ({m['latency_p50_overhead_pct']:+.1f}%, target <= {m['target_pct']}%); step gap p90 "
+          f"{m['step_gap_p90_direct_ms']:.1f} ms direct, {m['step_gap_p90_via_lb_ms']:.1f} ms via the LB "
+          f"({m['step_gap_p90_added_ms']:+.1f} ms, target <= {m['target_ms']} ms); per request outside the server "
+          f"{m['proxy_added_p50_ms']:+.2f} ms p50 ({m['proxy_added_pct_of_p50']:+.3f}% of p50); each step event "
+          f"{m['step_event_delay_via_lb_p50_ms']:+.2f} ms p50, {m['step_event_delay_via_lb_p90_ms']:+.2f} ms p90 later; "
+          f"GET /health {m['health_rtt_added_ms']:+.2f} ms; "
+          f"throughput {m['throughput_direct_req_s']} req/s "
+          f"one replica direct, {m['throughput_lb_both_req_s']} req/s two replicas through the LB")
+EOF
+
+    t=$EPOCHREALTIME
+    lb=$("${COMPOSE_SCALE[@]}" ps -q lb)
+    "${COMPOSE_SCALE[@]}" stop lb >/dev/null 2>&1
+    code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$lb")
+    timing "docker compose stop lb (SIGUSR1 soft stop)" "$(elapsed "$t")s, exit code $code"
+    if [ "$code" = 0 ]; then pass "the LB exits 0 on its soft stop"; else fail "the LB exited $code on SIGUSR1"; fi
+    if "${COMPOSE_SCALE[@]}" down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1; then
+        SCALE_UP=0
+        pass "docker compose down of the scale-out stack"
+    else
+        fail "docker compose down of the scale-out stack failed"
+    fi
 fi
 
 summary

@@ -1,4 +1,4 @@
-"""Operations endpoints, open without an API key: GET /health and GET /metrics."""
+"""Operations endpoints, open without an API key: GET /health (readiness), GET /live, GET /metrics."""
 
 from __future__ import annotations
 
@@ -11,14 +11,33 @@ from server.serving import Serving
 
 router = APIRouter()
 
+# /live fails only where a restart is the cure: loading and draining are healthy states of the process
+NOT_LIVE = ("dead", "failed")
+
+
+def _health(serving: Serving) -> Health:
+    engine = serving.engine
+    running, waiting = (len(engine.scheduler.running), len(engine.scheduler.waiting)) if engine else (0, 0)
+    return Health(status=serving.status, model=serving.config.served_name,  # type: ignore[arg-type]
+                  running=running, waiting=waiting, max_batch_size=serving.config.max_batch_size)
+
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 async def health(http: HttpRequest) -> JSONResponse:
-    """200 once the model is loaded and the engine loop runs; 503 while loading, draining, or dead."""
-    serving: Serving = http.app.state.serving
-    status = serving.status
-    body = Health(status=status, model=serving.config.served_name)  # type: ignore[arg-type]
-    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+    """Readiness: 200 once the model is loaded and the engine loop runs; 503 while loading, draining, or dead.
+
+    A load balancer takes a replica out of rotation on the 503 (a draining one first of all); the body's
+    running/waiting counts are what a least-load router or an autoscaler reads.
+    """
+    body = _health(http.app.state.serving)
+    return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
+
+
+@router.get("/live", response_model=Health, responses={503: {"model": Health}})
+async def live(http: HttpRequest) -> JSONResponse:
+    """Liveness: 200 while the process serves (loading and draining included); 503 once the engine died."""
+    body = _health(http.app.state.serving)
+    return JSONResponse(body.model_dump(), status_code=503 if body.status in NOT_LIVE else 200)
 
 
 @router.get("/metrics")
