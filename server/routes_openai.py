@@ -33,11 +33,16 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [params.model_copy(update={"seed": (params.seed + j) % SEED_SPACE}) for j in range(n)]
 
 
-async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: str, usage: bool
+def prompt_tokens(group: RequestGroup, n: int) -> int:
+    """Usage's prompt_tokens: each prompt counted once, however many (n) choices it has (OpenAI's rule)."""
+    return sum(len(r.prompt_ids) for r in group.requests[::n])
+
+
+async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: str, usage: bool, n: int
                  ) -> AsyncIterator[str]:
     """The committed left-to-right prefix of each choice as it grows, then [DONE]."""
     ended, n_gen = False, 0
-    n_prompt = sum(len(r.prompt_ids) for r in group.requests)
+    n_prompt = prompt_tokens(group, n)
 
     def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> str:
         return sse(Completion(id=group.id, created=group.created, model=model, choices=choices,
@@ -93,10 +98,10 @@ def router(auth: object) -> APIRouter:
         engine.submit(group)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(chunks(engine, group, http, name, include_usage),
+            return StreamingResponse(chunks(engine, group, http, name, include_usage, body.n),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         results = await collect(engine, group, http)
-        n_prompt = sum(len(r.prompt_ids) for r in group.requests[::body.n])  # each prompt counted once
+        n_prompt = prompt_tokens(group, body.n)
         n_gen = sum(len(r.tokens) for r in results)
         return Completion(
             id=group.id, created=group.created, model=name,
