@@ -7,15 +7,26 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
 MAX_STOP_STRINGS = 4
+# stop's wire form: one string, a list of them, or null (the validators below turn it into a list)
+STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+                         {"type": "null"}],
+               "description": f"stop strings (at most {MAX_STOP_STRINGS}): the text ends before the first one"}
+
+
+def off_only(*values: object) -> dict[str, object]:
+    """The JSON schema of an OpenAI option this server accepts only when off: exactly `values`."""
+    return {"enum": list(values)}
 
 
 class SamplingParams(BaseModel):
     """How to denoise one request. Checks here need no model; `tzd.sampling.plan` adds the context checks."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON string is not a number, nor 1.0 an int, so that the published schema is what is accepted
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int = Field(64, ge=1, description="number of tokens to generate (the canvas length)")
     steps: int | None = Field(None, ge=1, description="denoising steps (upper bound with threshold); "
@@ -30,7 +41,8 @@ class SamplingParams(BaseModel):
     cache: Literal["none", "prefix", "dual"] = "none"
     cfg_scale: float = Field(0.0, ge=0.0, description="classifier-free guidance scale; 0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63, description="None = random")
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stop: Annotated[list[str], WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list,
+                                                                     max_length=MAX_STOP_STRINGS)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -77,6 +89,7 @@ class ErrorDetail(BaseModel):
     type: str  # invalid_request_error | authentication_error | rate_limit_error | server_error | ...
     param: str | None = None  # the offending request field
     code: str | None = None
+    request_id: str | None = None  # the answer's X-Request-Id: quote it when reporting a problem
 
 
 class ErrorBody(BaseModel):
@@ -145,6 +158,8 @@ class StepEventData(BaseModel):
 # ---- OpenAI-compatible /v1 -------------------------------------------------------------------------
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     include_usage: bool = False
 
 
@@ -161,18 +176,18 @@ class CompletionRequest(SamplingParams):
     """
 
     model: str | None = None
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(json_schema_extra={"minItems": 1})
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    echo: bool = Field(False, json_schema_extra=off_only(False))
+    logprobs: int | None = Field(None, json_schema_extra=off_only(None, 0))
+    best_of: int | None = Field(None, description="only n (or null) is supported")
+    suffix: str | None = Field(None, json_schema_extra=off_only(None, ""))
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=off_only(None, {}))
+    frequency_penalty: float = Field(0.0, json_schema_extra=off_only(0))
+    presence_penalty: float = Field(0.0, json_schema_extra=off_only(0))
 
     @field_validator("prompt")
     @classmethod

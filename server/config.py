@@ -31,6 +31,7 @@ class ServerConfig:
     threads: int | None = None
     model_name: str | None = None
     log_level: str = "info"
+    log_format: str = "text"
 
     @property
     def served_name(self) -> str:
@@ -73,6 +74,14 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        if v in choices:
+            return v
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {v!r}")
+    return parse
+
+
 def _port(v: str) -> int:
     p = _positive(int)(v)
     if p > 65535:
@@ -97,6 +106,8 @@ FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
                                         "processes share the cores)"),
     ("--model-name", str, None, "model id in /v1/models (default: the checkpoint directory's name)"),
     ("--log-level", str, "info", "debug, info, warning, error"),
+    ("--log-format", _choice("text", "json"), "text", "text, or json: one JSON object per line (access lines "
+                                                      "carry request_id, method, route, status, tokens, times)"),
 ]
 
 
@@ -153,4 +164,4 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         max_tokens_limit=args.max_tokens_limit, api_keys=tuple(k.strip() for k in keys),
         shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes, threads=args.threads,
         model_name=args.model_name,
-        log_level=args.log_level)
+        log_level=args.log_level, log_format=args.log_format)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from clients.protocol import SamplingParams
+from server.errors import Unavailable
 from server.metrics import Metrics
 from server.output import Update
 from server.request import CANCELLED, Failure, Request, RequestGroup
@@ -25,15 +26,9 @@ from tzd.sampling import DenoiseBatch, plan
 
 log = logging.getLogger("tzd.server")
 
+__all__ = ["Engine", "StepOutcome", "Unavailable"]
+
 State = Literal["ready", "draining", "dead"]
-
-
-class Unavailable(Exception):
-    """The engine takes no new requests (503): draining or dead."""
-
-    def __init__(self, state: str) -> None:
-        super().__init__(f"the server is {state}: not accepting requests")
-        self.state = state
 
 
 @dataclass
@@ -145,7 +140,7 @@ class Engine:
                 try:
                     self.batch.add(r.prompt_ids, r.plan, handle=r)
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
-                    log.exception("could not add request %s", r.group.id)
+                    log.exception("could not add request %s (request id %s)", r.group.id, r.group.request_id)
                     out.deliveries.append((r, Failure(f"could not start: {type(e).__name__}: {e}"), 0))
             out.batch_size = len(self.batch)
             if not out.batch_size:
@@ -167,7 +162,7 @@ class Engine:
             try:
                 up: Update | Failure = req.output.on_step(ev)
             except Exception as e:  # noqa: BLE001 - a rendering bug fails one request only
-                log.exception("rendering a step of %s failed", req.group.id)
+                log.exception("rendering a step of %s (request id %s) failed", req.group.id, req.group.request_id)
                 up = Failure(f"internal error rendering the step: {type(e).__name__}: {e}")
             if not ev.done and (isinstance(up, Failure) or up.result is not None):
                 self.batch.remove(req)  # a stop string (or a failure) ended it before the sampler did
@@ -197,6 +192,7 @@ class Engine:
                     m.time_to_first_step.observe(now - req.arrival)
                 if up.result is not None:
                     req.finished = now
+                    req.generated, req.finish_reason = len(up.result.tokens), up.result.finish_reason
                     self.scheduler.finish(req)
                     m.latency.observe(now - req.arrival)
                     m.prompt_tokens.inc(len(req.prompt_ids))

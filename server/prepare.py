@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from clients.protocol import SamplingParams
+from server.errors import InvalidRequest
 from tzd.sampling import RequestPlan, SamplingParamsError, plan
 from tzd.tokenizer import Tokenizer
 
-
-class InvalidRequest(ValueError):
-    """A request this model cannot run (400); `param` names the field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+__all__ = ["InvalidRequest", "prepare", "prompt_ids"]
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:

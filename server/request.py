@@ -8,16 +8,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.errors import ClientGone, RequestFailed
 from server.output import RequestOutput, Update
 from tzd.sampling import RequestPlan
 
-
-class RequestFailed(Exception):
-    """The engine could not finish a request (a step raised, shutdown timed out, the engine died)."""
-
-
-class ClientGone(Exception):
-    """The client disconnected; its requests were cancelled."""
+__all__ = ["CANCELLED", "ClientGone", "Failure", "Request", "RequestFailed", "RequestGroup"]
 
 
 @dataclass
@@ -41,6 +36,8 @@ class Request:
     finished: float | None = None
     cancelled: bool = False
     nfe: int = 0  # forward passes counted so far (for tzd_forward_passes_total)
+    generated: int = 0  # tokens of its result, once finished
+    finish_reason: str | None = None  # of its result, once finished
 
     @property
     def done(self) -> bool:
@@ -48,9 +45,11 @@ class Request:
 
 
 class RequestGroup:
-    """The requests of one HTTP call; their updates arrive, tagged, on one queue."""
+    """The requests of one HTTP call (its prompts, each `n` times in a row); their updates arrive, tagged,
+    on one queue. `request_id` is the HTTP request's X-Request-Id, for the engine's log lines."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, n: int = 1, request_id: str | None = None) -> None:
+        self.n, self.request_id = n, request_id
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.requests: list[Request] = []

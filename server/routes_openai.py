@@ -12,18 +12,24 @@ from clients.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    ErrorBody,
     ModelCard,
     ModelList,
     SamplingParams,
     Usage,
 )
 from server.engine import Engine
-from server.errors import ApiError, error_body
+from server.errors import GENERATION_ERRORS, ApiError, error_body, error_responses, request_id
+from server.openapi import data_events, sse_content
 from server.request import RequestFailed, RequestGroup
 from server.serving import Serving
-from server.streams import SSE_HEADERS, collect, set_outcome, sse
+from server.streams import SSE_HEADERS, collect, set_outcome, sse, track
 
 SEED_SPACE = 2**63
+STREAM_CONTENT = sse_content(data_events([Completion, ErrorBody], "[DONE]"),
+                             "With stream=true: `data:` chunks (text deltas of each choice's committed prefix; "
+                             "usage on the last with stream_options.include_usage), then `data: [DONE]`, or an "
+                             "error body instead")
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -43,6 +49,7 @@ async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: 
     """The committed left-to-right prefix of each choice as it grows, then [DONE]."""
     ended, n_gen = False, 0
     n_prompt = prompt_tokens(group, n)
+    track(http, group)
 
     def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> str:
         return sse(Completion(id=group.id, created=group.created, model=model, choices=choices,
@@ -70,7 +77,7 @@ async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: 
 
 
 def router(auth: object) -> APIRouter:
-    r = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    r = APIRouter(prefix="/v1", dependencies=[Depends(auth)], responses=error_responses(503))
 
     @r.get("/models", response_model=ModelList)
     async def models(http: HttpRequest) -> ModelList:
@@ -81,7 +88,8 @@ def router(auth: object) -> APIRouter:
                                          max_model_len=serving.runtime.context)])
 
     @r.post("/completions", response_model=Completion,
-            responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks"}})
+            responses={**GENERATION_ERRORS, **error_responses(404),
+                       200: {"content": STREAM_CONTENT, "description": "JSON, or with stream=true `data:` chunks"}})
     async def completions(body: CompletionRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
         serving: Serving = http.app.state.serving
         engine = serving.ready_engine()
@@ -94,7 +102,8 @@ def router(auth: object) -> APIRouter:
             raise ApiError(400, f"n: {len(prompts)} completions (prompts x n) exceed this server's queue of "
                                 f"{engine.scheduler.max_waiting}; ask for fewer", param="n", reason="invalid")
         params = [p for _ in body.prompts() for p in choice_params(body.sampling_params(), body.n)]
-        group = serving.new_group("cmpl", prompts, params, "prefix" if body.stream else "none")
+        group = serving.new_group("cmpl", prompts, params, "prefix" if body.stream else "none", n=body.n,
+                                  request_id=request_id(http))
         engine.submit(group)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+from server.errors import QueueFull
 from server.request import Request
 
-
-class QueueFull(Exception):
-    """No room in the waiting queue (429)."""
+__all__ = ["QueueFull", "Scheduler"]
 
 
 class Scheduler:

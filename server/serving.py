@@ -71,10 +71,11 @@ class Serving:
         return self.engine
 
     def new_group(self, prefix: str, prompts: list[str | list[int]], params: list[SamplingParams],
-                  mode: StreamMode) -> RequestGroup:
-        """Checked requests, one per (prompt, params) pair; InvalidRequest names the bad field."""
+                  mode: StreamMode, n: int = 1, request_id: str | None = None) -> RequestGroup:
+        """Checked requests, one per (prompt, params) pair (each prompt `n` times in a row); InvalidRequest
+        names the bad field."""
         assert self.runtime is not None
-        rt, group = self.runtime, RequestGroup(prefix)
+        rt, group = self.runtime, RequestGroup(prefix, n, request_id)
         tok = rt.loaded.tokenizer
         for prompt, p in zip(prompts, params, strict=True):
             ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,

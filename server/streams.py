@@ -8,7 +8,7 @@ import contextlib
 from fastapi import Request as HttpRequest
 
 from server.engine import Engine
-from server.middleware import OUTCOME_KEY
+from server.middleware import record
 from server.output import Result
 from server.request import ClientGone, RequestGroup
 
@@ -22,7 +22,12 @@ def sse(data: str, event: str | None = None) -> str:
 
 def set_outcome(http: HttpRequest, outcome: str) -> None:
     """Label tzd_requests_total for an answer whose HTTP status does not tell its end (streams, 499)."""
-    setattr(http.state, OUTCOME_KEY, outcome)
+    record(http).outcome = outcome
+
+
+def track(http: HttpRequest, group: RequestGroup) -> None:
+    """Let the access log line report the group's tokens and queue time."""
+    record(http).group = group
 
 
 async def _wait_disconnect(http: HttpRequest) -> None:
@@ -41,6 +46,7 @@ async def collect(engine: Engine, group: RequestGroup, http: HttpRequest) -> lis
             engine.cancel(group)
 
     watcher.add_done_callback(gone)
+    track(http, group)
     results: dict[int, Result] = {}
     try:
         async for req, up in group.updates():
