@@ -67,10 +67,13 @@ class SamplingParams(BaseModel):
 
 # ---- shared pieces --------------------------------------------------------------------------------
 
-FinishReason = Literal["length", "stop"]
+FinishReason = Literal["length", "stop", "timeout"]  # timeout: past the request's deadline, the text so far
 MASK_PLACEHOLDER = "_"  # how a still-masked position shows in a step event's `text` (one per position)
 STEP_EVENT, DONE_EVENT, ERROR_EVENT = "step", "done", "error"  # the SSE event names of POST /generate
 TokenId = Annotated[int, Field(ge=0)]
+Timeout = Annotated[float | None, Field(gt=0, description="seconds this request may take from its arrival; past "
+                                        "it, it ends with finish_reason \"timeout\" and the text so far (the "
+                                        "server's --request-timeout, if shorter, wins)")]
 
 
 def sampling_fields(model: BaseModel) -> SamplingParams:
@@ -110,6 +113,7 @@ class GenerateRequest(SamplingParams):
 
     prompt: str | list[TokenId]
     stream: bool = False
+    timeout: Timeout = None
 
     def sampling_params(self) -> SamplingParams:
         return sampling_fields(self)
@@ -180,6 +184,7 @@ class CompletionRequest(SamplingParams):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    timeout: Timeout = None
     user: str | None = None
     echo: bool = Field(False, json_schema_extra=off_only(False))
     logprobs: int | None = Field(None, json_schema_extra=off_only(None, 0))

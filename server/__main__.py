@@ -9,6 +9,7 @@ import sys
 from types import FrameType
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from server.app import create_app
 from server.config import ServerConfig, parse_config
@@ -24,6 +25,9 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, serving: Serving, shutdown_timeout: float) -> None:
         super().__init__(config)
+        # streams end through the engine's drain (their last event sent), not by sse-starlette cutting them
+        # at the first signal
+        AppStatus.disable_automatic_graceful_drain()
         self.serving, self.shutdown_timeout = serving, shutdown_timeout
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None

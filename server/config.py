@@ -32,6 +32,8 @@ class ServerConfig:
     model_name: str | None = None
     log_level: str = "info"
     log_format: str = "text"
+    sse_keepalive: float = 15.0
+    request_timeout: float | None = None
 
     @property
     def served_name(self) -> str:
@@ -104,6 +106,11 @@ FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("--max-body-bytes", _positive(int), 1 << 20, "largest request body (413 above)"),
     ("--threads", _positive(int), None, "torch CPU threads (default: torch's, one per core; 1 where other busy "
                                         "processes share the cores)"),
+    ("--sse-keepalive", _positive(float), 15.0, "seconds between keep-alive comments on a stream (while it waits "
+                                                "for a slot or between slow steps)"),
+    ("--request-timeout", _positive(float), None, "seconds a request may take (from arrival); past it, it ends "
+                                                  "with finish_reason \"timeout\" and the text so far (default: "
+                                                  "none; a request's own `timeout` can only shorten it)"),
     ("--model-name", str, None, "model id in /v1/models (default: the checkpoint directory's name)"),
     ("--log-level", str, "info", "debug, info, warning, error"),
     ("--log-format", _choice("text", "json"), "text", "text, or json: one JSON object per line (access lines "
@@ -164,4 +171,5 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         max_tokens_limit=args.max_tokens_limit, api_keys=tuple(k.strip() for k in keys),
         shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes, threads=args.threads,
         model_name=args.model_name,
-        log_level=args.log_level, log_format=args.log_format)
+        log_level=args.log_level, log_format=args.log_format, sse_keepalive=args.sse_keepalive,
+        request_timeout=args.request_timeout)

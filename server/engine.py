@@ -113,8 +113,9 @@ class Engine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                expired = self._expire()  # before admission, so that no late request takes a slot
                 evict, admit = self.scheduler.schedule()
-                evict, self._orphans = evict + self._orphans, []
+                evict, self._orphans = evict + self._orphans + expired, []
                 now = time.perf_counter()
                 for r in admit:
                     r.admitted = now
@@ -187,7 +188,7 @@ class Engine:
                 req.finished = now
                 self.scheduler.finish(req)
             else:
-                if req.first_step is None:
+                if req.first_step is None and nfe > 0:  # not a request that timed out waiting
                     req.first_step = now
                     m.time_to_first_step.observe(now - req.arrival)
                 if up.result is not None:
@@ -198,9 +199,23 @@ class Engine:
                     m.prompt_tokens.inc(len(req.prompt_ids))
                     m.generated_tokens.inc(len(up.result.tokens))
                     m.tokens_per_forward.observe(up.result.committed / max(up.result.nfe, 1))
-            if not req.cancelled:
-                req.group.queue.put_nowait((req, up))
+            if not req.cancelled and req.group.queue.put_nowait((req, up)):
+                m.stream_coalesced.inc()
         self._gauges()
+
+    def _expire(self) -> list[Request]:
+        """End the requests past their deadline with what they have (finish_reason "timeout"); returns the
+        running ones, whose slots the next step frees."""
+        now = time.perf_counter()
+        waiting, running = self.scheduler.expire(now)
+        out = StepOutcome()
+        for req in waiting + running:
+            if not req.cancelled:
+                self.metrics.timeouts.inc()
+                out.deliveries.append((req, req.output.on_timeout(req.nfe), req.nfe))
+        if out.deliveries:
+            self._dispatch(out)
+        return running
 
     def _fail_all(self, message: str) -> None:
         self._orphans += list(self.scheduler.running)

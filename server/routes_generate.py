@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends
 from fastapi import Request as HttpRequest
-from fastapi.responses import StreamingResponse
+from sse_starlette import ServerSentEvent
 
 from clients.protocol import (
     DONE_EVENT,
@@ -25,7 +25,7 @@ from server.openapi import named_events, sse_content
 from server.output import Result
 from server.request import Request, RequestFailed, RequestGroup
 from server.serving import Serving
-from server.streams import SSE_HEADERS, collect, set_outcome, sse, track
+from server.streams import collect, set_outcome, sse, stream_response, track
 
 STREAM_CONTENT = sse_content(
     named_events({STEP_EVENT: StepEventData, DONE_EVENT: GenerateResponse, ERROR_EVENT: ErrorBody}),
@@ -50,7 +50,7 @@ def response(serving: Serving, group: RequestGroup, req: Request, result: Result
 
 
 async def step_events(serving: Serving, engine: Engine, group: RequestGroup, http: HttpRequest
-                      ) -> AsyncIterator[str]:
+                      ) -> AsyncIterator[ServerSentEvent]:
     """`step` per denoising step, then `done`; `error` if it fails; a disconnect cancels the request."""
     ended = False
     track(http, group)
@@ -81,11 +81,11 @@ def router(auth: object) -> APIRouter:
         serving: Serving = http.app.state.serving
         engine = serving.ready_engine()
         group = serving.new_group("gen", [body.prompt], [body.sampling_params()],
-                                  "events" if body.stream else "none", request_id=request_id(http))
+                                  "events" if body.stream else "none", request_id=request_id(http),
+                                  timeout=body.timeout)
         engine.submit(group)
         if body.stream:
-            return StreamingResponse(step_events(serving, engine, group, http), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return stream_response(http, step_events(serving, engine, group, http))
         [result] = await collect(engine, group, http)
         return response(serving, group, group.requests[0], result)
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends
 from fastapi import Request as HttpRequest
-from fastapi.responses import StreamingResponse
+from sse_starlette import ServerSentEvent
 
 from clients.protocol import (
     Completion,
@@ -23,7 +23,7 @@ from server.errors import GENERATION_ERRORS, ApiError, error_body, error_respons
 from server.openapi import data_events, sse_content
 from server.request import RequestFailed, RequestGroup
 from server.serving import Serving
-from server.streams import SSE_HEADERS, collect, set_outcome, sse, track
+from server.streams import collect, set_outcome, sse, stream_response, track
 
 SEED_SPACE = 2**63
 STREAM_CONTENT = sse_content(data_events([Completion, ErrorBody], "[DONE]"),
@@ -45,13 +45,13 @@ def prompt_tokens(group: RequestGroup, n: int) -> int:
 
 
 async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: str, usage: bool, n: int
-                 ) -> AsyncIterator[str]:
+                 ) -> AsyncIterator[ServerSentEvent]:
     """The committed left-to-right prefix of each choice as it grows, then [DONE]."""
     ended, n_gen = False, 0
     n_prompt = prompt_tokens(group, n)
     track(http, group)
 
-    def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> str:
+    def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> ServerSentEvent:
         return sse(Completion(id=group.id, created=group.created, model=model, choices=choices,
                               usage=use).model_dump_json())
 
@@ -103,12 +103,11 @@ def router(auth: object) -> APIRouter:
                                 f"{engine.scheduler.max_waiting}; ask for fewer", param="n", reason="invalid")
         params = [p for _ in body.prompts() for p in choice_params(body.sampling_params(), body.n)]
         group = serving.new_group("cmpl", prompts, params, "prefix" if body.stream else "none", n=body.n,
-                                  request_id=request_id(http))
+                                  request_id=request_id(http), timeout=body.timeout)
         engine.submit(group)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(chunks(engine, group, http, name, include_usage, body.n),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return stream_response(http, chunks(engine, group, http, name, include_usage, body.n))
         results = await collect(engine, group, http)
         n_prompt = prompt_tokens(group, body.n)
         n_gen = sum(len(r.tokens) for r in results)

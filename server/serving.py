@@ -71,16 +71,19 @@ class Serving:
         return self.engine
 
     def new_group(self, prefix: str, prompts: list[str | list[int]], params: list[SamplingParams],
-                  mode: StreamMode, n: int = 1, request_id: str | None = None) -> RequestGroup:
+                  mode: StreamMode, n: int = 1, request_id: str | None = None,
+                  timeout: float | None = None) -> RequestGroup:
         """Checked requests, one per (prompt, params) pair (each prompt `n` times in a row); InvalidRequest
-        names the bad field."""
+        names the bad field. The deadline is `timeout` or --request-timeout from now, whichever is sooner."""
         assert self.runtime is not None
         rt, group = self.runtime, RequestGroup(prefix, n, request_id)
         tok = rt.loaded.tokenizer
         for prompt, p in zip(prompts, params, strict=True):
             ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,
                                 self.config.max_tokens_limit)
-            group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
+            req = group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
+            limits = [t for t in (timeout, self.config.request_timeout) if t is not None]
+            req.deadline = req.arrival + min(limits) if limits else None
         return group
 
     async def drain(self, timeout: float) -> None:
