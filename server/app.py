@@ -34,7 +34,7 @@ def create_app(config: ServerConfig, on_fatal: Callable[[BaseException], None] |
                   description="Masked-diffusion language model server: /generate streams every denoising "
                               "step; /v1 speaks OpenAI's completions API.")
     app.state.serving = serving
-    auth = bearer_auth(config.api_keys)
+    auth = bearer_auth(config.api_keys, serving.limiter)
     app.include_router(routes_ops.router)
     app.include_router(routes_generate.router(auth))
     app.include_router(routes_openai.router(auth))

@@ -12,6 +12,7 @@ import torch
 from clients.protocol import SamplingParams
 from server.config import ServerConfig
 from server.engine import Engine, Unavailable
+from server.keys import KeyLimiter
 from server.metrics import Metrics
 from server.output import RequestOutput, StreamMode
 from server.prepare import prepare
@@ -27,6 +28,7 @@ class Serving:
     def __init__(self, config: ServerConfig, on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.config, self.on_fatal = config, on_fatal
         self.metrics = Metrics()
+        self.limiter = KeyLimiter()  # the per-key limits of --api-key-file
         self.runtime: Runtime | None = None
         self.engine: Engine | None = None
         self.failure: str | None = None

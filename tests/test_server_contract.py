@@ -15,7 +15,7 @@ import pytest
 
 from server.app import create_app
 from server.config import ServerConfig
-from tests.server_utils import ROOT, ServerProcess, wait_for
+from tests.server_utils import ROOT, ServerProcess, metrics, wait_for
 
 KEY = "contract-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -25,9 +25,13 @@ SCHEMATHESIS_EXAMPLES = 50  # per operation and phase: about 600 cases, 15-60 s 
 
 @pytest.fixture(scope="module")
 def srv(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    with ServerProcess(tiny_checkpoint, "--dtype", "float32", "--api-key", KEY, "--max-tokens-limit", "16",
-                       "--max-queue", "64", "--max-body-bytes", "65536", "--log-format", "json",
-                       log_dir=tmp_path_factory.mktemp("srvlog")) as s:
+    tmp = tmp_path_factory.mktemp("srvlog")
+    keys = tmp / "keys"
+    keys.write_text(f"# the contract's key, unlimited\n{KEY} name=contract\nrpm-key name=two-a-minute rpm=2\n"
+                    "tpm-key name=few-tokens tpm=20 concurrency=8\n")
+    with ServerProcess(tiny_checkpoint, "--dtype", "float32", "--api-key-file", str(keys), "--max-tokens-limit",
+                       "16", "--max-queue", "64", "--max-body-bytes", "65536", "--log-format", "json",
+                       log_dir=tmp) as s:
         yield s
 
 
@@ -138,3 +142,29 @@ def test_access_log_is_one_json_line_per_request(srv: ServerProcess) -> None:
     assert (three["status"], three["outcome"], three["error"]) == (400, "rejected", "param=steps")
     assert "prompt_tokens" not in three
     assert not any(e["route"] == "/health" for e in access_lines(srv))  # polls log at DEBUG only
+
+
+def test_key_limits_are_429_naming_the_limit(srv: ServerProcess) -> None:
+    def rejected() -> float:
+        return metrics(srv.url).get('tzd_rejected_total{reason="key_limit"}', 0.0)
+
+    before = rejected()
+    rpm = {"Authorization": "Bearer rpm-key", "X-Request-Id": "rpm-limited"}
+    body = {"prompt": "ROMEO:", "max_tokens": 4, "steps": 2}
+    assert [httpx.post(f"{srv.url}/generate", json=body, headers=rpm).status_code for _ in range(2)] == [200, 200]
+    for r in (httpx.post(f"{srv.url}/generate", json=body, headers=rpm), httpx.get(f"{srv.url}/v1/models", headers=rpm)):
+        assert r.status_code == 429, r.text
+        err = r.json()["error"]
+        assert err["code"] == "key_rpm_limit" and err["type"] == "rate_limit_error"
+        assert "'two-a-minute'" in err["message"] and "rpm=2" in err["message"]
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+    tpm = {"Authorization": "Bearer tpm-key"}
+    first = httpx.post(f"{srv.url}/generate", json={"prompt": "ROMEO: " * 4, "max_tokens": 16}, headers=tpm).json()
+    assert first["usage"]["total_tokens"] >= 20
+    r = httpx.post(f"{srv.url}/generate", json=body, headers=tpm)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "key_tpm_limit"
+    assert f"{first['usage']['total_tokens']} tokens in the last minute" in r.json()["error"]["message"]
+    assert "tpm=20" in r.json()["error"]["message"] and 1 <= int(r.headers["retry-after"]) <= 60
+    assert httpx.post(f"{srv.url}/generate", json=body, headers=AUTH).status_code == 200  # other keys unaffected
+    assert rejected() - before == 3
+    assert wait_for(lambda: any(e.get("key") == "two-a-minute" and e["status"] == 429 for e in access_lines(srv)))

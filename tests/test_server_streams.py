@@ -5,7 +5,6 @@ reader that falls behind, whose step updates are merged instead of piling up."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 from clients.protocol import GenerateResponse, SamplingParams
 from server.app import create_app
 from server.config import ServerConfig
+from server.keys import ApiKey, KeyLimits
 from server.request import STREAM_BACKLOG
 from tests.server_utils import (
     ServerProcess,
@@ -148,10 +148,29 @@ def test_request_timeout_flag_and_a_reader_that_falls_behind(tiny_checkpoint: Pa
         alone = httpx.post(f"{ts.url}/generate", json=body, timeout=60).json()
         assert alone["tokens"] == result.tokens and alone["finish_reason"] == result.finish_reason
         # --request-timeout: a request slower than 0.4 s ends there with the text so far
-        serving.config = dataclasses.replace(cfg, request_timeout=0.4)
+        serving.config = cfg.model_copy(update={"request_timeout": 0.4})
         engine.batch.step = delayed(engine.batch.step, 0.05)
         timed = httpx.post(f"{ts.url}/generate", json=body, timeout=60).json()
         assert timed["finish_reason"] == "timeout" and 0 < timed["steps"] < 64 and timed["timings"]["total"] < 2
         assert timed["tokens"] == alone["tokens"][:len(timed["tokens"])]
         longer = httpx.post(f"{ts.url}/generate", json={**body, "timeout": 30}, timeout=60).json()
         assert longer["finish_reason"] == "timeout"  # a request's own timeout cannot lengthen the server's
+
+
+def test_a_key_over_its_concurrency_limit_is_429_until_its_request_ends(tiny_checkpoint: Path) -> None:
+    key = ApiKey("solo-key", "solo", KeyLimits(concurrency=1))
+    app = create_app(ServerConfig(checkpoint=tiny_checkpoint, dtype="float32", max_batch_size=2, api_keys=(key,)))
+    auth = {"Authorization": "Bearer solo-key"}
+    with ThreadServer(app) as ts, httpx.Client(timeout=60, headers=auth) as c:
+        wait_healthy(ts.url)
+        engine = app.state.serving.engine
+        engine.batch.step = delayed(engine.batch.step, 0.02)
+        body = {"prompt": "ROMEO:", "max_tokens": 32, "steps": 32, "block_length": 32, "stream": True}
+        with c.stream("POST", f"{ts.url}/generate", json=body) as r:
+            events = sse_events(r.iter_lines())
+            assert next(events)[0] == "step"
+            refused = httpx.post(f"{ts.url}/generate", json={"prompt": "x", "max_tokens": 2}, headers=auth)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "key_concurrency_limit"
+            assert "concurrency=1" in refused.json()["error"]["message"] and refused.headers["retry-after"] == "1"
+            assert list(events)[-1][0] == "done"
+        assert wait_for(lambda: c.post(f"{ts.url}/generate", json={"prompt": "x", "max_tokens": 2}).status_code == 200)
