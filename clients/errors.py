@@ -62,7 +62,10 @@ class ServerUnavailable(_RetryAfter):
 
 
 class APIConnectionError(ServerUnavailable):
-    """No complete HTTP answer: the connection could not be made or broke."""
+    """No complete HTTP answer: the connection could not be made or broke; `sent` says whether the request
+    may have reached the server (a generation that may have run is not retried)."""
+
+    sent: bool = True
 
 
 class APITimeout(APIConnectionError):

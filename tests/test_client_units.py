@@ -12,6 +12,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 import tomllib
+from httpx_sse import EventSource
 
 from clients import (
     APIConnectionError,
@@ -146,12 +147,14 @@ DONE = GenerateResponse(id="gen-1", model="m", text="t0t1t2t3", tokens=[10, 11, 
 
 
 def _parse(lines: list[str]) -> tuple[list, EventStream]:
-    parser, out = EventStream(), []
-    for line in lines:
-        item = parser.feed(line)
+    """The SDK's reading of a stream whose body is `lines`: httpx-sse's parsing, then EventStream."""
+    body = httpx.Response(200, headers={"content-type": "text/event-stream"}, content="\n".join(lines) + "\n")
+    decoder, out = EventStream(), []
+    for sse in EventSource(body).iter_sse():
+        item = decoder.on_event(sse)
         if item is not None:
             out.append(item)
-    return out, parser
+    return out, decoder
 
 
 def test_event_stream_parser() -> None:

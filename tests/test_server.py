@@ -169,7 +169,7 @@ def test_streamed_usage_counts_each_prompt_once(srv: ServerProcess, client: http
     assert plain["usage"]["prompt_tokens"] == want_prompt
     with client.stream("POST", f"{srv.url}/v1/completions",
                        json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
-        datas = [d for _, d in sse_events(r.iter_lines())]
+        datas = [d for _, d in sse_events(r)]
     assert datas[-1] == "[DONE]"
     usage = Completion.model_validate_json(datas[-2]).usage
     assert usage is not None and usage.prompt_tokens == want_prompt
@@ -205,7 +205,7 @@ def test_stop_strings_end_the_request(srv: ServerProcess, client: httpx.Client) 
     # the OpenAI stream never sends text past (or into) the stop string
     with client.stream("POST", f"{srv.url}/v1/completions",
                        json={**body, "stop": [stop], "stream": True}) as r:
-        datas = [d for _, d in sse_events(r.iter_lines())]
+        datas = [d for _, d in sse_events(r)]
     assert datas[-1] == "[DONE]"
     chunks = [Completion.model_validate_json(d) for d in datas[:-1]]
     assert "".join(c.text for ch in chunks for c in ch.choices) == want

@@ -90,13 +90,13 @@ def test_timeout_ends_with_the_text_so_far_and_frees_the_slot(srv: ServerProcess
     t, _ = occupy_the_slot(srv.url, long)
     events = []
     with httpx.stream("POST", f"{srv.url}/generate", json={**long, "stream": True, "timeout": 0.3}, timeout=60) as r:
-        events = [(e, json.loads(d)) for e, d in sse_events(r.iter_lines())]
+        events = [(e, json.loads(d)) for e, d in sse_events(r)]
     waited = GenerateResponse.model_validate(events[-1][1])
     assert [e for e, _ in events] == ["done"] and waited.finish_reason == "timeout"
     assert (waited.steps, waited.tokens, waited.text) == (0, [], "")
     chunk_events = []
     with httpx.stream("POST", f"{srv.url}/v1/completions", json={**long, "stream": True, "timeout": 0.3}, timeout=60) as r:
-        chunk_events = [d for _, d in sse_events(r.iter_lines())]
+        chunk_events = [d for _, d in sse_events(r)]
     assert chunk_events[-1] == "[DONE]" and json.loads(chunk_events[-2])["choices"][0]["finish_reason"] == "timeout"
     t.join(60)
     assert wait_for(lambda: metrics(srv.url)["tzd_requests_running"] == 0 and metrics(srv.url)["tzd_requests_waiting"] == 0)
@@ -167,7 +167,7 @@ def test_a_key_over_its_concurrency_limit_is_429_until_its_request_ends(tiny_che
         engine.batch.step = delayed(engine.batch.step, 0.02)
         body = {"prompt": "ROMEO:", "max_tokens": 32, "steps": 32, "block_length": 32, "stream": True}
         with c.stream("POST", f"{ts.url}/generate", json=body) as r:
-            events = sse_events(r.iter_lines())
+            events = sse_events(r)
             assert next(events)[0] == "step"
             refused = httpx.post(f"{ts.url}/generate", json={"prompt": "x", "max_tokens": 2}, headers=auth)
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "key_concurrency_limit"
