@@ -39,14 +39,13 @@ from clients.protocol import (
     Health,
     ModelCard,
     ModelList,
-    StepEventData,
+    StepEvent,
+    TextCompletion,
 )
-from clients.protocol import Completion as TextCompletion
 
 log = logging.getLogger("tzd.client")
 
 Completion = GenerateResponse  # what generate() returns and stream() ends with: text, tokens, finish_reason, ...
-StepEvent = StepEventData  # one denoising step as streamed: step, steps, committed, masked, text
 Event = StepEvent | Completion
 M = TypeVar("M", bound=BaseModel)
 
@@ -241,7 +240,7 @@ class EventStream:
         try:
             if sse.event == STEP_EVENT:
                 self.steps += 1
-                return StepEventData.model_validate_json(sse.data)
+                return StepEvent.model_validate_json(sse.data)
             if sse.event == DONE_EVENT:
                 done = GenerateResponse.model_validate_json(sse.data)
                 self.done = True

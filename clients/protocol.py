@@ -149,7 +149,7 @@ class CommittedToken(BaseModel):
     text: str
 
 
-class StepEventData(BaseModel):
+class StepEvent(BaseModel):
     """The data of one `step` event: what one denoising step did to this request."""
 
     step: int  # 0-based index of this step
@@ -231,7 +231,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class Completion(BaseModel):
+class TextCompletion(BaseModel):
     """The answer of POST /v1/completions, and (text deltas, usage only on the last) each stream chunk."""
 
     id: str

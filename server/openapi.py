@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from clients.protocol import ErrorBody, StepEventData
+from clients.protocol import ErrorBody, StepEvent
 from server.errors import error_responses
 
 REQUEST_ID_HEADER = {
@@ -28,7 +28,7 @@ REQUEST_ID_HEADER = {
                                     "(1-128 visible ASCII characters), else one the server made. It is in "
                                     "the access log line and in every error body.",
                      "required": True, "schema": {"type": "string"}}}
-STREAM_MODELS: list[type[BaseModel]] = [StepEventData, ErrorBody]  # referenced only from event schemas
+STREAM_MODELS: list[type[BaseModel]] = [StepEvent, ErrorBody]  # referenced only from event schemas
 TOKEN_COUNT_FIELDS = ("max_tokens", "steps", "block_length")  # each <= max_tokens <= --max-tokens-limit
 
 

@@ -11,8 +11,8 @@ from typing import Literal
 
 import numpy as np
 
-from clients.protocol import MASK_PLACEHOLDER, CommittedToken, StepEventData
-from tzd.sampling import StepEvent, finish
+from clients.protocol import MASK_PLACEHOLDER, CommittedToken, StepEvent
+from tzd.sampling import SlotStep, finish
 from tzd.tokenizer import Tokenizer
 
 StreamMode = Literal["none", "events", "prefix"]  # /generate without stream, /generate stream, OpenAI stream
@@ -32,7 +32,7 @@ class Result:
 class Update:
     """What one step means for one request's client."""
 
-    event: StepEventData | None = None  # mode "events"
+    event: StepEvent | None = None  # mode "events"
     delta: str = ""  # mode "prefix": text newly added to the committed left-to-right prefix
     result: Result | None = None  # once finished
 
@@ -81,13 +81,13 @@ class RequestOutput:
         self.canvas: list[int] | None = None  # the latest step's canvas
         self.steps = 0  # steps seen
 
-    def on_step(self, ev: StepEvent) -> Update:
+    def on_step(self, ev: SlotStep) -> Update:
         """The client update for one step; a result when the sampler finished it or a stop string did."""
         up = Update()
         self.canvas, self.steps = ev.canvas, ev.step + 1
         if self.mode == "events":
             committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t])) for p, t in ev.committed]
-            up.event = StepEventData(step=ev.step, steps=ev.steps, committed=committed, masked=ev.masked,
+            up.event = StepEvent(step=ev.step, steps=ev.steps, committed=committed, masked=ev.masked,
                                      text=canvas_text(self.tok, ev.canvas, self.mask_id))
         stopped = False
         if (self.stop or self.mode == "prefix") and not ev.done:

@@ -15,7 +15,7 @@ from clients.protocol import (
     ErrorBody,
     GenerateRequest,
     GenerateResponse,
-    StepEventData,
+    StepEvent,
     Timings,
     Usage,
 )
@@ -28,7 +28,7 @@ from server.serving import Serving
 from server.streams import collect, set_outcome, sse, stream_response, track
 
 STREAM_CONTENT = sse_content(
-    named_events({STEP_EVENT: StepEventData, DONE_EVENT: GenerateResponse, ERROR_EVENT: ErrorBody}),
+    named_events({STEP_EVENT: StepEvent, DONE_EVENT: GenerateResponse, ERROR_EVENT: ErrorBody}),
     "With stream=true: a `step` event per denoising step (a reader that falls behind gets them coalesced: the "
     "latest step, the committed tokens of all), then `done` with the answer, or `error`; comment lines keep "
     "the connection alive")

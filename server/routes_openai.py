@@ -9,13 +9,13 @@ from fastapi import Request as HttpRequest
 from sse_starlette import ServerSentEvent
 
 from clients.protocol import (
-    Completion,
     CompletionChoice,
     CompletionRequest,
     ErrorBody,
     ModelCard,
     ModelList,
     SamplingParams,
+    TextCompletion,
     Usage,
 )
 from server.engine import Engine
@@ -26,7 +26,7 @@ from server.serving import Serving
 from server.streams import collect, set_outcome, sse, stream_response, track
 
 SEED_SPACE = 2**63
-STREAM_CONTENT = sse_content(data_events([Completion, ErrorBody], "[DONE]"),
+STREAM_CONTENT = sse_content(data_events([TextCompletion, ErrorBody], "[DONE]"),
                              "With stream=true: `data:` chunks (text deltas of each choice's committed prefix; "
                              "usage on the last with stream_options.include_usage), then `data: [DONE]`, or an "
                              "error body instead")
@@ -52,7 +52,7 @@ async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: 
     track(http, group)
 
     def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> ServerSentEvent:
-        return sse(Completion(id=group.id, created=group.created, model=model, choices=choices,
+        return sse(TextCompletion(id=group.id, created=group.created, model=model, choices=choices,
                               usage=use).model_dump_json())
 
     try:
@@ -87,7 +87,7 @@ def router(auth: object) -> APIRouter:
         return ModelList(data=[ModelCard(id=serving.config.served_name, created=int(serving.created),
                                          max_model_len=serving.runtime.context)])
 
-    @r.post("/completions", response_model=Completion,
+    @r.post("/completions", response_model=TextCompletion,
             responses={**GENERATION_ERRORS, **error_responses(404),
                        200: {"content": STREAM_CONTENT, "description": "JSON, or with stream=true `data:` chunks"}})
     async def completions(body: CompletionRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
@@ -111,7 +111,7 @@ def router(auth: object) -> APIRouter:
         results = await collect(engine, group, http)
         n_prompt = prompt_tokens(group, body.n)
         n_gen = sum(len(r.tokens) for r in results)
-        return Completion(
+        return TextCompletion(
             id=group.id, created=group.created, model=name,
             choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)  # type: ignore[arg-type]
                      for i, r in enumerate(results)],

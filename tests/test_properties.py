@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sse_starlette import ServerSentEvent
 
 from clients import EventStream, StepEvent
-from clients.protocol import CommittedToken, StepEventData
+from clients.protocol import CommittedToken
 from server.output import Result, Update, stable_prefix
 from server.request import UpdateQueue
 from server.streams import SEP
@@ -184,7 +184,7 @@ def test_a_slow_readers_updates_merge_without_losing_any(steps: int, backlog: in
     got: list[Update] = []
     for s in range(steps):
         done = s == steps - 1
-        event = StepEventData(step=s, steps=steps, committed=[CommittedToken(position=s, id=s, text="t")],
+        event = StepEvent(step=s, steps=steps, committed=[CommittedToken(position=s, id=s, text="t")],
                               masked=steps - s - 1, text="")
         queue.put_nowait((req, Update(event=event, delta=str(s % 10),
                                       result=Result([], "", "length", steps, steps, steps) if done else None)))
@@ -232,7 +232,7 @@ def test_sse_round_trips_through_any_chunking(events: list, cuts: list[int], kee
 @SETTINGS
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=6), st.integers(1, 9))
 def test_the_sdk_reads_a_step_stream_under_any_chunking(masked: list[int], chunk: int) -> None:
-    steps = [StepEventData(step=i, steps=len(masked), masked=m, text="_" * m,
+    steps = [StepEvent(step=i, steps=len(masked), masked=m, text="_" * m,
                            committed=[CommittedToken(position=i, id=i, text="\u00e9")]) for i, m in enumerate(masked)]
     wire = b"".join(ServerSentEvent(data=s.model_dump_json(), event="step", sep=SEP).encode() for s in steps)
     pieces = [wire[i:i + chunk] for i in range(0, len(wire), chunk)]

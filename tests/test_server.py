@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from clients.protocol import MASK_PLACEHOLDER, Completion, GenerateResponse, StepEventData
+from clients.protocol import MASK_PLACEHOLDER, GenerateResponse, StepEvent, TextCompletion
 from tests.server_utils import ServerProcess, metrics, sse_events, stream_generate
 from tzd.checkpoint import Loaded, load_checkpoint
 from tzd.sampling import SamplingParams, generate
@@ -82,7 +82,7 @@ def test_generate_stream_has_one_event_per_step_then_done(srv: ServerProcess, cl
     events = stream_generate(client, srv.url, body)
     names = [e for e, _ in events]
     assert names[-1] == "done" and set(names[:-1]) == {"step"}
-    steps = [StepEventData.model_validate(d) for _, d in events[:-1]]
+    steps = [StepEvent.model_validate(d) for _, d in events[:-1]]
     done = GenerateResponse.model_validate(events[-1][1])
     assert [s.step for s in steps] == list(range(len(steps))) and len(steps) == done.steps
     assert all(s.steps == 8 for s in steps)
@@ -171,7 +171,7 @@ def test_streamed_usage_counts_each_prompt_once(srv: ServerProcess, client: http
                        json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         datas = [d for _, d in sse_events(r)]
     assert datas[-1] == "[DONE]"
-    usage = Completion.model_validate_json(datas[-2]).usage
+    usage = TextCompletion.model_validate_json(datas[-2]).usage
     assert usage is not None and usage.prompt_tokens == want_prompt
     assert usage.completion_tokens == plain["usage"]["completion_tokens"]
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
@@ -207,7 +207,7 @@ def test_stop_strings_end_the_request(srv: ServerProcess, client: httpx.Client) 
                        json={**body, "stop": [stop], "stream": True}) as r:
         datas = [d for _, d in sse_events(r)]
     assert datas[-1] == "[DONE]"
-    chunks = [Completion.model_validate_json(d) for d in datas[:-1]]
+    chunks = [TextCompletion.model_validate_json(d) for d in datas[:-1]]
     assert "".join(c.text for ch in chunks for c in ch.choices) == want
     assert chunks[-1].choices[0].finish_reason == "stop"
 

@@ -60,10 +60,10 @@ def test_the_spec_documents_every_answer() -> None:
     assert set(gen) == {"application/json", "text/event-stream"}
     events = gen["text/event-stream"]["schema"]["oneOf"]
     assert {e["properties"]["event"]["const"]: e["properties"]["data"]["contentSchema"]["$ref"].rsplit("/", 1)[1]
-            for e in events} == {"step": "StepEventData", "done": "GenerateResponse", "error": "ErrorBody"}
+            for e in events} == {"step": "StepEvent", "done": "GenerateResponse", "error": "ErrorBody"}
     chunks = ops["POST", "/v1/completions"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
     assert chunks["properties"]["data"]["anyOf"][0] == {"const": "[DONE]"}
-    assert {"StepEventData", "CommittedToken", "ErrorBody"} <= set(doc["components"]["schemas"])
+    assert {"StepEvent", "CommittedToken", "ErrorBody"} <= set(doc["components"]["schemas"])
     body = doc["components"]["schemas"]["GenerateRequest"]["properties"]
     assert body["max_tokens"]["maximum"] == 16  # this server's --max-tokens-limit
     assert doc["components"]["securitySchemes"]["bearer"] == {

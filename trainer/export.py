@@ -12,6 +12,7 @@ import torch
 
 from tzd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
+# what save_checkpoint writes itself; "special_ids" only older checkpoints have (never read): not carried over
 OWN_KEYS = ("format_version", "model", "special_ids", "weights_dtype")
 
 
