@@ -1,25 +1,24 @@
 """TZDClient and AsyncTZDClient: the Python SDK of a TZD server (httpx; the wire schema of clients.protocol).
 
-Both clients share `_Core` (configuration, request bodies checked with the protocol's pydantic models,
-error mapping, retry decisions) and `EventStream` (server-sent events -> typed objects); each only adds
-its own I/O loop.
+Both clients share `_Core` (configuration, the requests they send with bodies checked by the protocol's
+pydantic models, error mapping, the retry policy run by tenacity) and `EventStream` (server-sent events,
+parsed by httpx-sse, into typed objects); each only adds its own I/O.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 import httpx
+import tenacity
+from httpx_sse import EventSource, ServerSentEvent
 from pydantic import BaseModel, ValidationError
 
 from clients.errors import (
@@ -40,14 +39,13 @@ from clients.protocol import (
     Health,
     ModelCard,
     ModelList,
-    StepEventData,
+    StepEvent,
+    TextCompletion,
 )
-from clients.protocol import Completion as TextCompletion
 
 log = logging.getLogger("tzd.client")
 
 Completion = GenerateResponse  # what generate() returns and stream() ends with: text, tokens, finish_reason, ...
-StepEvent = StepEventData  # one denoising step as streamed: step, steps, committed, masked, text
 Event = StepEvent | Completion
 M = TypeVar("M", bound=BaseModel)
 
@@ -58,7 +56,7 @@ VERSION = "0.1.0"
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """When a failed request is sent again, and after how long.
+    """When a failed request is sent again, and after how long (both clients run it with tenacity).
 
     Retried: 429 and 503 answers (the server refused before doing any work, so this is safe for
     generation too), waiting for the server's Retry-After (or exponential backoff with jitter when it
@@ -73,23 +71,49 @@ class RetryPolicy:
     max_wait: float = 60.0  # a longer Retry-After is not waited for: the error is raised at once
     statuses: frozenset[int] = frozenset({429, 503})
 
-    def delay(self, attempt: int, error: APIError, *, sent: bool, idempotent: bool) -> float | None:
-        """Seconds to wait before attempt `attempt + 1`, or None to raise `error` (attempt counts from 0)."""
-        if attempt >= self.max_retries:
-            return None
+    def should_retry(self, attempt: int, error: BaseException, *, idempotent: bool) -> bool:
+        """Whether attempt `attempt + 1` follows the failed attempt `attempt` (counting from 0)."""
+        if attempt >= self.max_retries or not isinstance(error, APIError):
+            return False
         if isinstance(error, APIConnectionError):
-            if sent and not idempotent:
-                return None
-            return self._backoff(attempt)
+            return not (error.sent and not idempotent)
         if error.status in self.statuses:
             retry_after = getattr(error, "retry_after", None)
-            if retry_after is None:
-                return self._backoff(attempt)
-            return retry_after if retry_after <= self.max_wait else None
-        return None
+            return retry_after is None or retry_after <= self.max_wait
+        return False
 
-    def _backoff(self, attempt: int) -> float:
+    def wait(self, attempt: int, error: BaseException) -> float:
+        """Seconds before the next attempt: the server's Retry-After, else backoff with jitter."""
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None and not isinstance(error, APIConnectionError):
+            return retry_after
         return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def delay(self, attempt: int, error: APIError, *, sent: bool, idempotent: bool) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to raise `error` (attempt counts from 0)."""
+        if isinstance(error, APIConnectionError):
+            error.sent = sent
+        if not self.should_retry(attempt, error, idempotent=idempotent):
+            return None
+        return self.wait(attempt, error)
+
+    def tenacity_args(self, idempotent: bool) -> dict[str, Any]:
+        """This policy as tenacity.Retrying / AsyncRetrying arguments (the last error is re-raised)."""
+        def retry(state: tenacity.RetryCallState) -> bool:
+            assert state.outcome is not None
+            err = state.outcome.exception()
+            return err is not None and self.should_retry(state.attempt_number - 1, err, idempotent=idempotent)
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            assert state.outcome is not None
+            return self.wait(state.attempt_number - 1, state.outcome.exception())  # type: ignore[arg-type]
+
+        def log_retry(state: tenacity.RetryCallState) -> None:
+            assert state.outcome is not None and state.next_action is not None
+            log.info("%s: retrying in %.2f s (retry %d of %d)", state.outcome.exception(), state.next_action.sleep,
+                     state.attempt_number, self.max_retries)
+
+        return {"retry": retry, "wait": wait, "stop": tenacity.stop_never, "reraise": True, "before_sleep": log_retry}
 
 
 def bad_request(exc: ValidationError) -> BadRequest:
@@ -104,18 +128,16 @@ def bad_request(exc: ValidationError) -> BadRequest:
     return BadRequest(message, param=param)
 
 
-def _connection_error(exc: httpx.TransportError, url: str) -> APIConnectionError:
+def connection_error(exc: httpx.TransportError, url: str) -> APIConnectionError:
+    """The SDK's error for a request that got no (complete) answer; `.sent` says whether it may have reached
+    the server (connect failures and pool waits did not)."""
     if isinstance(exc, httpx.TimeoutException):
         err: APIConnectionError = APITimeout(f"{url}: no answer within the timeout ({type(exc).__name__})")
     else:
         err = APIConnectionError(f"{url}: {type(exc).__name__}: {exc}")
+    err.sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
     err.__cause__ = exc
     return err
-
-
-def _was_sent(exc: httpx.TransportError) -> bool:
-    """Whether the request may have reached the server (connect failures and pool waits did not)."""
-    return not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
 class _Core:
@@ -192,64 +214,43 @@ class _Core:
                 raise self.error(resp) from None
         return self.parse(Health, resp)
 
-    def on_error(self, resp: httpx.Response, attempt: int) -> tuple[APIError, float | None]:
-        """(error, seconds to wait before retrying or None) for an error answer."""
-        err = self.error(resp)
-        return err, self._delay(attempt, err, resp.request.method, sent=True)
+    def request(self, http: httpx.Client | httpx.AsyncClient, method: str, path: str,
+                body: dict[str, Any] | None) -> httpx.Request:
+        """The request both clients send (and send again on a retry)."""
+        return http.build_request(method, self.url(path), json=body, headers=self.headers, timeout=self.timeout)
 
-    def on_transport_error(self, exc: httpx.TransportError, method: str, url: str, attempt: int
-                           ) -> tuple[APIError, float | None]:
-        """(error, seconds to wait before retrying or None) for a request that got no answer."""
-        err = _connection_error(exc, url)
-        return err, self._delay(attempt, err, method, sent=_was_sent(exc))
-
-    def _delay(self, attempt: int, err: APIError, method: str, sent: bool) -> float | None:
-        delay = self.retry.delay(attempt, err, sent=sent, idempotent=method == "GET")
-        if delay is not None:
-            log.info("%s: retrying in %.2f s (retry %d of %d)", err, delay, attempt + 1, self.retry.max_retries)
-        return delay
+    def retrying(self, method: str, retry: bool) -> dict[str, Any]:
+        """tenacity arguments for one call: the client's RetryPolicy, or a single attempt."""
+        policy = self.retry if retry else dataclasses.replace(self.retry, max_retries=0)
+        return policy.tenacity_args(idempotent=method == "GET")
 
 
 class EventStream:
-    """Parses a POST /generate event stream line by line into StepEvents and the final Completion."""
+    """Turns the server-sent events of a POST /generate stream (parsed by httpx-sse) into StepEvents and the
+    final Completion; raises the server's error for an `error` event."""
 
     def __init__(self) -> None:
-        self._event, self._data = "message", []  # type: tuple[str, list[str]]
         self.steps = 0  # step events seen
         self.done = False
 
-    def feed(self, line: str) -> Event | None:
-        """One line of the body; returns an event once a blank line completes it; raises on an `error` event."""
-        if line == "":
-            event, data = self._event, "\n".join(self._data)
-            had_data = bool(self._data)
-            self._event, self._data = "message", []
-            return self._dispatch(event, data) if had_data else None
-        if line.startswith(":"):
-            return None  # a comment (keep-alive)
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            self._event = value
-        elif name == "data":
-            self._data.append(value)
-        return None
-
-    def _dispatch(self, event: str, data: str) -> Event | None:
+    def on_event(self, sse: ServerSentEvent) -> Event | None:
+        """The typed event for one server-sent event; None for an event this client does not know."""
+        if not sse.data:
+            return None
         try:
-            if event == STEP_EVENT:
+            if sse.event == STEP_EVENT:
                 self.steps += 1
-                return StepEventData.model_validate_json(data)
-            if event == DONE_EVENT:
-                done = GenerateResponse.model_validate_json(data)
+                return StepEvent.model_validate_json(sse.data)
+            if sse.event == DONE_EVENT:
+                done = GenerateResponse.model_validate_json(sse.data)
                 self.done = True
                 return done
-            if event == ERROR_EVENT:
-                body = json.loads(data)
+            if sse.event == ERROR_EVENT:
+                body = json.loads(sse.data)
             else:
                 return None  # an event this client does not know: skip it
         except (ValidationError, ValueError) as e:
-            raise StreamInterrupted(f"malformed {event!r} event after {self.steps} steps: {e}") from e
+            raise StreamInterrupted(f"malformed {sse.event!r} event after {self.steps} steps: {e}") from e
         raise error_from_body(None, body, fallback="the server failed the request mid-stream")
 
     def interrupted(self, exc: BaseException | None = None) -> StreamInterrupted:
@@ -346,44 +347,41 @@ class TZDClient(_ClientBase):
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None = None, *, stream: bool = False,
               ok: tuple[int, ...] = (200,), retry: bool = True) -> httpx.Response:
-        core, url = self._core, self._core.url(path)
-        for attempt in itertools.count():
-            request = self._http.build_request(method, url, json=body, headers=core.headers, timeout=core.timeout)
+        request = self._core.request(self._http, method, path, body)
+        for attempt in tenacity.Retrying(**self._core.retrying(method, retry)):
+            with attempt:
+                return self._attempt(request, stream, ok)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _attempt(self, request: httpx.Request, stream: bool, ok: tuple[int, ...]) -> httpx.Response:
+        """One try: the answer if its status is in `ok`, else the typed error."""
+        try:
+            resp = self._http.send(request, stream=stream)
+            if resp.status_code in ok:
+                return resp
             try:
-                resp = self._http.send(request, stream=stream)
-            except httpx.TransportError as e:
-                err, delay = core.on_transport_error(e, method, url, attempt)
-            else:
-                if resp.status_code in ok:
-                    return resp
-                try:
-                    resp.read()
-                except httpx.TransportError as e:
-                    err, delay = core.on_transport_error(e, method, url, attempt)
-                else:
-                    err, delay = core.on_error(resp, attempt)
-                finally:
-                    resp.close()
-            if delay is None or not retry:
-                raise err
-            time.sleep(delay)
-        raise AssertionError("unreachable")  # itertools.count() never ends
+                resp.read()
+            finally:
+                resp.close()
+        except httpx.TransportError as e:
+            raise connection_error(e, str(request.url)) from e
+        raise self._core.error(resp)
 
     def _events(self, body: dict[str, Any]) -> Iterator[Event]:
         resp = self._send("POST", "/generate", body, stream=True)
         with contextlib.closing(resp):
             _check_stream(resp)
-            parser = EventStream()
+            decoder = EventStream()
             try:
-                for line in resp.iter_lines():
-                    item = parser.feed(line)
+                for sse in EventSource(resp).iter_sse():
+                    item = decoder.on_event(sse)
                     if item is not None:
                         yield item
-                    if parser.done:
+                    if decoder.done:
                         return
             except httpx.TransportError as e:
-                raise parser.interrupted(e) from e
-            raise parser.interrupted()
+                raise decoder.interrupted(e) from e
+            raise decoder.interrupted()
 
 
 class AsyncTZDClient(_ClientBase):
@@ -437,43 +435,40 @@ class AsyncTZDClient(_ClientBase):
 
     async def _send(self, method: str, path: str, body: dict[str, Any] | None = None, *, stream: bool = False,
                     ok: tuple[int, ...] = (200,), retry: bool = True) -> httpx.Response:
-        core, url = self._core, self._core.url(path)
-        for attempt in itertools.count():
-            request = self._http.build_request(method, url, json=body, headers=core.headers, timeout=core.timeout)
+        request = self._core.request(self._http, method, path, body)
+        async for attempt in tenacity.AsyncRetrying(**self._core.retrying(method, retry)):
+            with attempt:
+                return await self._attempt(request, stream, ok)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _attempt(self, request: httpx.Request, stream: bool, ok: tuple[int, ...]) -> httpx.Response:
+        """One try: the answer if its status is in `ok`, else the typed error."""
+        try:
+            resp = await self._http.send(request, stream=stream)
+            if resp.status_code in ok:
+                return resp
             try:
-                resp = await self._http.send(request, stream=stream)
-            except httpx.TransportError as e:
-                err, delay = core.on_transport_error(e, method, url, attempt)
-            else:
-                if resp.status_code in ok:
-                    return resp
-                try:
-                    await resp.aread()
-                except httpx.TransportError as e:
-                    err, delay = core.on_transport_error(e, method, url, attempt)
-                else:
-                    err, delay = core.on_error(resp, attempt)
-                finally:
-                    await resp.aclose()
-            if delay is None or not retry:
-                raise err
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # itertools.count() never ends
+                await resp.aread()
+            finally:
+                await resp.aclose()
+        except httpx.TransportError as e:
+            raise connection_error(e, str(request.url)) from e
+        raise self._core.error(resp)
 
     async def _events(self, body: dict[str, Any]) -> AsyncIterator[Event]:
         resp = await self._send("POST", "/generate", body, stream=True)
         try:
             _check_stream(resp)
-            parser = EventStream()
+            decoder = EventStream()
             try:
-                async for line in resp.aiter_lines():
-                    item = parser.feed(line)
+                async for sse in EventSource(resp).aiter_sse():
+                    item = decoder.on_event(sse)
                     if item is not None:
                         yield item
-                    if parser.done:
+                    if decoder.done:
                         return
             except httpx.TransportError as e:
-                raise parser.interrupted(e) from e
-            raise parser.interrupted()
+                raise decoder.interrupted(e) from e
+            raise decoder.interrupted()
         finally:
             await resp.aclose()

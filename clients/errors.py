@@ -14,7 +14,7 @@ TZDError
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -62,7 +62,10 @@ class ServerUnavailable(_RetryAfter):
 
 
 class APIConnectionError(ServerUnavailable):
-    """No complete HTTP answer: the connection could not be made or broke."""
+    """No complete HTTP answer: the connection could not be made or broke; `sent` says whether the request
+    may have reached the server (a generation that may have run is not retried)."""
+
+    sent: bool = True
 
 
 class APITimeout(APIConnectionError):
@@ -95,8 +98,8 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def error_from_body(status: int | None, body: Any, headers: Mapping[str, str] | None = None,

@@ -7,15 +7,34 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_STRINGS = 4
+# stop's wire form: one string, a list of them, or null (the validators below turn it into a list)
+STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+                         {"type": "null"}],
+               "description": f"stop strings (at most {MAX_STOP_STRINGS}): the text ends before the first one"}
+
+
+def off_only(*values: object) -> dict[str, object]:
+    """The JSON schema of an OpenAI option this server accepts only when off: exactly `values`."""
+    return {"enum": list(values)}
 
 
 class SamplingParams(BaseModel):
     """How to denoise one request. Checks here need no model; `tzd.sampling.plan` adds the context checks."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON string is not a number, nor 1.0 an int, so that the published schema is what is accepted
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int = Field(64, ge=1, description="number of tokens to generate (the canvas length)")
     steps: int | None = Field(None, ge=1, description="denoising steps (upper bound with threshold); "
@@ -30,7 +49,8 @@ class SamplingParams(BaseModel):
     cache: Literal["none", "prefix", "dual"] = "none"
     cfg_scale: float = Field(0.0, ge=0.0, description="classifier-free guidance scale; 0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63, description="None = random")
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stop: Annotated[list[str], WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list,
+                                                                     max_length=MAX_STOP_STRINGS)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -55,10 +75,13 @@ class SamplingParams(BaseModel):
 
 # ---- shared pieces --------------------------------------------------------------------------------
 
-FinishReason = Literal["length", "stop"]
+FinishReason = Literal["length", "stop", "timeout"]  # timeout: past the request's deadline, the text so far
 MASK_PLACEHOLDER = "_"  # how a still-masked position shows in a step event's `text` (one per position)
 STEP_EVENT, DONE_EVENT, ERROR_EVENT = "step", "done", "error"  # the SSE event names of POST /generate
 TokenId = Annotated[int, Field(ge=0)]
+Timeout = Annotated[float | None, Field(gt=0, description="seconds this request may take from its arrival; past "
+                                        "it, it ends with finish_reason \"timeout\" and the text so far (the "
+                                        "server's --request-timeout, if shorter, wins)")]
 
 
 def sampling_fields(model: BaseModel) -> SamplingParams:
@@ -77,6 +100,7 @@ class ErrorDetail(BaseModel):
     type: str  # invalid_request_error | authentication_error | rate_limit_error | server_error | ...
     param: str | None = None  # the offending request field
     code: str | None = None
+    request_id: str | None = None  # the answer's X-Request-Id: quote it when reporting a problem
 
 
 class ErrorBody(BaseModel):
@@ -128,6 +152,7 @@ class GenerateRequest(SamplingParams):
     messages: Messages | None = None  # before prompt: prompt's check below sees it
     prompt: str | list[TokenId] | None = Field(None, validate_default=True)
     stream: bool = False
+    timeout: Timeout = None
 
     @field_validator("prompt")
     @classmethod
@@ -173,7 +198,7 @@ class CommittedToken(BaseModel):
     text: str
 
 
-class StepEventData(BaseModel):
+class StepEvent(BaseModel):
     """The data of one `step` event: what one denoising step did to this request."""
 
     step: int  # 0-based index of this step
@@ -186,6 +211,8 @@ class StepEventData(BaseModel):
 # ---- OpenAI-compatible /v1 -------------------------------------------------------------------------
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     include_usage: bool = False
 
 
@@ -202,18 +229,19 @@ class CompletionRequest(SamplingParams):
     """
 
     model: str | None = None
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(json_schema_extra={"minItems": 1})
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    timeout: Timeout = None
     user: str | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    echo: bool = Field(False, json_schema_extra=off_only(False))
+    logprobs: int | None = Field(None, json_schema_extra=off_only(None, 0))
+    best_of: int | None = Field(None, description="only n (or null) is supported")
+    suffix: str | None = Field(None, json_schema_extra=off_only(None, ""))
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=off_only(None, {}))
+    frequency_penalty: float = Field(0.0, json_schema_extra=off_only(0))
+    presence_penalty: float = Field(0.0, json_schema_extra=off_only(0))
 
     @field_validator("prompt")
     @classmethod
@@ -252,7 +280,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class Completion(BaseModel):
+class TextCompletion(BaseModel):
     """The answer of POST /v1/completions, and (text deltas, usage only on the last) each stream chunk."""
 
     id: str
@@ -279,6 +307,10 @@ class ModelList(BaseModel):
 
 # ---- OpenAI-compatible /v1/chat/completions --------------------------------------------------------
 
+class ResponseFormat(BaseModel):
+    type: Literal["text"]  # plain text only: no JSON mode or schemas
+
+
 class ChatCompletionRequest(SamplingParams):
     """POST /v1/chat/completions: OpenAI's fields plus the diffusion fields of SamplingParams as extra body
     fields. `max_completion_tokens` is OpenAI's newer name for max_tokens; options without a diffusion
@@ -286,19 +318,20 @@ class ChatCompletionRequest(SamplingParams):
 
     model: str | None = None
     messages: Messages
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    timeout: Timeout = None
     user: str | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
+    logprobs: bool | None = Field(False, json_schema_extra=off_only(None, False))
+    top_logprobs: int | None = Field(None, json_schema_extra=off_only(None, 0))
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=off_only(None, {}))
+    frequency_penalty: float = Field(0.0, json_schema_extra=off_only(0))
+    presence_penalty: float = Field(0.0, json_schema_extra=off_only(0))
+    tools: list[dict] | None = Field(None, json_schema_extra=off_only(None, []))
+    tool_choice: str | None = Field(None, json_schema_extra=off_only(None, "none"))
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -314,13 +347,7 @@ class ChatCompletionRequest(SamplingParams):
                      "tool_choice")
     @classmethod
     def _off_only(cls, v: object, info: ValidationInfo) -> object:
-        _unsupported(info.field_name, v in (None, False, 0, 0.0, "", {}, [], "none"))
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict | None) -> dict | None:
-        _unsupported("response_format other than text", v is None or v.get("type") == "text")
+        _unsupported(info.field_name, v in (None, False, 0, 0.0, {}, [], "none"))
         return v
 
     def sampling_params(self) -> SamplingParams:

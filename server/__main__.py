@@ -9,9 +9,11 @@ import sys
 from types import FrameType
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from server.app import create_app
 from server.config import ServerConfig, parse_config
+from server.logs import configure_logging
 from server.serving import Serving
 from tzd.checkpoint import CheckpointError, check_checkpoint
 
@@ -23,6 +25,9 @@ class DrainingServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, serving: Serving, shutdown_timeout: float) -> None:
         super().__init__(config)
+        # streams end through the engine's drain (their last event sent), not by sse-starlette cutting them
+        # at the first signal
+        AppStatus.disable_automatic_graceful_drain()
         self.serving, self.shutdown_timeout = serving, shutdown_timeout
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -54,7 +59,7 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     cfg: ServerConfig = parse_config(argv)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(cfg.log_level, cfg.log_format)
     try:
         check_checkpoint(cfg.checkpoint)  # fail fast on a bad path, before binding the port
     except CheckpointError as e:
@@ -62,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     holder: list[DrainingServer] = []
     app = create_app(cfg, on_fatal=lambda e: holder[0].fatal(e))
+    # log_config=None: uvicorn's loggers go through configure_logging's handler; server.middleware writes
+    # the access lines (with the request id, tokens and timings uvicorn's own lines lack)
     ucfg = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
-                          timeout_graceful_shutdown=5, lifespan="on")
+                          log_config=None, timeout_graceful_shutdown=5, lifespan="on")
     server = DrainingServer(ucfg, app.state.serving, cfg.shutdown_timeout)
     holder.append(server)
     server.run()

@@ -7,14 +7,12 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
-from fastapi.responses import Response
 
-from server import playground, routes_chat, routes_generate, routes_openai, routes_ops
+from server import openapi, playground, routes_chat, routes_generate, routes_openai, routes_ops
 from server.auth import bearer_auth
 from server.config import ServerConfig
 from server.errors import install_error_handlers
-from server.middleware import BodyLimit, RequestCounter
-from server.request import ClientGone
+from server.middleware import BodyLimit, RequestContext
 from server.serving import Serving
 
 
@@ -36,18 +34,15 @@ def create_app(config: ServerConfig, on_fatal: Callable[[BaseException], None] |
                   description="Masked-diffusion language model server: /generate streams every denoising "
                               "step; /v1 speaks OpenAI's completions and chat completions APIs.")
     app.state.serving = serving
-    auth = bearer_auth(config.api_keys)
+    auth = bearer_auth(config.api_keys, serving.limiter)
     app.include_router(routes_ops.router)
     app.include_router(routes_generate.router(auth))
     app.include_router(routes_openai.router(auth))
     app.include_router(routes_chat.router(auth))
     playground.install(app)  # GET /: the web playground
     install_error_handlers(app, lambda reason: serving.metrics.rejected.labels(reason).inc())
-
-    @app.exception_handler(ClientGone)
-    async def _gone(request: object, exc: ClientGone) -> Response:
-        return Response(status_code=499)  # nobody reads it: the client is gone
+    openapi.install(app, config.max_tokens_limit)
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, metrics=serving.metrics)
-    app.add_middleware(RequestCounter, metrics=serving.metrics)  # outermost: counts 413s too
+    app.add_middleware(RequestContext, metrics=serving.metrics)  # outermost: ids, counts and logs 413s too
     return app

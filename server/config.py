@@ -1,43 +1,38 @@
-"""Command-line flags of `python -m server`; every flag can also come from a TZD_* environment variable."""
+"""Settings of `python -m server`: one pydantic model, read from flags, then TZD_* variables, then defaults.
+
+Each setting is written once, as a field of ServerOptions (type, default, checks, help); pydantic-settings
+makes the command line (`--max-batch-size`, `--help`) and reads the environment (`TZD_MAX_BATCH_SIZE`).
+ServerConfig is what the server runs with: the same fields, the API keys loaded (with their limits).
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import re
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    EnvSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+    SettingsError,
+)
+from pydantic_settings.sources.utils import parse_env_vars
+
+from server.keys import ApiKey, KeyFileError, read_key_file
 
 DEFAULT_CHECKPOINT = "models/shakespeare-small"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the repository root in a source checkout
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    checkpoint: Path = Path(DEFAULT_CHECKPOINT)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch_size: int = 16
-    max_queue: int = 256
-    max_tokens_limit: int = 256
-    max_model_len: int | None = 4096
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    shutdown_timeout: float = 30.0
-    max_body_bytes: int = 1 << 20
-    threads: int | None = None
-    model_name: str | None = None
-    log_level: str = "info"
-
-    @property
-    def served_name(self) -> str:
-        """The model id of /v1/models: --model-name, else the checkpoint's name (a run's, for run/last)."""
-        path = self.checkpoint.resolve()
-        return self.model_name or (path.parent.name if path.name in ("last", "best") else path.name)
+ENV_PREFIX = "TZD_"
+PROG = "python -m server"
+Positive = Annotated[int, Field(gt=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -48,113 +43,139 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return PACKAGE_ROOT / p if (PACKAGE_ROOT / p).exists() else p
 
 
-def _device(v: str) -> str:
-    if v in DEVICES or v.startswith("cuda:"):
-        return v
-    raise argparse.ArgumentTypeError(f"must be one of {', '.join(DEVICES)} (or cuda:N), got {v!r}")
+class ServerOptions(BaseModel):
+    """Serve a TZD masked-diffusion model over HTTP (native /generate with step streaming, OpenAI /v1)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    checkpoint: Path = Field(Path(DEFAULT_CHECKPOINT), description="checkpoint directory (relative paths also "
+                                                                   "from the repo root)")
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    device: str = Field("auto", description="auto (CUDA where there is one), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers stored "
+                            "in bf16, the rest fp32), float32, bfloat16, float16")
+    max_batch_size: Positive = Field(16, description="requests denoised together in one step")
+    max_queue: Positive = Field(256, description="requests waiting for a slot before 429")
+    max_tokens_limit: Positive = Field(256, description="largest max_tokens a request may ask for")
+    max_model_len: Positive = Field(4096, description="most positions (prompt + max_tokens) a request may use; "
+                                                      "the model's own context where shorter (public models "
+                                                      "declare far longer ones than a step's KV store should "
+                                                      "reserve)")
+    shutdown_timeout: PositiveSeconds = Field(30.0, description="seconds to finish in-flight requests after "
+                                                                "SIGTERM")
+    max_body_bytes: Positive = Field(1 << 20, description="largest request body (413 above)")
+    threads: Positive | None = Field(None, description="torch CPU threads (unset: torch's, one per core; 1 "
+                                                       "where other busy processes share the cores)")
+    model_name: str | None = Field(None, description="model id in /v1/models (unset: the checkpoint "
+                                                     "directory's name)")
+    sse_keepalive: PositiveSeconds = Field(15.0, description="seconds between keep-alive comments on a stream "
+                                                             "(while it waits for a slot or between slow steps)")
+    request_timeout: PositiveSeconds | None = Field(
+        None, description='seconds a request may take from its arrival; past it, it ends with finish_reason '
+                          '"timeout" and the text so far (unset: none; a request\'s own `timeout` can only '
+                          'shorten it)')
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line "
+                                                                     "(access lines carry request_id, method, "
+                                                                     "route, status, tokens, times)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v):
+            return v
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _resolve(cls, v: Path) -> Path:
+        return resolve_checkpoint(v)
 
 
-def _dtype(v: str) -> str:
-    if v in DTYPES:
-        return v
-    raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)}, got {v!r}")
+class ServerConfig(ServerOptions):
+    """What the server runs with: the options and the API keys (none = an open server)."""
+
+    api_keys: tuple[ApiKey, ...] = Field((), repr=False)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:  # plain strings are keys without limits
+        return tuple(ApiKey(k) if isinstance(k, str) else k for k in v)
+
+    @property
+    def served_name(self) -> str:
+        """The model id of /v1/models: --model-name, else the checkpoint's name (a run's, for run/last)."""
+        path = self.checkpoint.resolve()
+        return self.model_name or (path.parent.name if path.name in ("last", "best") else path.name)
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(v: str) -> Any:
-        try:
-            x = kind(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, "
-                                             f"got {v!r}") from None
-        if x <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {v!r}")
-        return x
-    parse.__name__ = kind.__name__
-    return parse
+class ServerSettings(BaseSettings, ServerOptions):
+    """Serve a TZD masked-diffusion model over HTTP (native /generate with step streaming, OpenAI /v1).
+    Every flag can also be set by a TZD_* environment variable (flags win)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, cli_prog_name=PROG, cli_kebab_case=True,
+                                      cli_hide_none_type=True, cli_avoid_json=True, cli_show_env_vars=True,
+                                      cli_exit_on_error=True, cli_implicit_flags=False, frozen=True,
+                                      extra="forbid")
+
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="require `Authorization: Bearer KEY` on /generate and /v1/* "
+                                          "(repeatable; the variable is comma-separated)")
+    api_key_file: Path | None = Field(None, description="file of API keys, one a line, each with optional "
+                                                        "limits: KEY [name=N] [concurrency=N] [rpm=N] [tpm=N]")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [k for k in v.split(",") if k.strip()] if isinstance(v, str) else v
 
 
-def _port(v: str) -> int:
-    p = _positive(int)(v)
-    if p > 65535:
-        raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {v!r}")
-    return p
+def _usage_error(message: str) -> SystemExit:
+    print(f"usage: {PROG} [-h] [flags]\n{PROG}: error: {message}", file=sys.stderr)
+    return SystemExit(2)
 
 
-# (flag, type, default, help); the env var is TZD_ + the flag upper-cased with dashes as underscores
-FLAGS: list[tuple[str, Callable[[str], Any], Any, str]] = [
-    ("--checkpoint", str, DEFAULT_CHECKPOINT, "checkpoint directory (relative paths also from the repo root)"),
-    ("--host", str, "127.0.0.1", "interface to bind"),
-    ("--port", _port, 8000, "TCP port"),
-    ("--device", _device, "auto", "auto (CUDA where there is one), cpu, cuda, cuda:N"),
-    ("--dtype", _dtype, "auto", "auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers "
-                             "stored in bf16, the rest fp32), float32, bfloat16, float16"),
-    ("--max-batch-size", _positive(int), 16, "requests denoised together in one step"),
-    ("--max-queue", _positive(int), 256, "requests waiting for a slot before 429"),
-    ("--max-tokens-limit", _positive(int), 256, "largest max_tokens a request may ask for"),
-    ("--max-model-len", _positive(int), 4096, "most positions (prompt + max_tokens) a request may use; the "
-                                             "model's own context where shorter (public models declare far "
-                                             "longer ones than a step's KV store should reserve)"),
-    ("--shutdown-timeout", _positive(float), 30.0, "seconds to finish in-flight requests after SIGTERM"),
-    ("--max-body-bytes", _positive(int), 1 << 20, "largest request body (413 above)"),
-    ("--threads", _positive(int), None, "torch CPU threads (default: torch's, one per core; 1 where other busy "
-                                        "processes share the cores)"),
-    ("--model-name", str, None, "model id in /v1/models (default: the checkpoint directory's name)"),
-    ("--log-level", str, "info", "debug, info, warning, error"),
-]
-
-
-def env_name(flag: str) -> str:
-    return "TZD_" + flag.lstrip("-").upper().replace("-", "_")
-
-
-def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The parser; defaults come from `environ` where a TZD_* variable is set."""
-    parser = argparse.ArgumentParser(prog="python -m server", description="Serve a TZD masked-diffusion model "
-                                     "over HTTP (native /generate with step streaming, OpenAI /v1).")
-    for flag, kind, default, help_ in FLAGS:
-        env = env_name(flag)
-        if env in environ:
-            try:
-                default = kind(environ[env])
-            except (argparse.ArgumentTypeError, ValueError) as e:
-                parser.error(f"{env}={environ[env]!r}: {e}")
-        parser.add_argument(flag, type=kind, default=default, help=f"{help_} [env {env}; default {default}]")
-    env_keys = [k for k in environ.get("TZD_API_KEY", "").split(",") if k.strip()]
-    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                        help="require `Authorization: Bearer KEY` on /generate and /v1/* (repeatable) "
-                             "[env TZD_API_KEY, comma-separated]")
-    parser.set_defaults(env_api_keys=env_keys)
-    parser.add_argument("--api-key-file", default=environ.get("TZD_API_KEY_FILE"), metavar="PATH",
-                        help="file with one API key per line (# comments) [env TZD_API_KEY_FILE]")
-    return parser
-
-
-def read_key_file(path: str) -> list[str]:
-    """API keys from a file: one a line; blank lines and # comments are skipped."""
-    lines = Path(path).read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+def _source_of(field: str, argv: Sequence[str], environ: Mapping[str, str]) -> str:
+    """Where a bad value came from: `--flag`, `TZD_VAR=value`, or the field."""
+    flag = "--" + field.replace("_", "-")
+    if any(a == flag or a.startswith(flag + "=") for a in argv):
+        return flag
+    env = ENV_PREFIX + field.upper()
+    return f"{env}={environ[env]!r}" if env in environ else flag
 
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
-    """Flags over environment over defaults; exits with a usage error naming the bad flag or variable."""
+    """Flags over environment over defaults; exits 2 with a usage error naming the bad flag or variable."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
-    parser = build_parser(environ)
-    args = parser.parse_args(argv)
-    keys = list(args.api_key if args.api_key is not None else args.env_api_keys)
-    if args.api_key_file:
+
+    class FromArgs(ServerSettings):
+        __doc__ = ServerSettings.__doc__
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,  # noqa: ANN001, ANN206
+                                       file_secret_settings):
+            env = EnvSettingsSource(settings_cls)
+            env.env_vars = parse_env_vars(environ, env.case_sensitive, env.env_ignore_empty, env.env_parse_none_str)
+            return init_settings, env
+
+    try:
+        settings = CliApp.run(FromArgs, cli_args=argv)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err.get("loc") else ""
+        raise _usage_error(f"{_source_of(field, argv, environ)}: {err['msg']}") from None
+    except SettingsError as e:
+        raise _usage_error(str(e)) from None
+    keys = [ApiKey(k.strip()) for k in settings.api_key]
+    if any(not k.key for k in keys):
+        raise _usage_error("--api-key: must not be empty")
+    if settings.api_key_file is not None:
         try:
-            keys += read_key_file(args.api_key_file)
-        except OSError as e:
-            parser.error(f"--api-key-file {args.api_key_file}: {e.strerror or e}")
-        if not keys:
-            parser.error(f"--api-key-file {args.api_key_file}: no keys in the file")
-    if any(not k.strip() for k in keys):
-        parser.error("--api-key: must not be empty")
-    return ServerConfig(
-        checkpoint=resolve_checkpoint(args.checkpoint), host=args.host, port=args.port, device=args.device,
-        dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        max_tokens_limit=args.max_tokens_limit, max_model_len=args.max_model_len, api_keys=tuple(k.strip() for k in keys),
-        shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes, threads=args.threads,
-        model_name=args.model_name,
-        log_level=args.log_level)
+            keys += read_key_file(settings.api_key_file)
+        except KeyFileError as e:
+            raise _usage_error(f"--api-key-file {e}") from None
+    options = settings.model_dump(include=set(ServerOptions.model_fields))
+    return ServerConfig(**options, api_keys=tuple(keys))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from clients.protocol import SamplingParams
+from server.errors import Unavailable
 from server.metrics import Metrics
 from server.output import Update
 from server.request import CANCELLED, Failure, Request, RequestGroup
@@ -25,15 +26,9 @@ from tzd.sampling import DenoiseBatch, plan
 
 log = logging.getLogger("tzd.server")
 
+__all__ = ["Engine", "StepOutcome", "Unavailable"]
+
 State = Literal["ready", "draining", "dead"]
-
-
-class Unavailable(Exception):
-    """The engine takes no new requests (503): draining or dead."""
-
-    def __init__(self, state: str) -> None:
-        super().__init__(f"the server is {state}: not accepting requests")
-        self.state = state
 
 
 @dataclass
@@ -118,8 +113,9 @@ class Engine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                expired = self._expire()  # before admission, so that no late request takes a slot
                 evict, admit = self.scheduler.schedule()
-                evict, self._orphans = evict + self._orphans, []
+                evict, self._orphans = evict + self._orphans + expired, []
                 now = time.perf_counter()
                 for r in admit:
                     r.admitted = now
@@ -145,7 +141,7 @@ class Engine:
                 try:
                     self.batch.add(r.prompt_ids, r.plan, handle=r)
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
-                    log.exception("could not add request %s", r.group.id)
+                    log.exception("could not add request %s (request id %s)", r.group.id, r.group.request_id)
                     out.deliveries.append((r, Failure(f"could not start: {type(e).__name__}: {e}"), 0))
             out.batch_size = len(self.batch)
             if not out.batch_size:
@@ -167,7 +163,7 @@ class Engine:
             try:
                 up: Update | Failure = req.output.on_step(ev)
             except Exception as e:  # noqa: BLE001 - a rendering bug fails one request only
-                log.exception("rendering a step of %s failed", req.group.id)
+                log.exception("rendering a step of %s (request id %s) failed", req.group.id, req.group.request_id)
                 up = Failure(f"internal error rendering the step: {type(e).__name__}: {e}")
             if not ev.done and (isinstance(up, Failure) or up.result is not None):
                 self.batch.remove(req)  # a stop string (or a failure) ended it before the sampler did
@@ -192,19 +188,34 @@ class Engine:
                 req.finished = now
                 self.scheduler.finish(req)
             else:
-                if req.first_step is None:
+                if req.first_step is None and nfe > 0:  # not a request that timed out waiting
                     req.first_step = now
                     m.time_to_first_step.observe(now - req.arrival)
                 if up.result is not None:
                     req.finished = now
+                    req.generated, req.finish_reason = len(up.result.tokens), up.result.finish_reason
                     self.scheduler.finish(req)
                     m.latency.observe(now - req.arrival)
                     m.prompt_tokens.inc(len(req.prompt_ids))
                     m.generated_tokens.inc(len(up.result.tokens))
                     m.tokens_per_forward.observe(up.result.committed / max(up.result.nfe, 1))
-            if not req.cancelled:
-                req.group.queue.put_nowait((req, up))
+            if not req.cancelled and req.group.queue.put_nowait((req, up)):
+                m.stream_coalesced.inc()
         self._gauges()
+
+    def _expire(self) -> list[Request]:
+        """End the requests past their deadline with what they have (finish_reason "timeout"); returns the
+        running ones, whose slots the next step frees."""
+        now = time.perf_counter()
+        waiting, running = self.scheduler.expire(now)
+        out = StepOutcome()
+        for req in waiting + running:
+            if not req.cancelled:
+                self.metrics.timeouts.inc()
+                out.deliveries.append((req, req.output.on_timeout(req.nfe), req.nfe))
+        if out.deliveries:
+            self._dispatch(out)
+        return running
 
     def _fail_all(self, message: str) -> None:
         self._orphans += list(self.scheduler.running)

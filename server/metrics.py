@@ -52,6 +52,10 @@ class Metrics:
                                             "committed / forward passes (the parallelism of decoding)",
                                             buckets=PARALLELISM_BUCKETS, registry=r)
         self.rejected = Counter("tzd_rejected", "Requests refused before running", ["reason"], registry=r)
+        self.timeouts = Counter("tzd_request_timeouts", "Requests ended at their deadline (finish_reason "
+                                "timeout)", registry=r)
+        self.stream_coalesced = Counter("tzd_stream_events_coalesced", "Step updates merged into an unread one "
+                                        "because the client read too slowly", registry=r)
         self.step_errors = Counter("tzd_step_errors", "Batched steps that raised (their requests failed)",
                                    registry=r)
         self.model_info = Info("tzd_model", "The loaded model", registry=r)

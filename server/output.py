@@ -11,8 +11,8 @@ from typing import Literal
 
 import numpy as np
 
-from clients.protocol import MASK_PLACEHOLDER, CommittedToken, StepEventData
-from tzd.sampling import StepEvent, finish
+from clients.protocol import MASK_PLACEHOLDER, CommittedToken, StepEvent
+from tzd.sampling import SlotStep, finish
 from tzd.tokenizer import TextTokenizer
 
 StreamMode = Literal["none", "events", "prefix"]  # /generate without stream, /generate stream, OpenAI stream
@@ -32,9 +32,17 @@ class Result:
 class Update:
     """What one step means for one request's client."""
 
-    event: StepEventData | None = None  # mode "events"
+    event: StepEvent | None = None  # mode "events"
     delta: str = ""  # mode "prefix": text newly added to the committed left-to-right prefix
     result: Result | None = None  # once finished
+
+    def merged(self, later: Update) -> Update:
+        """This update and a later one as one (for a reader that fell behind): the later step's canvas, the
+        tokens both committed, both deltas, the later result."""
+        event = later.event
+        if event is not None and self.event is not None:
+            event = event.model_copy(update={"committed": self.event.committed + event.committed})
+        return Update(event=event or self.event, delta=self.delta + later.delta, result=later.result)
 
 
 def canvas_text(tokenizer: TextTokenizer, canvas: list[int], mask_id: int, placeholder: str = MASK_PLACEHOLDER) -> str:
@@ -70,13 +78,16 @@ class RequestOutput:
         self.prefix_len = 0  # committed left-to-right prefix length at the last step
         self.prefix_text = ""
         self.sent = ""  # text already sent as deltas (mode "prefix")
+        self.canvas: list[int] | None = None  # the latest step's canvas
+        self.steps = 0  # steps seen
 
-    def on_step(self, ev: StepEvent) -> Update:
+    def on_step(self, ev: SlotStep) -> Update:
         """The client update for one step; a result when the sampler finished it or a stop string did."""
         up = Update()
+        self.canvas, self.steps = ev.canvas, ev.step + 1
         if self.mode == "events":
             committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t])) for p, t in ev.committed]
-            up.event = StepEventData(step=ev.step, steps=ev.steps, committed=committed, masked=ev.masked,
+            up.event = StepEvent(step=ev.step, steps=ev.steps, committed=committed, masked=ev.masked,
                                      text=canvas_text(self.tok, ev.canvas, self.mask_id))
         stopped = False
         if (self.stop or self.mode == "prefix") and not ev.done:
@@ -90,6 +101,18 @@ class RequestOutput:
                 up.delta = self._delta(up.result.text)
         elif self.mode == "prefix":
             up.delta = self._delta(stable_prefix(self.prefix_text, self.stop))
+        return up
+
+    def on_timeout(self, nfe: int) -> Update:
+        """The result of a request stopped at its deadline: the committed left-to-right prefix so far (cut at
+        EOS or a stop string), finish_reason "timeout"."""
+        canvas = self.canvas or []
+        n = canvas.index(self.mask_id) if self.mask_id in canvas else len(canvas)
+        tokens, reason, text = finish(canvas[:n], "timeout", self.eos_ids, self.stop, self.tok.decode)
+        committed = self.max_tokens - canvas.count(self.mask_id) if canvas else 0
+        up = Update(result=Result(tokens, text or "", reason, self.steps, nfe, committed))
+        if self.mode == "prefix":
+            up.delta = self._delta(up.result.text)
         return up
 
     def _advance_prefix(self, canvas: list[int]) -> bool:

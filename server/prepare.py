@@ -5,17 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from clients.protocol import SamplingParams
+from server.errors import InvalidRequest
 from tzd.hf.chat import ChatTemplateError
 from tzd.sampling import RequestPlan, SamplingParamsError, plan
 from tzd.tokenizer import TextTokenizer
 
-
-class InvalidRequest(ValueError):
-    """A request this model cannot run (400); `param` names the field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+__all__ = ["ChatPrompt", "InvalidRequest", "prepare", "prompt_ids", "render_chat"]
 
 
 class ChatPrompt(str):

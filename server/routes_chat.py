@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends
 from fastapi import Request as HttpRequest
-from fastapi.responses import StreamingResponse
+from sse_starlette import ServerSentEvent
 
 from clients.protocol import (
     AssistantMessage,
@@ -22,60 +22,55 @@ from clients.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ErrorBody,
     Usage,
 )
-from server.engine import Engine
-from server.errors import ApiError, error_body
-from server.request import RequestFailed, RequestGroup
-from server.routes_openai import choice_params
+from server.errors import GENERATION_ERRORS, ApiError, error_responses, request_id
+from server.openapi import data_events, sse_content
+from server.request import RequestGroup
+from server.routes_openai import choice_params, openai_stream, prompt_tokens
 from server.serving import Serving
-from server.streams import SSE_HEADERS, collect, set_outcome, sse
+from server.streams import collect, sse, stream_response
+
+STREAM_CONTENT = sse_content(data_events([ChatCompletionChunk, ErrorBody], "[DONE]"),
+                             "With stream=true: `data:` chunks (the role, then content deltas of each choice's "
+                             "committed prefix, its finish_reason; usage on the last with "
+                             "stream_options.include_usage), then `data: [DONE]`, or an error body instead")
 
 
-def usage(group: RequestGroup, generated: int) -> Usage:
-    """One conversation, counted once however many choices (n) it has."""
-    n_prompt = len(group.requests[0].prompt_ids)
+def usage(group: RequestGroup, n: int, generated: int) -> Usage:
+    n_prompt = prompt_tokens(group, n)  # one conversation, counted once however many choices
     return Usage(prompt_tokens=n_prompt, completion_tokens=generated, total_tokens=n_prompt + generated)
 
 
-async def chat_chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: str, include_usage: bool
-                      ) -> AsyncIterator[str]:
-    """Per choice: the role, then content deltas, then its finish_reason; usage if asked; [DONE]."""
-    ended, n_gen = False, 0
+async def chat_chunks(group: RequestGroup, model: str, include_usage: bool, n: int
+                      ) -> AsyncIterator[ServerSentEvent]:
+    """Per choice: the role, then content deltas, then its finish_reason; usage last if asked."""
+    n_gen = 0
 
-    def chunk(choices: list[ChatChunkChoice], use: Usage | None = None) -> str:
+    def chunk(choices: list[ChatChunkChoice], use: Usage | None = None) -> ServerSentEvent:
         return sse(ChatCompletionChunk(id=group.id, created=group.created, model=model, choices=choices,
                                        usage=use).model_dump_json())
 
-    try:
-        yield chunk([ChatChunkChoice(index=r.index, delta=ChatDelta(role="assistant", content=""))
-                     for r in group.requests])
-        async for req, up in group.updates():
-            reason = up.result.finish_reason if up.result is not None else None
-            if up.delta or reason is not None:
-                yield chunk([ChatChunkChoice(index=req.index, delta=ChatDelta(content=up.delta or None),
-                                             finish_reason=reason)])  # type: ignore[arg-type]
-            if up.result is not None:
-                n_gen += len(up.result.tokens)
-        if include_usage:
-            yield chunk([], usage(group, n_gen))
-        yield sse("[DONE]")
-        ended = True
-    except RequestFailed as e:
-        ended = True
-        set_outcome(http, "error")
-        yield sse(error_body(500, str(e), code="generation_failed").model_dump_json())
-    finally:
-        if not ended:
-            set_outcome(http, "499")
-            engine.cancel(group)
+    yield chunk([ChatChunkChoice(index=r.index, delta=ChatDelta(role="assistant", content=""))
+                 for r in group.requests])
+    async for req, up in group.updates():
+        reason = up.result.finish_reason if up.result is not None else None
+        if up.delta or reason is not None:
+            yield chunk([ChatChunkChoice(index=req.index, delta=ChatDelta(content=up.delta or None),
+                                         finish_reason=reason)])  # type: ignore[arg-type]
+        if up.result is not None:
+            n_gen += len(up.result.tokens)
+    if include_usage:
+        yield chunk([], usage(group, n, n_gen))
 
 
 def router(auth: object) -> APIRouter:
-    r = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    r = APIRouter(prefix="/v1", dependencies=[Depends(auth)], responses=error_responses(503))
 
     @r.post("/chat/completions", response_model=ChatCompletion,
-            responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks"}})
+            responses={**GENERATION_ERRORS, **error_responses(404),
+                       200: {"content": STREAM_CONTENT, "description": "JSON, or with stream=true `data:` chunks"}})
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
         serving: Serving = http.app.state.serving
         engine = serving.ready_engine()
@@ -88,15 +83,17 @@ def router(auth: object) -> APIRouter:
                            param="n", reason="invalid")
         prompt = serving.chat_prompt(body.messages)
         group = serving.new_group("chatcmpl", [prompt] * body.n, choice_params(body.sampling_params(), body.n),
-                                  "prefix" if body.stream else "none")
+                                  "prefix" if body.stream else "none", n=body.n, request_id=request_id(http),
+                                  timeout=body.timeout)
         engine.submit(group)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(chat_chunks(engine, group, http, name, include_usage),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return stream_response(http, openai_stream(engine, group, http,
+                                                       chat_chunks(group, name, include_usage, body.n)))
         results = await collect(engine, group, http)
         return ChatCompletion(
-            id=group.id, created=group.created, model=name, usage=usage(group, sum(len(r.tokens) for r in results)),
+            id=group.id, created=group.created, model=name,
+            usage=usage(group, body.n, sum(len(r.tokens) for r in results)),
             choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text),
                                 finish_reason=r.finish_reason)  # type: ignore[arg-type]
                      for i, r in enumerate(results)])

@@ -6,23 +6,32 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends
 from fastapi import Request as HttpRequest
-from fastapi.responses import StreamingResponse
+from sse_starlette import ServerSentEvent
 
 from clients.protocol import (
     DONE_EVENT,
     ERROR_EVENT,
     STEP_EVENT,
+    ErrorBody,
     GenerateRequest,
     GenerateResponse,
+    StepEvent,
     Timings,
     Usage,
 )
 from server.engine import Engine
-from server.errors import error_body
+from server.errors import GENERATION_ERRORS, error_body, request_id
+from server.openapi import named_events, sse_content
 from server.output import Result
 from server.request import Request, RequestFailed, RequestGroup
 from server.serving import Serving
-from server.streams import SSE_HEADERS, collect, set_outcome, sse
+from server.streams import collect, set_outcome, sse, stream_response, track
+
+STREAM_CONTENT = sse_content(
+    named_events({STEP_EVENT: StepEvent, DONE_EVENT: GenerateResponse, ERROR_EVENT: ErrorBody}),
+    "With stream=true: a `step` event per denoising step (a reader that falls behind gets them coalesced: the "
+    "latest step, the committed tokens of all), then `done` with the answer, or `error`; comment lines keep "
+    "the connection alive")
 
 
 def response(serving: Serving, group: RequestGroup, req: Request, result: Result) -> GenerateResponse:
@@ -41,9 +50,10 @@ def response(serving: Serving, group: RequestGroup, req: Request, result: Result
 
 
 async def step_events(serving: Serving, engine: Engine, group: RequestGroup, http: HttpRequest
-                      ) -> AsyncIterator[str]:
+                      ) -> AsyncIterator[ServerSentEvent]:
     """`step` per denoising step, then `done`; `error` if it fails; a disconnect cancels the request."""
     ended = False
+    track(http, group)
     try:
         async for req, up in group.updates():
             if up.event is not None:
@@ -65,18 +75,18 @@ def router(auth: object) -> APIRouter:
     r = APIRouter()
 
     @r.post("/generate", response_model=GenerateResponse, dependencies=[Depends(auth)],
-            responses={200: {"content": {"text/event-stream": {}},
-                             "description": "JSON, or with stream=true the step/done/error events"}})
+            responses={**GENERATION_ERRORS, 200: {"content": STREAM_CONTENT,
+                                                  "description": "JSON, or with stream=true the step/done/error events"}})
     async def generate(body: GenerateRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
         serving: Serving = http.app.state.serving
         engine = serving.ready_engine()
         prompt = body.prompt if body.messages is None else serving.chat_prompt(body.messages)
         group = serving.new_group("gen", [prompt], [body.sampling_params()],
-                                  "events" if body.stream else "none")
+                                  "events" if body.stream else "none", request_id=request_id(http),
+                                  timeout=body.timeout)
         engine.submit(group)
         if body.stream:
-            return StreamingResponse(step_events(serving, engine, group, http), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return stream_response(http, step_events(serving, engine, group, http))
         [result] = await collect(engine, group, http)
         return response(serving, group, group.requests[0], result)
 

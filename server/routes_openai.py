@@ -6,24 +6,30 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends
 from fastapi import Request as HttpRequest
-from fastapi.responses import StreamingResponse
+from sse_starlette import ServerSentEvent
 
 from clients.protocol import (
-    Completion,
     CompletionChoice,
     CompletionRequest,
+    ErrorBody,
     ModelCard,
     ModelList,
     SamplingParams,
+    TextCompletion,
     Usage,
 )
 from server.engine import Engine
-from server.errors import ApiError, error_body
+from server.errors import GENERATION_ERRORS, ApiError, error_body, error_responses, request_id
+from server.openapi import data_events, sse_content
 from server.request import RequestFailed, RequestGroup
 from server.serving import Serving
-from server.streams import SSE_HEADERS, collect, set_outcome, sse
+from server.streams import collect, set_outcome, sse, stream_response, track
 
 SEED_SPACE = 2**63
+STREAM_CONTENT = sse_content(data_events([TextCompletion, ErrorBody], "[DONE]"),
+                             "With stream=true: `data:` chunks (text deltas of each choice's committed prefix; "
+                             "usage on the last with stream_options.include_usage), then `data: [DONE]`, or an "
+                             "error body instead")
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -33,25 +39,20 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [params.model_copy(update={"seed": (params.seed + j) % SEED_SPACE}) for j in range(n)]
 
 
-async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: str, usage: bool
-                 ) -> AsyncIterator[str]:
-    """The committed left-to-right prefix of each choice as it grows, then [DONE]."""
-    ended, n_gen = False, 0
-    n_prompt = sum(len(r.prompt_ids) for r in group.requests)
+def prompt_tokens(group: RequestGroup, n: int) -> int:
+    """Usage's prompt_tokens: each prompt counted once, however many (n) choices it has (OpenAI's rule)."""
+    return sum(len(r.prompt_ids) for r in group.requests[::n])
 
-    def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> str:
-        return sse(Completion(id=group.id, created=group.created, model=model, choices=choices,
-                              usage=use).model_dump_json())
 
+async def openai_stream(engine: Engine, group: RequestGroup, http: HttpRequest,
+                        chunks: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
+    """`chunks`, then `data: [DONE]`; a failed generation ends the stream with an error body instead, and a
+    client that goes away cancels the group (completions and chat completions alike)."""
+    ended = False
+    track(http, group)
     try:
-        async for req, up in group.updates():
-            if up.delta or up.result is not None:
-                reason = up.result.finish_reason if up.result is not None else None
-                yield chunk([CompletionChoice(index=req.index, text=up.delta, finish_reason=reason)])  # type: ignore[arg-type]
-            if up.result is not None:
-                n_gen += len(up.result.tokens)
-        if usage:
-            yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen))
+        async for chunk in chunks:
+            yield chunk
         yield sse("[DONE]")
         ended = True
     except RequestFailed as e:
@@ -64,8 +65,26 @@ async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: 
             engine.cancel(group)
 
 
+async def chunks(group: RequestGroup, model: str, usage: bool, n: int) -> AsyncIterator[ServerSentEvent]:
+    """The committed left-to-right prefix of each choice as it grows; usage last if asked."""
+    n_gen, n_prompt = 0, prompt_tokens(group, n)
+
+    def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> ServerSentEvent:
+        return sse(TextCompletion(id=group.id, created=group.created, model=model, choices=choices,
+                                  usage=use).model_dump_json())
+
+    async for req, up in group.updates():
+        if up.delta or up.result is not None:
+            reason = up.result.finish_reason if up.result is not None else None
+            yield chunk([CompletionChoice(index=req.index, text=up.delta, finish_reason=reason)])  # type: ignore[arg-type]
+        if up.result is not None:
+            n_gen += len(up.result.tokens)
+    if usage:
+        yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen))
+
+
 def router(auth: object) -> APIRouter:
-    r = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+    r = APIRouter(prefix="/v1", dependencies=[Depends(auth)], responses=error_responses(503))
 
     @r.get("/models", response_model=ModelList)
     async def models(http: HttpRequest) -> ModelList:
@@ -75,8 +94,9 @@ def router(auth: object) -> APIRouter:
         return ModelList(data=[ModelCard(id=serving.config.served_name, created=int(serving.created),
                                          max_model_len=serving.runtime.context)])
 
-    @r.post("/completions", response_model=Completion,
-            responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks"}})
+    @r.post("/completions", response_model=TextCompletion,
+            responses={**GENERATION_ERRORS, **error_responses(404),
+                       200: {"content": STREAM_CONTENT, "description": "JSON, or with stream=true `data:` chunks"}})
     async def completions(body: CompletionRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
         serving: Serving = http.app.state.serving
         engine = serving.ready_engine()
@@ -89,16 +109,16 @@ def router(auth: object) -> APIRouter:
             raise ApiError(400, f"n: {len(prompts)} completions (prompts x n) exceed this server's queue of "
                                 f"{engine.scheduler.max_waiting}; ask for fewer", param="n", reason="invalid")
         params = [p for _ in body.prompts() for p in choice_params(body.sampling_params(), body.n)]
-        group = serving.new_group("cmpl", prompts, params, "prefix" if body.stream else "none")
+        group = serving.new_group("cmpl", prompts, params, "prefix" if body.stream else "none", n=body.n,
+                                  request_id=request_id(http), timeout=body.timeout)
         engine.submit(group)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(chunks(engine, group, http, name, include_usage),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return stream_response(http, openai_stream(engine, group, http, chunks(group, name, include_usage, body.n)))
         results = await collect(engine, group, http)
-        n_prompt = sum(len(r.prompt_ids) for r in group.requests[::body.n])  # each prompt counted once
+        n_prompt = prompt_tokens(group, body.n)
         n_gen = sum(len(r.tokens) for r in results)
-        return Completion(
+        return TextCompletion(
             id=group.id, created=group.created, model=name,
             choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)  # type: ignore[arg-type]
                      for i, r in enumerate(results)],

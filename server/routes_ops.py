@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from clients.protocol import Health
 from server.serving import Serving
@@ -40,8 +40,11 @@ async def live(http: HttpRequest) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=503 if body.status in NOT_LIVE else 200)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format 0.0.4 (every tzd_* metric)",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(http: HttpRequest) -> Response:
+    """The server's Prometheus metrics (open without an API key, like /health)."""
     serving: Serving = http.app.state.serving
     data, content_type = serving.metrics.render()
     return Response(data, media_type=content_type)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+from server.errors import QueueFull
 from server.request import Request
 
-
-class QueueFull(Exception):
-    """No room in the waiting queue (429)."""
+__all__ = ["QueueFull", "Scheduler"]
 
 
 class Scheduler:
@@ -46,6 +45,16 @@ class Scheduler:
             self.running[req] = None
             admit.append(req)
         return evict, admit
+
+    def expire(self, now: float) -> tuple[list[Request], list[Request]]:
+        """(waiting, running) requests past their deadline, removed (the running ones leave the batch next)."""
+        late_waiting = [r for r in self.waiting if r.deadline is not None and r.deadline <= now]
+        late_running = [r for r in self.running if r.deadline is not None and r.deadline <= now]
+        for r in late_waiting:
+            self.waiting.remove(r)
+        for r in late_running:
+            del self.running[r]
+        return late_waiting, late_running
 
     def finish(self, req: Request) -> None:
         self.running.pop(req, None)

@@ -12,6 +12,7 @@ import torch
 from clients.protocol import ChatMessage, SamplingParams
 from server.config import ServerConfig
 from server.engine import Engine, Unavailable
+from server.keys import KeyLimiter
 from server.metrics import Metrics
 from server.output import RequestOutput, StreamMode
 from server.prepare import ChatPrompt, prepare, render_chat
@@ -27,6 +28,7 @@ class Serving:
     def __init__(self, config: ServerConfig, on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.config, self.on_fatal = config, on_fatal
         self.metrics = Metrics()
+        self.limiter = KeyLimiter()  # the per-key limits of --api-key-file
         self.runtime: Runtime | None = None
         self.engine: Engine | None = None
         self.failure: str | None = None
@@ -77,16 +79,20 @@ class Serving:
         return render_chat(self.runtime.loaded.tokenizer, [m.template_dict() for m in messages])
 
     def new_group(self, prefix: str, prompts: list[str | list[int]], params: list[SamplingParams],
-                  mode: StreamMode) -> RequestGroup:
-        """Checked requests, one per (prompt, params) pair; InvalidRequest names the bad field."""
+                  mode: StreamMode, n: int = 1, request_id: str | None = None,
+                  timeout: float | None = None) -> RequestGroup:
+        """Checked requests, one per (prompt, params) pair (each prompt `n` times in a row); InvalidRequest
+        names the bad field. The deadline is `timeout` or --request-timeout from now, whichever is sooner."""
         assert self.runtime is not None
-        rt, group = self.runtime, RequestGroup(prefix)
+        rt, group = self.runtime, RequestGroup(prefix, n, request_id)
         tok = rt.loaded.tokenizer
         min_prompt = int(rt.loaded.model_config.logit_shift)
         for prompt, p in zip(prompts, params, strict=True):
             ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,
                                 self.config.max_tokens_limit, min_prompt)
-            group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
+            req = group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
+            limits = [t for t in (timeout, self.config.request_timeout) if t is not None]
+            req.deadline = req.arrival + min(limits) if limits else None
         return group
 
     async def drain(self, timeout: float) -> None:

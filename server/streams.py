@@ -1,28 +1,49 @@
-"""Waiting for a request group's results, with the client's disconnect freeing its slots; SSE framing."""
+"""Waiting for a request group's results, with the client's disconnect freeing its slots; event streams.
+
+SSE framing, keep-alive comments and disconnect detection are sse-starlette's: a route's generator yields
+`sse(data, event)` items and returns `stream_response(http, generator)`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 from fastapi import Request as HttpRequest
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.engine import Engine
-from server.middleware import OUTCOME_KEY
+from server.middleware import record
 from server.output import Result
 from server.request import ClientGone, RequestGroup
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-cache"}  # sse-starlette adds X-Accel-Buffering: no (proxies must not buffer)
+SEP = "\n"  # lines end in LF, as before sse-starlette (its default is CRLF; both are valid SSE)
+KEEPALIVE = "keep-alive"
 
 
-def sse(data: str, event: str | None = None) -> str:
+def sse(data: str, event: str | None = None) -> ServerSentEvent:
     """One server-sent event (the data is a single JSON line)."""
-    return f"event: {event}\ndata: {data}\n\n" if event else f"data: {data}\n\n"
+    return ServerSentEvent(data=data, event=event, sep=SEP)
+
+
+def stream_response(http: HttpRequest, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """`events` as text/event-stream, with a comment line every --sse-keepalive seconds (while the request
+    waits for a slot or between slow steps: proxies cut connections that stay silent)."""
+    keepalive = http.app.state.serving.config.sse_keepalive
+    return EventSourceResponse(events, headers=SSE_HEADERS, sep=SEP, ping=keepalive,
+                               ping_message_factory=lambda: ServerSentEvent(comment=KEEPALIVE, sep=SEP))
 
 
 def set_outcome(http: HttpRequest, outcome: str) -> None:
     """Label tzd_requests_total for an answer whose HTTP status does not tell its end (streams, 499)."""
-    setattr(http.state, OUTCOME_KEY, outcome)
+    record(http).outcome = outcome
+
+
+def track(http: HttpRequest, group: RequestGroup) -> None:
+    """Let the access log line report the group's tokens and queue time."""
+    record(http).group = group
 
 
 async def _wait_disconnect(http: HttpRequest) -> None:
@@ -41,6 +62,7 @@ async def collect(engine: Engine, group: RequestGroup, http: HttpRequest) -> lis
             engine.cancel(group)
 
     watcher.add_done_callback(gone)
+    track(http, group)
     results: dict[int, Result] = {}
     try:
         async for req, up in group.updates():

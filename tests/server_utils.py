@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+from httpx_sse import EventSource
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,18 +119,11 @@ class ThreadServer:
         self.thread.join(timeout=30)
 
 
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs of a text/event-stream body."""
-    event, data = "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream answer, parsed by httpx-sse (as the SDK parses them)."""
+    for sse in EventSource(response).iter_sse():
+        if sse.data:
+            yield sse.event, sse.data
 
 
 def stream_generate(client: httpx.Client, url: str, body: dict, headers: dict | None = None
@@ -138,7 +132,7 @@ def stream_generate(client: httpx.Client, url: str, body: dict, headers: dict | 
     with client.stream("POST", f"{url}/generate", json={**body, "stream": True}, headers=headers) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        return [(e, json.loads(d)) for e, d in sse_events(r.iter_lines())]
+        return [(e, json.loads(d)) for e, d in sse_events(r)]
 
 
 def metrics(url: str) -> dict[str, float]:

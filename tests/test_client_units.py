@@ -6,12 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+import tomllib
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
 import pytest
-import tomllib
+from httpx_sse import EventSource
 
 from clients import (
     APIConnectionError,
@@ -29,7 +30,7 @@ from clients import (
 )
 from clients.__main__ import CanvasView, build_parser
 from clients.errors import error_from_body, parse_retry_after
-from clients.protocol import CommittedToken, GenerateResponse, StepEventData, Timings, Usage
+from clients.protocol import CommittedToken, GenerateResponse, Timings, Usage
 from tests.server_utils import ROOT, free_port
 
 
@@ -115,7 +116,7 @@ def test_retry_policy_decisions() -> None:
 def test_retry_after_and_error_bodies() -> None:
     assert parse_retry_after("3") == 3.0 and parse_retry_after(" 1.5 ") == 1.5 and parse_retry_after("-2") == 0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 <= parse_retry_after(when) <= 30
     body = {"error": {"message": "queue is full", "type": "rate_limit_error", "param": None, "code": "queue_full"}}
     err = error_from_body(429, body, {"retry-after": "2"})
@@ -134,10 +135,10 @@ def _sse(event: str, data: str) -> list[str]:
     return [f"event: {event}", f"data: {data}", ""]
 
 
-def _step(i: int, n: int = 4) -> StepEventData:
+def _step(i: int, n: int = 4) -> StepEvent:
     committed = [CommittedToken(position=i, id=10 + i, text=f"t{i}")]
     text = "".join(f"t{j}" for j in range(i + 1)) + "_" * (n - i - 1)
-    return StepEventData(step=i, steps=n, committed=committed, masked=n - i - 1, text=text)
+    return StepEvent(step=i, steps=n, committed=committed, masked=n - i - 1, text=text)
 
 
 DONE = GenerateResponse(id="gen-1", model="m", text="t0t1t2t3", tokens=[10, 11, 12, 13], finish_reason="length",
@@ -146,12 +147,14 @@ DONE = GenerateResponse(id="gen-1", model="m", text="t0t1t2t3", tokens=[10, 11, 
 
 
 def _parse(lines: list[str]) -> tuple[list, EventStream]:
-    parser, out = EventStream(), []
-    for line in lines:
-        item = parser.feed(line)
+    """The SDK's reading of a stream whose body is `lines`: httpx-sse's parsing, then EventStream."""
+    body = httpx.Response(200, headers={"content-type": "text/event-stream"}, content="\n".join(lines) + "\n")
+    decoder, out = EventStream(), []
+    for sse in EventSource(body).iter_sse():
+        item = decoder.on_event(sse)
         if item is not None:
             out.append(item)
-    return out, parser
+    return out, decoder
 
 
 def test_event_stream_parser() -> None:
@@ -186,7 +189,7 @@ def test_canvas_view_shows_tokens_masks_and_new_tokens() -> None:
     styles = {view.canvas().plain[s.start:s.end]: str(s.style) for s in view.canvas().spans}
     assert styles["t1"] == "bold black on bright_green" and "t0" not in styles  # only the latest step's
     assert "dim" in styles["_"] and "P:" in styles
-    view.update(StepEventData(step=2, steps=4, committed=[CommittedToken(position=2, id=5, text="\n")], masked=1,
+    view.update(StepEvent(step=2, steps=4, committed=[CommittedToken(position=2, id=5, text="\n")], masked=1,
                               text="t0t1\n_"))
     assert view.canvas().plain == "P:t0t1\u21b5\n_"  # a new newline is shown, then plain once older
 

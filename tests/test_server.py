@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from clients.protocol import MASK_PLACEHOLDER, Completion, GenerateResponse, StepEventData
+from clients.protocol import MASK_PLACEHOLDER, GenerateResponse, StepEvent, TextCompletion
 from tests.server_utils import ServerProcess, metrics, sse_events, stream_generate
 from tzd.checkpoint import Loaded, load_checkpoint
 from tzd.sampling import SamplingParams, generate
@@ -82,7 +82,7 @@ def test_generate_stream_has_one_event_per_step_then_done(srv: ServerProcess, cl
     events = stream_generate(client, srv.url, body)
     names = [e for e, _ in events]
     assert names[-1] == "done" and set(names[:-1]) == {"step"}
-    steps = [StepEventData.model_validate(d) for _, d in events[:-1]]
+    steps = [StepEvent.model_validate(d) for _, d in events[:-1]]
     done = GenerateResponse.model_validate(events[-1][1])
     assert [s.step for s in steps] == list(range(len(steps))) and len(steps) == done.steps
     assert all(s.steps == 8 for s in steps)
@@ -160,6 +160,39 @@ def test_openai_client(srv: ServerProcess, client: httpx.Client) -> None:
     assert e.value.body["param"] == "steps"
 
 
+def test_streamed_usage_counts_each_prompt_once(srv: ServerProcess, client: httpx.Client) -> None:
+    """OpenAI's usage: prompt_tokens counts each prompt once however many choices (n) it has, streamed or not."""
+    body = {"prompt": ["ROMEO:", "JULIET:\nO Romeo"], "n": 3, "max_tokens": 8, "steps": 4, "seed": 2}
+    plain = client.post(f"{srv.url}/v1/completions", json=body).json()
+    native = [post(client, srv.url, {"prompt": p, "max_tokens": 8, "steps": 4, "seed": 2}) for p in body["prompt"]]
+    want_prompt = sum(n["usage"]["prompt_tokens"] for n in native)
+    assert plain["usage"]["prompt_tokens"] == want_prompt
+    with client.stream("POST", f"{srv.url}/v1/completions",
+                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        datas = [d for _, d in sse_events(r)]
+    assert datas[-1] == "[DONE]"
+    usage = TextCompletion.model_validate_json(datas[-2]).usage
+    assert usage is not None and usage.prompt_tokens == want_prompt
+    assert usage.completion_tokens == plain["usage"]["completion_tokens"]
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_more_choices_than_the_queue_holds_is_400_not_429(srv: ServerProcess, client: httpx.Client) -> None:
+    """prompts x n above --max-queue (32 here) could never be queued: a 400 naming n, not a 429 to retry forever."""
+    before = metrics(srv.url)
+    r = client.post(f"{srv.url}/v1/completions", json={"prompt": ["a", "b", "c"], "n": 11, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "n" and "33 completions" in err["message"] and "queue of 32" in err["message"]
+    after = metrics(srv.url)
+    assert after['tzd_rejected_total{reason="invalid"}'] - before['tzd_rejected_total{reason="invalid"}'] == 1
+    assert after.get('tzd_rejected_total{reason="queue_full"}', 0) == before.get('tzd_rejected_total{reason="queue_full"}', 0)
+    # exactly the queue's size is accepted (an idle server: every choice finds a place)
+    r = client.post(f"{srv.url}/v1/completions", json={"prompt": ["a", "b"], "n": 16, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 32
+
+
 def test_stop_strings_end_the_request(srv: ServerProcess, client: httpx.Client) -> None:
     body = {"prompt": PROMPT, "max_tokens": 24, "steps": 24, "block_length": 8, "seed": 11}
     full = post(client, srv.url, body)["text"]
@@ -172,9 +205,9 @@ def test_stop_strings_end_the_request(srv: ServerProcess, client: httpx.Client) 
     # the OpenAI stream never sends text past (or into) the stop string
     with client.stream("POST", f"{srv.url}/v1/completions",
                        json={**body, "stop": [stop], "stream": True}) as r:
-        datas = [d for _, d in sse_events(r.iter_lines())]
+        datas = [d for _, d in sse_events(r)]
     assert datas[-1] == "[DONE]"
-    chunks = [Completion.model_validate_json(d) for d in datas[:-1]]
+    chunks = [TextCompletion.model_validate_json(d) for d in datas[:-1]]
     assert "".join(c.text for ch in chunks for c in ch.choices) == want
     assert chunks[-1].choices[0].finish_reason == "stop"
 

@@ -116,7 +116,7 @@ def test_drain_timeout_fails_what_is_left(tiny_checkpoint: Path) -> None:
         batch = serving.engine.batch
         batch.step = delayed(batch.step, 0.02)  # so that the request is surely in flight when the drain begins
         with c.stream("POST", f"{ts.url}/generate", json={**long, "stream": True}) as r:
-            events = sse_events(r.iter_lines())
+            events = sse_events(r)
             assert next(events)[0] == "step"
             loop = serving.engine._task.get_loop()
             asyncio.run_coroutine_threadsafe(serving.drain(0.05), loop).result(timeout=30)

@@ -94,8 +94,8 @@ def test_disconnect_frees_the_slot(srv: ServerProcess, long: dict) -> None:
     before = metrics(srv.url)
     with httpx.Client(timeout=60, headers=AUTH) as c, \
             c.stream("POST", f"{srv.url}/generate", json={**long, "stream": True}) as r:
-        first = next(sse_events(r.iter_lines()))
-        assert first[0] == "step"
+        events = sse_events(r)  # held: a dropped iterator would close the connection now
+        assert next(events)[0] == "step"
         assert running_now() == 1
     # the stream is closed mid-generation: the slot frees at the next step boundary
     assert wait_for(lambda: running_now() == 0, timeout=10)
@@ -120,7 +120,7 @@ def test_sigterm_drains_then_exits_0(srv: ServerProcess, long: dict) -> None:
     def stream() -> None:
         with httpx.Client(timeout=60, headers=AUTH) as c, \
                 c.stream("POST", f"{srv.url}/generate", json={**long, "stream": True}) as r:
-            results["stream"] = [e for e, _ in sse_events(r.iter_lines())]
+            results["stream"] = [e for e, _ in sse_events(r)]
 
     def queued() -> None:
         results["queued"] = httpx.post(f"{srv.url}/generate", json=long, headers=AUTH, timeout=60).status_code

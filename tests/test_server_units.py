@@ -11,7 +11,8 @@ import torch
 from pydantic import ValidationError
 
 from clients.protocol import CompletionRequest, GenerateRequest, SamplingParams
-from server.config import DEFAULT_CHECKPOINT, PACKAGE_ROOT, parse_config
+from server.config import DEFAULT_CHECKPOINT, PACKAGE_ROOT, ServerConfig, parse_config
+from server.keys import ApiKey, KeyFileError, KeyLimiter, KeyLimitExceeded, KeyLimits, read_key_file
 from server.output import canvas_text, stable_prefix
 from server.runtime import choose_precision, cpu_has_bf16, inference, load_runtime
 from tests.server_utils import ROOT
@@ -19,20 +20,23 @@ from tzd.checkpoint import load_checkpoint
 
 
 def test_flags_override_environment_override_defaults(tmp_path: Path) -> None:
+    def keys(cfg: ServerConfig) -> tuple[str, ...]:
+        return tuple(k.key for k in cfg.api_keys)
+
     cfg = parse_config([], {})
-    assert (cfg.port, cfg.max_batch_size, cfg.dtype, cfg.api_keys) == (8000, 16, "auto", ())
+    assert (cfg.port, cfg.max_batch_size, cfg.dtype, keys(cfg)) == (8000, 16, "auto", ())
     assert cfg.checkpoint in (Path(DEFAULT_CHECKPOINT), PACKAGE_ROOT / DEFAULT_CHECKPOINT)
     env = {"TZD_PORT": "9001", "TZD_MAX_BATCH_SIZE": "4", "TZD_DTYPE": "bfloat16", "TZD_API_KEY": "a,b",
            "TZD_SHUTDOWN_TIMEOUT": "2.5", "TZD_DEVICE": "cpu", "TZD_THREADS": "1"}
     cfg = parse_config([], env)
-    assert (cfg.port, cfg.max_batch_size, cfg.dtype, cfg.api_keys, cfg.shutdown_timeout, cfg.device, cfg.threads) == \
+    assert (cfg.port, cfg.max_batch_size, cfg.dtype, keys(cfg), cfg.shutdown_timeout, cfg.device, cfg.threads) == \
         (9001, 4, "bfloat16", ("a", "b"), 2.5, "cpu", 1)
     cfg = parse_config(["--port", "9002", "--api-key", "c"], env)
-    assert (cfg.port, cfg.api_keys) == (9002, ("c",))
-    keys = tmp_path / "keys"
-    keys.write_text("# team keys\nk1\n\n k2 \n")
-    assert parse_config(["--api-key-file", str(keys)], {}).api_keys == ("k1", "k2")
-    assert parse_config([], {"TZD_API_KEY_FILE": str(keys)}).api_keys == ("k1", "k2")
+    assert (cfg.port, keys(cfg)) == (9002, ("c",))
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nk1\n\n k2 \n")
+    assert keys(parse_config(["--api-key-file", str(key_file)], {})) == ("k1", "k2")
+    assert keys(parse_config([], {"TZD_API_KEY_FILE": str(key_file)})) == ("k1", "k2")
 
 
 @pytest.mark.parametrize(("argv", "env", "text"), [
@@ -102,3 +106,43 @@ def test_auto_runtime_stores_linear_layers_in_bf16_and_matches_autocast_over_fp3
         want = plain.model(ids)
         got = rt.loaded.model(ids)
     assert torch.equal(got, want)
+
+
+def test_key_file_lines_and_their_errors(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_text("# comment\nsk-a name=team-a concurrency=4 rpm=120 tpm=5000\n\nsk-b rpm=3\nsk-c\n")
+    a, b, c = read_key_file(f)
+    assert (a.key, a.name, a.limits) == ("sk-a", "team-a", KeyLimits(4, 120, 5000))
+    assert (b.key, b.limits) == ("sk-b", KeyLimits(rpm=3)) and b.name.startswith("key-") and "sk-b" not in repr(b)
+    assert c.limits == KeyLimits()
+    for text, where in [("sk-a rpm=0\n", "line 1: rpm must be a positive integer"),
+                        ("ok\nsk-a burst=3\n", "line 2: unknown option 'burst'"),
+                        ("sk-a rpm\n", "line 1: expected NAME=VALUE"), ("# nothing\n", "no keys"),
+                        ("a name=x\nb name=x\n", "two keys named 'x'")]:
+        f.write_text(text)
+        with pytest.raises(KeyFileError, match=where):
+            read_key_file(f)
+
+
+def test_key_limiter_counts_a_sliding_minute() -> None:
+    now = [1000.0]
+    limiter = KeyLimiter(clock=lambda: now[0])
+    key = ApiKey("k", "k", KeyLimits(concurrency=2, rpm=3, tpm=100))
+    limiter.admit(key)
+    limiter.admit(key)
+    with pytest.raises(KeyLimitExceeded, match="concurrency=2") as e:
+        limiter.admit(key)
+    assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"} and e.value.reason == "key_limit"
+    limiter.release(key, 60)
+    limiter.release(key, 50)  # 110 tokens in the minute: over tpm
+    now[0] += 10
+    with pytest.raises(KeyLimitExceeded, match="110 tokens in the last minute") as e:
+        limiter.admit(key)
+    assert e.value.code == "key_tpm_limit" and e.value.headers == {"Retry-After": "50"}  # the 60 age out at +60 s
+    now[0] += 51
+    for _ in range(3):  # both charges aged out, and the two starts: three new requests fit, one at a time
+        limiter.admit(key)
+        limiter.release(key, 0)
+    with pytest.raises(KeyLimitExceeded, match="rpm=3") as e:
+        limiter.admit(key)
+    assert e.value.code == "key_rpm_limit" and e.value.headers == {"Retry-After": "60"}

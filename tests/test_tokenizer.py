@@ -27,16 +27,9 @@ def test_round_trip(tok: Tokenizer, text: str) -> None:
 
 def test_special_ids_and_mask_never_from_text(tok: Tokenizer) -> None:
     assert tok.mask_id == MASK_ID and tok.eos_id == EOS_ID
-    assert tok.piece(MASK_ID) == "<mask>"
+    assert tok.sp.id_to_piece(MASK_ID) == "<mask>"
     assert MASK_ID not in tok.encode("<mask> <mask>")
     assert tok.vocab_size == 320
-
-
-def test_decode_canvas_shows_placeholders(tok: Tokenizer) -> None:
-    ids = tok.encode("Speak, speak.")
-    canvas = [ids[0], MASK_ID, MASK_ID, *ids[3:]]
-    shown = tok.decode_canvas(canvas, placeholder="_")
-    assert shown.count("_") >= 2 and shown.startswith(tok.decode(ids[:1]))
 
 
 def test_vocab_too_small(tmp_path) -> None:

@@ -20,6 +20,7 @@ from tzd.hf.export import save_family
 from tzd.hf.sentencepiece import tokenizer_json
 from tzd.tokenizer import Tokenizer
 
+# what save_checkpoint writes itself; "special_ids" only older checkpoints have (never read): not carried over
 OWN_KEYS = ("format_version", "model", "special_ids", "weights_dtype")
 
 
@@ -38,7 +39,7 @@ def export_llada(loaded: Loaded, dst: str, dtype: torch.dtype, shard_mb: float |
                       shard_bytes=None if shard_mb is None else int(shard_mb * 2**20),
                       generation={"bos_token_id": sp.bos, "eos_token_id": sp.eos, "pad_token_id": sp.pad})
     tokenizer_json(loaded.tokenizer.path).save(str(out / "tokenizer.json"))
-    piece = loaded.tokenizer.piece
+    piece = loaded.tokenizer.sp.id_to_piece  # the SentencePiece pieces of the special ids
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(sp.bos), "eos_token": piece(sp.eos),
                   "pad_token": piece(sp.pad), "unk_token": piece(sp.unk), "mask_token": piece(sp.mask),
                   "model_max_length": cfg.block_size}

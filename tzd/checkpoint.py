@@ -69,7 +69,6 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module | Mapping[str, torch.T
         config = {
             "format_version": FORMAT_VERSION,
             "model": model_config.to_dict(),
-            "special_ids": SpecialIds().to_dict(),
             "weights_dtype": str(weights_dtype or next(iter(state.values())).dtype).replace("torch.", ""),
             **(metadata or {}),
         }

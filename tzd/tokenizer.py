@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,9 +25,6 @@ class SpecialIds:
     eos: int | None = EOS_ID
     pad: int | None = PAD_ID
     unk: int | None = UNK_ID
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class TextTokenizer(Protocol):
@@ -89,24 +86,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
-    def piece(self, token_id: int) -> str:
-        return self.sp.id_to_piece(int(token_id))
-
-    def decode_canvas(self, ids: Iterable[int], placeholder: str = "_") -> str:
-        """Decode a partly denoised canvas: each mask token shows as `placeholder`, the rest decode normally."""
-        out: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            if i == MASK_ID:
-                if run:
-                    out.append(self.sp.decode(run))
-                    run = []
-                out.append(placeholder)
-            else:
-                run.append(int(i))
-        if run:
-            out.append(self.sp.decode(run))
-        return "".join(out)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,

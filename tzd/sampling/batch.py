@@ -35,7 +35,7 @@ def eos_set(eos: int | Sequence[int] | None) -> tuple[int, ...]:
 
 
 @dataclass
-class StepEvent:
+class SlotStep:
     """What one step did to one request. Positions count from the first generated token."""
 
     handle: Any
@@ -204,7 +204,7 @@ class DenoiseBatch:
                                               output_positions=opened))
 
     @torch.inference_mode()
-    def step(self) -> list[StepEvent]:
+    def step(self) -> list[SlotStep]:
         """One denoising step for every request in the batch; finished requests are freed."""
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
@@ -267,7 +267,7 @@ class DenoiseBatch:
                 for i, (r, s) in enumerate(zip(rows, slots, strict=True))]
 
     def _advance(self, row: int, s: _Slot, sel: np.ndarray, tok: np.ndarray, count: int, eos: bool,
-                 canvas: np.ndarray) -> StepEvent:
+                 canvas: np.ndarray) -> SlotStep:
         """Host bookkeeping after a step: block and step counters, the event, freeing a finished slot."""
         start, _ = s.block_bounds()
         offset = start - s.plan.prompt_len
@@ -284,7 +284,7 @@ class DenoiseBatch:
         if done:
             self.slots[row] = None
         gen = canvas[s.plan.prompt_len:s.plan.total_len].tolist()
-        return StepEvent(s.handle, s.steps_done - 1, s.plan.steps, committed, s.masked, gen, s.nfe, done,
+        return SlotStep(s.handle, s.steps_done - 1, s.plan.steps, committed, s.masked, gen, s.nfe, done,
                          ("stop" if eos else "length") if done else None)
 
     @staticmethod

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from tzd.models import model_config
-from tzd.sampling.batch import DenoiseBatch, StepEvent, eos_set
+from tzd.sampling.batch import DenoiseBatch, SlotStep, eos_set
 from tzd.sampling.params import SamplingParams, plan
 
 
@@ -44,7 +44,7 @@ def finish(canvas: list[int], finish_reason: str, eos_id: int | Sequence[int] | 
 
 
 def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             mask_id: int, on_step: Callable[[int, StepEvent], None] | None = None,
+             mask_id: int, on_step: Callable[[int, SlotStep], None] | None = None,
              eos_id: int | Sequence[int] | None = None,
              tokenizer=None, max_batch: int | None = None) -> list[GenerationResult]:
     """Generate for every prompt; `on_step(i, event)` sees each step of prompt i.
