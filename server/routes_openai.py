@@ -53,7 +53,7 @@ async def chunks(engine: Engine, group: RequestGroup, http: HttpRequest, model: 
 
     def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> ServerSentEvent:
         return sse(TextCompletion(id=group.id, created=group.created, model=model, choices=choices,
-                              usage=use).model_dump_json())
+                                  usage=use).model_dump_json())
 
     try:
         async for req, up in group.updates():
