@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -110,6 +111,8 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, tracked_send)
+        except ClientDisconnect:  # gone while its body was read: nobody to answer
+            rec.outcome = "499"
         except Exception as exc:  # a bug: answer 500 with the error body if nothing was sent yet
             if status["started"]:
                 raise

@@ -15,7 +15,7 @@ import pytest
 
 from server.app import create_app
 from server.config import ServerConfig
-from tests.server_utils import ROOT, ServerProcess, metrics, wait_for
+from tests.server_utils import ROOT, ServerProcess, ThreadServer, metrics, wait_for
 
 KEY = "contract-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -171,3 +171,17 @@ def test_key_limits_are_429_naming_the_limit(srv: ServerProcess) -> None:
     assert httpx.post(f"{srv.url}/generate", json=body, headers=AUTH).status_code == 200  # other keys unaffected
     assert rejected() - before == 3
     assert wait_for(lambda: any(e.get("key") == "two-a-minute" and e["status"] == 429 for e in access_lines(srv)))
+
+
+def test_a_bug_is_a_500_error_body_with_the_request_id(tiny_checkpoint: Path) -> None:
+    app = create_app(ServerConfig(checkpoint=tiny_checkpoint, dtype="float32"))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with ThreadServer(app) as ts:
+        r = httpx.get(f"{ts.url}/boom", headers={"X-Request-Id": "bug-1"}, timeout=30)
+    assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+    assert r.json()["error"] == {"message": "internal server error: RuntimeError", "type": "server_error",
+                                 "param": None, "code": None, "request_id": "bug-1"}
