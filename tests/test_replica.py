@@ -62,7 +62,7 @@ def test_health_counts_running_and_waiting_then_draining_stays_live(tiny_checkpo
             queued["status"] = httpx.post(f"{ts.url}/generate", json=long, timeout=60).status_code
 
         with c.stream("POST", f"{ts.url}/generate", json={**long, "stream": True}) as r:
-            events = sse_events(r.iter_lines())
+            events = sse_events(r)
             assert next(events)[0] == "step"
             waiter = threading.Thread(target=send_queued)
             waiter.start()
