@@ -23,11 +23,11 @@ from clients.errors import (
     StreamInterrupted,
     TZDError,
 )
-from clients.protocol import CommittedToken, Health, ModelCard, SamplingParams, Usage
+from clients.protocol import ChatCompletion, CommittedToken, Health, ModelCard, SamplingParams, Usage
 
 __all__ = [
     "DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "APIConnectionError", "APIError", "APITimeout", "AsyncTZDClient",
-    "AuthenticationError", "BadRequest", "CommittedToken", "Completion", "Event", "EventStream", "Health",
+    "AuthenticationError", "BadRequest", "ChatCompletion", "CommittedToken", "Completion", "Event", "EventStream", "Health",
     "ModelCard", "RateLimited", "RetryPolicy", "SamplingParams", "ServerUnavailable", "StepEvent",
     "StreamInterrupted", "TZDClient", "TZDError", "TextCompletion", "Usage",
 ]

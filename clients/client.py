@@ -33,6 +33,8 @@ from clients.protocol import (
     DONE_EVENT,
     ERROR_EVENT,
     STEP_EVENT,
+    ChatCompletion,
+    ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
     GenerateResponse,
@@ -162,12 +164,14 @@ class _Core:
     # ---- request bodies, checked with the server's own models before anything is sent ----
 
     @staticmethod
-    def generate_body(prompt: str | list[int], params: dict[str, Any], stream: bool) -> dict[str, Any]:
-        """The JSON of POST /generate; raises BadRequest naming the field for a bad parameter."""
+    def generate_body(prompt: str | list[int] | None, params: dict[str, Any], stream: bool) -> dict[str, Any]:
+        """The JSON of POST /generate (a prompt, or `messages=` in params for a chat model); raises BadRequest
+        naming the field for a bad parameter."""
         if "stream" in params:
             raise BadRequest("stream: use stream() for step events, generate() for one answer", param="stream")
+        given = {} if prompt is None else {"prompt": prompt}
         try:
-            req = GenerateRequest.model_validate({"prompt": prompt, **params, "stream": stream})
+            req = GenerateRequest.model_validate({**given, **params, "stream": stream})
         except ValidationError as e:
             raise bad_request(e) from None
         return req.model_dump(mode="json", exclude_unset=True)
@@ -180,6 +184,17 @@ class _Core:
             raise BadRequest("stream: complete() answers once; use stream() for step events", param="stream")
         try:
             req = CompletionRequest.model_validate({"prompt": prompt, **params})
+        except ValidationError as e:
+            raise bad_request(e) from None
+        return req.model_dump(mode="json", exclude_unset=True, exclude={"stream", "stream_options"})
+
+    @staticmethod
+    def chat_body(messages: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+        """The JSON of POST /v1/chat/completions (not streamed); raises BadRequest naming the field."""
+        if params.get("stream"):
+            raise BadRequest("stream: chat() answers once; use stream(messages=...) for step events", param="stream")
+        try:
+            req = ChatCompletionRequest.model_validate({"messages": messages, **params})
         except ValidationError as e:
             raise bad_request(e) from None
         return req.model_dump(mode="json", exclude_unset=True, exclude={"stream", "stream_options"})
@@ -320,12 +335,18 @@ class TZDClient(_ClientBase):
 
     # ---- endpoints ----
 
-    def generate(self, prompt: str | list[int], **params: Any) -> Completion:
-        """POST /generate: the whole answer at once; `params` are SamplingParams fields."""
+    def generate(self, prompt: str | list[int] | None = None, **params: Any) -> Completion:
+        """POST /generate: the whole answer at once; `params` are SamplingParams fields, or `messages=[...]`
+        instead of a prompt for a model with a chat template."""
         body = self._core.generate_body(prompt, params, stream=False)
         return self._core.parse(Completion, self._send("POST", "/generate", body))
 
-    def stream(self, prompt: str | list[int], **params: Any) -> Iterator[Event]:
+    def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatCompletion:
+        """POST /v1/chat/completions (OpenAI's shape): `params` are ChatCompletionRequest fields (n, ...)."""
+        body = self._core.chat_body(messages, params)
+        return self._core.parse(ChatCompletion, self._send("POST", "/v1/chat/completions", body))
+
+    def stream(self, prompt: str | list[int] | None = None, **params: Any) -> Iterator[Event]:
         """POST /generate, streamed: a StepEvent per denoising step, then the Completion (params checked now)."""
         body = self._core.generate_body(prompt, params, stream=True)
         return self._events(body)
@@ -407,12 +428,18 @@ class AsyncTZDClient(_ClientBase):
 
     # ---- endpoints ----
 
-    async def generate(self, prompt: str | list[int], **params: Any) -> Completion:
-        """POST /generate: the whole answer at once; `params` are SamplingParams fields."""
+    async def generate(self, prompt: str | list[int] | None = None, **params: Any) -> Completion:
+        """POST /generate: the whole answer at once; `params` are SamplingParams fields, or `messages=[...]`
+        instead of a prompt for a model with a chat template."""
         body = self._core.generate_body(prompt, params, stream=False)
         return self._core.parse(Completion, await self._send("POST", "/generate", body))
 
-    def stream(self, prompt: str | list[int], **params: Any) -> AsyncIterator[Event]:
+    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatCompletion:
+        """POST /v1/chat/completions (OpenAI's shape): `params` are ChatCompletionRequest fields (n, ...)."""
+        body = self._core.chat_body(messages, params)
+        return self._core.parse(ChatCompletion, await self._send("POST", "/v1/chat/completions", body))
+
+    def stream(self, prompt: str | list[int] | None = None, **params: Any) -> AsyncIterator[Event]:
         """POST /generate, streamed: `async for` StepEvents, then the Completion (params checked now)."""
         body = self._core.generate_body(prompt, params, stream=True)
         return self._events(body)

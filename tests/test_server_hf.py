@@ -96,3 +96,30 @@ def test_model_without_chat_template_names_messages(tiny_checkpoint: Path, tmp_p
         assert e.value.body["param"] == "messages" and "chat template" in e.value.body["message"]
         r = httpx.post(f"{srv.url}/generate", json={"messages": MESSAGES}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_sdk_chat_and_messages(family) -> None:
+    from clients import AsyncTZDClient, BadRequest, Completion, TZDClient
+
+    _, _, srv = family
+    native = httpx.post(f"{srv.url}/generate", json={"messages": MESSAGES, "max_tokens": 16, **EXTRA},
+                        timeout=60).json()
+    with TZDClient(srv.url) as client:
+        done = client.generate(messages=MESSAGES, max_tokens=16, **EXTRA)
+        assert done.text == native["text"]
+        events = list(client.stream(messages=MESSAGES, max_tokens=16, **EXTRA))
+        assert isinstance(events[-1], Completion) and events[-1].text == native["text"]
+        chat = client.chat(MESSAGES, max_completion_tokens=16, n=2, **EXTRA)
+        assert [c.message.content for c in chat.choices] == [native["text"]] * 2
+        assert chat.usage.prompt_tokens == native["usage"]["prompt_tokens"]
+        with pytest.raises(BadRequest) as e:
+            client.chat([], max_tokens=4)
+        assert e.value.param == "messages"
+
+    async def run() -> str:
+        async with AsyncTZDClient(srv.url) as client:
+            return (await client.chat(MESSAGES, max_tokens=16, **EXTRA)).choices[0].message.content
+
+    import asyncio
+
+    assert asyncio.run(run()) == native["text"]
