@@ -3,8 +3,9 @@
 16 requests with 32 masked positions each (one block of 32) in one DenoiseBatch over a one-layer
 model of LLaDA-8B's vocabulary at a small width, so that the step's [B,P,V] tensors dominate. The
 peak is the process's VmHWM during the step over its RSS before it (Linux resets VmHWM through
-/proc/self/clear_refs). Each case runs in a fresh process; `--chunk V` reproduces the sampler
-before chunked Gumbel noise (one float64 [B,P,V] noise tensor and its int64 keys).
+/proc/self/clear_refs). Each case runs in a fresh process; the "before" rows reproduce the sampler
+before this change: Gumbel noise as one float64 [B,P,V] tensor (and its int64 keys), top-k/top-p over
+every row at once.
 
     python -m bench.step_memory                   # bench/results/step_memory.json
 """
@@ -37,8 +38,9 @@ def one_case(params: dict, chunk: int | None) -> dict[str, float]:
     from tzd.models import ModelConfig, build_model
     from tzd.sampling import DenoiseBatch, SamplingParams, plan, rules
 
-    if chunk is not None:
+    if chunk is not None:  # the sampler before: noise over the whole vocabulary, the filter over all rows at once
         rules.GUMBEL_CHUNK = chunk
+        rules.FILTER_CHUNK = BATCH * BLOCK * VOCAB
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2, n_embd=64)
     model = build_model(cfg).eval()
@@ -68,7 +70,7 @@ def main() -> None:
         return
     rows = []
     for case in CASES:
-        for label, chunk in (("chunked noise (now)", None), ("one [B,P,V] float64 noise (before)", VOCAB)):
+        for label, chunk in (("chunked noise (now)", None), ("unchunked (before)", VOCAB)):
             if case == "greedy" and chunk is not None:
                 continue  # greedy draws no noise
             cmd = [sys.executable, "-m", "bench.step_memory", "--case", case]
