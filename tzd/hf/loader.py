@@ -171,17 +171,17 @@ def load_hf_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtyp
     if not tok_file.is_file():
         raise HFCheckpointError(f"{tok_file}: missing (TZD reads the Hugging Face `tokenizers` format)")
     try:
-        probe = HFTokenizer(tok_file, SpecialIds(), (), tok_config)
+        tokenizer = HFTokenizer(tok_file, SpecialIds(), (), tok_config)
     except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception type
         raise HFCheckpointError(f"{tok_file}: {e}") from None
-    special, eos = special_ids(path, hf, generation, tok_config, probe.token_id)
-    if not probe.piece(special.mask):
+    special, eos = special_ids(path, hf, generation, tok_config, tokenizer.token_id)
+    if not tokenizer.piece(special.mask):
         raise HFCheckpointError(f"{tok_file}: no token with the mask id {special.mask} (config.json's "
                                 f"mask_token_id)")
-    if probe.vocab_size > model_cfg.vocab_size:
-        raise HFCheckpointError(f"{tok_file}: {probe.vocab_size} tokens exceed the model's vocab_size "
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise HFCheckpointError(f"{tok_file}: {tokenizer.vocab_size} tokens exceed the model's vocab_size "
                                 f"{model_cfg.vocab_size} (config.json)")
-    tokenizer = HFTokenizer(tok_file, special, eos, tok_config)
+    tokenizer.set_special(special, eos)
 
     dtype = dtype or torch.float32
     with torch.device("meta"):

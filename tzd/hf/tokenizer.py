@@ -49,6 +49,10 @@ class HFTokenizer:
     def eos_ids(self) -> tuple[int, ...]:
         return self._eos_ids
 
+    def set_special(self, special: SpecialIds, eos_ids: tuple[int, ...]) -> None:
+        """The ids the checkpoint's files name (resolved with this tokenizer's own token lookup)."""
+        self.special, self._eos_ids = special, eos_ids
+
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=True).ids
 
