@@ -16,6 +16,7 @@ import http.client
 import json
 import re
 import sys
+import time
 import urllib.parse
 
 TIMEOUT = 120
@@ -142,8 +143,16 @@ def main() -> int:
         check(400 <= status < 500, f"max_tokens above the configured limit ({args.max_tokens_limit}) is refused "
               "with a 4xx", (status, body[:200]))
 
-    status, headers, body = srv.request("GET", "/metrics", auth=False)
-    text = body.decode("utf-8", "replace")
+    # a stream is counted when its response has ended on the server, which can be a moment after the client
+    # read its last event: read /metrics until both generations are in (or 5 s pass), then check
+    deadline = time.monotonic() + 5
+    while True:
+        status, headers, body = srv.request("GET", "/metrics", auth=False)
+        text = body.decode("utf-8", "replace")
+        counted = re.search(r'^tzd_requests_total\{[^}]*endpoint="generate"[^}]*status="200"[^}]*\} (\S+)$', text, re.M)
+        if status != 200 or (counted and float(counted.group(1)) >= 2) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if check(status == 200 and headers.get("content-type", "").startswith("text/plain"), "GET /metrics is 200",
              (status, headers.get("content-type"))):
         m = re.search(r'^tzd_requests_total\{[^}]*endpoint="generate"[^}]*status="200"[^}]*\} (\S+)$', text, re.M)
