@@ -210,7 +210,7 @@ async def wait_rotation(stats_url: str, ip: str, want: bool, timeout: float = 12
     """Seconds until the replica at `ip` is (want=True) or is no longer (want=False) UP in the LB."""
     t0 = now()
     while now() - t0 < timeout:
-        if in_rotation(stats_url, ip) == want:
+        if await asyncio.to_thread(in_rotation, stats_url, ip) == want:
             return now() - t0
         await asyncio.sleep(0.1)
     raise TimeoutError(f"{ip} {'never came back into' if want else 'never left'} the LB's rotation")
@@ -224,7 +224,7 @@ async def wait_healthy(cid: str, timeout: float = 240) -> float:
     t0 = now()
     while now() - t0 < timeout:
         try:
-            if http_get(replica_url(cid) + "/health")[0] == 200:
+            if (await asyncio.to_thread(lambda: http_get(replica_url(cid) + "/health")))[0] == 200:
                 return now() - t0
         except subprocess.CalledProcessError:
             pass  # not published yet
@@ -298,22 +298,24 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
             started.set()
 
     async def stop_and_start() -> None:
+        # Every docker and HTTP call here blocks, so each runs in a thread: on the event loop they would stall
+        # the streams' reads and make their events arrive in a burst, which is what the check looks for.
         await started.wait()
-        chaos["b_requests_before_sigterm"] = requests_total(cid_b)
-        ip = container_ip(cid_b)
+        chaos["b_requests_before_sigterm"] = await asyncio.to_thread(requests_total, cid_b)
+        ip = await asyncio.to_thread(container_ip, cid_b)
         events["sigterm"] = now()
         proc = await asyncio.create_subprocess_exec(*DOCKER, "stop", cid_b,  # its stop_grace_period
                                                     stdout=subprocess.DEVNULL)
         chaos["left_rotation_after_sigterm_s"] = round(await wait_rotation(args.lb_stats, ip, want=False), 2)
         await proc.wait()
         events["exited"] = now()
-        chaos["exit_code"] = int(docker("inspect", "-f", "{{.State.ExitCode}}", cid_b))
-        docker("start", cid_b)
+        chaos["exit_code"] = int(await asyncio.to_thread(docker, "inspect", "-f", "{{.State.ExitCode}}", cid_b))
+        await asyncio.to_thread(docker, "start", cid_b)
         events["started"] = now()
         await wait_healthy(cid_b)
         events["healthy"] = now()
         chaos["back_in_rotation_after_healthy_s"] = round(
-            await wait_rotation(args.lb_stats, container_ip(cid_b), want=True), 2)
+            await wait_rotation(args.lb_stats, await asyncio.to_thread(container_ip, cid_b), want=True), 2)
 
     lb_before = lb_stats(args.lb_stats)
     task = asyncio.create_task(stop_and_start())
@@ -339,7 +341,14 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
     streams = [r for r in records if r.streamed and r.error is None]
     bursty = [r for r in streams if not stepwise(r)]
     if not streams or bursty:
-        problems.append(f"{len(bursty)} of {len(streams)} streams did not arrive step by step")
+        detail = ""
+        if bursty:
+            r = bursty[0]
+            detail = (f", e.g. request {r.index}: {1000 * (r.end - r.step_times[0]):.0f} ms from its first step event"
+                      f" to its end at the client, {1000 * (r.server_total - r.server_first_step):.0f} ms at the server"
+                      if r.step_times and r.server_total is not None and r.server_first_step is not None
+                      else f", e.g. request {r.index}: no step events or no server timings")
+        problems.append(f"{len(bursty)} of {len(streams)} streams did not arrive step by step{detail}")
     wrong_count = [r for r in streams if len(r.step_times) != r.server_steps]
     if wrong_count:
         r = wrong_count[0]
