@@ -64,16 +64,20 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
-              scale: float | None = None, causal: bool = False) -> torch.Tensor:
+              scale: float | None = None, causal: bool = False, q_blocks: torch.Tensor | None = None,
+              k_blocks: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention on q [B,H,T,D], k/v [B,Hk,S,D] (GQA when Hk divides H); keys >= seqlens[b] masked.
+
+    Block-causal with q_blocks [B,T] / k_blocks [B,S] (query i sees key j iff k_blocks[b,j] <=
+    q_blocks[b,i]); `mask` [B,1,T,S] for any other layout (the torch reference only).
 
     The Triton path is forward only: with gradients enabled and any input requiring grad, this
     runs the torch reference (SDPA) for forward and backward.
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not causal and not needs_grad and _use_triton(q):
+    if not causal and mask is None and q_blocks is None and not needs_grad and _use_triton(q):
         triton_attention = _triton()[1]
         if (q.shape[-1] in triton_attention.SUPPORTED_HEAD_DIMS and q.dtype == k.dtype == v.dtype
                 and q.dtype in triton_attention.SUPPORTED_DTYPES):
             return triton_attention.attention(q, k, v, seqlens, scale)
-    return reference.attention(q, k, v, seqlens, scale, causal)
+    return reference.attention(q, k, v, seqlens, scale, causal, q_blocks, k_blocks, mask)

@@ -40,17 +40,31 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return qk.split([q.shape[2], k.shape[2]], dim=2)
 
 
+def block_mask(q_blocks: torch.Tensor | None = None, k_blocks: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The [B,1,T,S] bool mask (True = attend) of block ids (key j seen by query i iff k_blocks[b,j] <=
+    q_blocks[b,i]) or of an explicit mask; None when there is neither."""
+    if mask is not None:
+        return mask
+    if q_blocks is None:
+        return None
+    return k_blocks[:, None, None, :] <= q_blocks[:, None, :, None]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
-              scale: float | None = None, causal: bool = False) -> torch.Tensor:
+              scale: float | None = None, causal: bool = False, q_blocks: torch.Tensor | None = None,
+              k_blocks: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over q [B,H,T,D], k/v [B,Hk,S,D]; keys at index >= seqlens[b] are masked out.
 
-    Bidirectional unless `causal` (used only by the autoregressive judge).
+    Bidirectional unless `causal` (used only by the autoregressive judge) or block-causal: with
+    q_blocks [B,T] and k_blocks [B,S], query i sees key j iff k_blocks[b,j] <= q_blocks[b,i]; `mask`
+    [B,1,T,S] (True = attend) gives any other layout. Every query must see at least one key.
     """
-    mask = None
+    mask = block_mask(q_blocks, k_blocks, mask)
     if seqlens is not None:
         S = k.shape[2]
         keep = torch.arange(S, device=k.device)[None, :] < seqlens.to(k.device)[:, None]  # [B,S]
-        mask = keep[:, None, None, :]
+        mask = keep[:, None, None, :] if mask is None else mask & keep[:, None, None, :]
     if causal and mask is not None:
         T, S = q.shape[2], k.shape[2]
         tri = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 BACKENDS = ("smdm", "litgpt")
+ATTENTION_KINDS = ("bidirectional", "block_causal")
 
 
 @dataclass
@@ -22,6 +23,10 @@ class ModelConfig:
     rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates
     norm_eps: float = 1e-5
     causal: bool = False  # True builds the same network as a left-to-right model (the judge)
+    # "bidirectional": every position sees every other; "block_causal" (block diffusion, BD3-LM/SDAR): a
+    # position sees its own block of `diffusion_block` positions and every earlier block (tzd.models.blocks)
+    attention: str = "bidirectional"
+    diffusion_block: int = 32
     # Switches for the public LLaMA-like families (LLaDA, Dream), off for TZD's own models:
     qkv_bias: bool = False  # biases on the q/k/v projections (Dream, Qwen2 layout)
     tie_embeddings: bool = False  # the output head reuses the token embedding matrix
@@ -46,8 +51,18 @@ class ModelConfig:
                              "switches of the smdm backend")
         if self.logit_shift and self.causal:
             raise ValueError("model.logit_shift applies to diffusion models only, not with model.causal")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention={self.attention!r}: must be one of {', '.join(ATTENTION_KINDS)}")
+        if int(self.diffusion_block) < 1:
+            raise ValueError(f"model.diffusion_block={self.diffusion_block}: must be >= 1")
+        if self.block_causal and self.causal:
+            raise ValueError("model.attention=block_causal is a diffusion layout: not with model.causal")
         if not 0.0 < self.rotary_fraction <= 1.0:
             raise ValueError(f"model.rotary_fraction={self.rotary_fraction}: must be in (0, 1]")
+
+    @property
+    def block_causal(self) -> bool:
+        return self.attention == "block_causal"
 
     @property
     def head_dim(self) -> int:

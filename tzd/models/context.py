@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 
@@ -24,6 +24,39 @@ class ForwardContext:
     cache: KVCache | None = None
     # [B,P] positions whose logits are wanted (the sampler needs only the current block); None = all
     output_positions: torch.Tensor | None = None
+    # block-causal models: [B,L] block id of every absolute position (tzd.models.blocks), L >= the keys;
+    # a query at position p sees the keys whose block id is <= p's. None = bidirectional
+    block_ids: torch.Tensor | None = None
+    # an explicit [B,1,T,S] bool mask (True = attend), for layouts block ids cannot say (training's two streams)
+    attn_mask: torch.Tensor | None = None
+    query_blocks: torch.Tensor | None = None  # [B,T]: block_ids at the queries' positions (set by `resolve`)
+
+    def resolve(self, T: int, default_block: int | None) -> ForwardContext:
+        """This context with the queries' block ids looked up once per forward (not per layer). A
+        block-causal model (`default_block` = its block size) given neither block ids nor a mask gets the
+        training layout: blocks of `default_block` from position 0."""
+        ctx = self
+        if default_block is not None and ctx.block_ids is None and ctx.attn_mask is None:
+            from tzd.models.blocks import block_ids  # noqa: PLC0415 - tiny module, avoids a cycle
+            device = ctx.positions.device if ctx.positions is not None else None
+            L = int(ctx.positions.max()) + 1 if ctx.positions is not None else T
+            ctx = replace(ctx, block_ids=block_ids(L, 0, default_block, device))
+        if ctx.block_ids is None:
+            return ctx
+        pos = ctx.positions
+        if pos is None:
+            q = ctx.block_ids[:, :T]
+        else:
+            q = ctx.block_ids.expand(pos.shape[0], -1).gather(1, pos)
+        return replace(ctx, query_blocks=q)
+
+    def mask_args(self, keys: int) -> dict[str, Any]:
+        """The keyword arguments of kernels.attention that carry this context's mask over `keys` keys."""
+        if self.attn_mask is not None:
+            return {"mask": self.attn_mask}
+        if self.query_blocks is None:
+            return {}
+        return {"q_blocks": self.query_blocks, "k_blocks": self.block_ids[:, :keys]}
 
     def select_outputs(self, x: torch.Tensor, shift: bool = False) -> torch.Tensor:
         """Hidden states [B,T,C] at output_positions, before the norm and the output head.

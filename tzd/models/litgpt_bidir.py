@@ -1,4 +1,4 @@
-"""litgpt's GPT made bidirectional without a fork.
+"""litgpt's GPT made bidirectional (or block-causal) without a fork.
 
 Every block's attention is swapped for `BidirectionalSelfAttention`, which has the same parameters
 (so litgpt weights and names are kept) but routes through `kernels.rope` / `kernels.attention` and
@@ -66,13 +66,14 @@ class BidirectionalSelfAttention(CausalSelfAttention):
             k, v, seqlens = ctx.cache.attend(self.block_idx, k, v)
         scale = 1.0 / math.sqrt(cfg.attention_scores_scalar or D)
         if cfg.attention_logit_softcapping is not None:
-            y = self._softcapped(q, k, v, seqlens, scale)
+            y = self._softcapped(q, k, v, seqlens, scale, ctx)
         else:
-            y = kernels.attention(q, k, v, seqlens=seqlens, scale=scale, causal=self.causal)
+            y = kernels.attention(q, k, v, seqlens=seqlens, scale=scale, causal=self.causal,
+                                  **ctx.mask_args(k.shape[2]))
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    seqlens: torch.Tensor | None, scale: float) -> torch.Tensor:
+                    seqlens: torch.Tensor | None, scale: float, ctx: ForwardContext) -> torch.Tensor:
         """Explicit attention for softcapped configs (SDPA cannot softcap); still bidirectional."""
         if k.shape[1] != q.shape[1]:
             rep = q.shape[1] // k.shape[1]
@@ -85,6 +86,9 @@ class BidirectionalSelfAttention(CausalSelfAttention):
         if self.causal:
             tri = torch.ones(q.shape[2], S, dtype=torch.bool, device=q.device).tril(S - q.shape[2])
             scores = scores.masked_fill(~tri, float("-inf"))
+        allowed = kernels.reference.block_mask(**ctx.mask_args(S))
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
@@ -106,7 +110,8 @@ class BidirectionalGPT(GPT):
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:  # type: ignore[override]
         if ids.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the context of {self.config.block_size}")
-        ctx = ctx or ForwardContext()
+        cfg = self.tzd_config
+        ctx = (ctx or ForwardContext()).resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
         x = self.transformer.wte(ids)
         if self.config.scale_embeddings:
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)

@@ -39,7 +39,7 @@ class Attention(nn.Module):
         seqlens = ctx.seqlens
         if ctx.cache is not None:
             k, v, seqlens = ctx.cache.attend(self.layer, k, v)
-        y = kernels.attention(q, k, v, seqlens=seqlens, causal=self.cfg.causal)
+        y = kernels.attention(q, k, v, seqlens=seqlens, causal=self.cfg.causal, **ctx.mask_args(k.shape[2]))
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -68,7 +68,8 @@ class Block(nn.Module):
 
 
 class SMDM(nn.Module):
-    """model(ids [B,T]) -> logits [B,T,V]; every position sees every other unless config.causal."""
+    """model(ids [B,T]) -> logits [B,T,V]; every position sees every other unless config.causal (left to right)
+    or config.attention is "block_causal" (its own block and the blocks before it)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -100,7 +101,8 @@ class SMDM(nn.Module):
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         if ids.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the context of {self.config.block_size}")
-        ctx = ctx or ForwardContext()
+        cfg = self.config
+        ctx = (ctx or ForwardContext()).resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
         x = self.tok_embeddings(ids)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin, ctx)

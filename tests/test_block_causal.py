@@ -1,0 +1,91 @@
+"""Block-causal attention (block diffusion): a position sees its own block and every earlier one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import reference
+from tzd.models import ForwardContext, ModelConfig, build_model
+from tzd.models.blocks import block_ids, two_stream_mask
+
+BACKENDS = ["smdm", "litgpt"]
+
+
+def tiny(backend: str, **kw) -> ModelConfig:
+    return ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                       block_size=32, attention="block_causal", diffusion_block=4, **kw)
+
+
+def test_block_ids_prompt_is_its_own_span() -> None:
+    # prompt of 6 with blocks of 4: prompt blocks [0..3] [4,5], generated blocks from position 6
+    ids = block_ids(14, torch.tensor([6, 0, 8]), 4)
+    assert ids[0].tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert ids[1].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+    assert ids[2].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_config_checks_attention_kind() -> None:
+    with pytest.raises(ValueError, match="model.attention"):
+        ModelConfig(attention="sliding")
+    with pytest.raises(ValueError, match="model.diffusion_block"):
+        ModelConfig(attention="block_causal", diffusion_block=0)
+    with pytest.raises(ValueError, match="block_causal"):
+        ModelConfig(attention="block_causal", causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_later_blocks_never_change_earlier_logits(backend: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(backend)).eval()
+    ids = torch.randint(0, 96, (2, 16))
+    for b in range(3):  # change a token in block b + 1: blocks <= b keep every logit
+        changed = ids.clone()
+        changed[:, 4 * (b + 1) + 1] = (ids[:, 4 * (b + 1) + 1] + 1) % 96
+        a, c = model(ids), model(changed)
+        assert torch.equal(a[:, :4 * (b + 1)], c[:, :4 * (b + 1)])
+        assert (a[:, 4 * (b + 1):4 * (b + 2)] - c[:, 4 * (b + 1):4 * (b + 2)]).abs().max() > 1e-4
+    changed = ids.clone()  # inside a block both directions: the last token moves the block's first logit
+    changed[:, 7] = (ids[:, 7] + 1) % 96
+    assert (model(ids)[:, 4] - model(changed)[:, 4]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serving_layout_matches_explicit_mask(backend: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(backend)).eval()
+    ids = torch.randint(0, 96, (2, 15))
+    blocks = block_ids(15, torch.tensor([6, 3]), 4)
+    mask = blocks[:, None, None, :] <= blocks[:, None, :, None]
+    a = model(ids, ForwardContext(block_ids=blocks))
+    b = model(ids, ForwardContext(attn_mask=mask))
+    assert torch.allclose(a, b, atol=1e-6)
+    bidir = build_model(ModelConfig(**{**tiny(backend).to_dict(), "attention": "bidirectional"})).eval()
+    bidir.load_state_dict(model.state_dict())
+    assert (bidir(ids) - a).abs().max() > 1e-4  # the mask is applied
+
+
+def test_reference_block_ids_equal_dense_mask_with_padding() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    kb = block_ids(11, torch.tensor([5, 2]), 3)
+    qb = kb[:, 2:]
+    seqlens = torch.tensor([11, 9])
+    got = reference.attention(q, k, v, seqlens, q_blocks=qb, k_blocks=kb)
+    keep = (kb[:, None, None, :] <= qb[:, None, :, None]) & (torch.arange(11)[None, :] < seqlens[:, None])[:, None,
+                                                                                                           None]
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kr.mT / 4).masked_fill(~keep, float("-inf"))
+    assert torch.allclose(got, scores.softmax(-1) @ vr, atol=1e-5)
+
+
+def test_two_stream_mask_layout() -> None:
+    blocks = block_ids(8, 0, 4)  # two blocks of four
+    m = two_stream_mask(blocks)[0, 0]
+    T = 8
+    noised, clean = slice(0, T), slice(T, 2 * T)
+    assert m[noised, noised][0].tolist() == [True] * 4 + [False] * 4  # its own noised block only
+    assert m[noised, clean][0].tolist() == [False] * 8  # block 0 has no clean context
+    assert m[noised, clean][5].tolist() == [True] * 4 + [False] * 4  # block 1 sees clean block 0
+    assert not m[clean, noised].any()
+    assert m[clean, clean][5].tolist() == [True] * 8
