@@ -89,7 +89,7 @@ class Serving:
         min_prompt = int(rt.loaded.model_config.logit_shift)
         for prompt, p in zip(prompts, params, strict=True):
             ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,
-                                self.config.max_tokens_limit, min_prompt)
+                                self.config.max_tokens_limit, min_prompt, rt.loaded.model_config.denoise_block)
             req = group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
             limits = [t for t in (timeout, self.config.request_timeout) if t is not None]
             req.deadline = req.arrival + min(limits) if limits else None

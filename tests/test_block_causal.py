@@ -89,3 +89,54 @@ def test_two_stream_mask_layout() -> None:
     assert m[noised, clean][5].tolist() == [True] * 4 + [False] * 4  # block 1 sees clean block 0
     assert not m[clean, noised].any()
     assert m[clean, clean][5].tolist() == [True] * 8
+
+
+# ---- sampling a block-causal model: the exact cache -----------------------------------------------------
+
+def sampler_model(backend: str = "smdm", block: int = 8) -> torch.nn.Module:
+    """A random block-causal model with spread-out logits (near-uniform ones would make argmax ties)."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=96,
+                      attention="block_causal", diffusion_block=block)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+    return model
+
+
+MIXED = [  # (prompt length, params): lengths not multiples of the block, uneven last blocks, threshold
+    (5, dict(max_tokens=24, steps=12)),
+    (13, dict(max_tokens=20, steps=20)),
+    (8, dict(max_tokens=16, steps=6, threshold=0.4)),
+    (1, dict(max_tokens=30, steps=10, temperature=1.0, seed=3)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+def test_exact_cache_equals_uncached_block_causal_sampler(backend: str, cache: str) -> None:
+    from tzd.sampling import SamplingParams, generate  # noqa: PLC0415
+
+    model = sampler_model(backend)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n, _ in MIXED]
+    uncached = generate(model, prompts, [SamplingParams(**p, cache="none") for _, p in MIXED], mask_id=96)
+    cached = generate(model, prompts, [SamplingParams(**p, cache=cache) for _, p in MIXED], mask_id=96)
+    alone = [generate(model, [pr], SamplingParams(**p, cache=cache), mask_id=96)[0]
+             for pr, (_, p) in zip(prompts, MIXED, strict=True)]
+    for u, c, a in zip(uncached, cached, alone, strict=True):
+        assert c.tokens == u.tokens  # exact: the same tokens as the whole canvas through the model each step
+        assert a.tokens == c.tokens  # batch invariance
+        assert c.nfe == u.nfe == c.steps
+
+
+def test_block_causal_plan_uses_the_model_blocks() -> None:
+    from tzd.sampling import SamplingParams, SamplingParamsError, plan  # noqa: PLC0415
+
+    p = plan(SamplingParams(max_tokens=40), 3, 96, model_block=8)
+    assert p.block_length == 8 and p.num_blocks == 5
+    assert plan(SamplingParams(max_tokens=5), 3, 96, model_block=8).block_length == 5
+    with pytest.raises(SamplingParamsError, match="diffusion_block") as e:
+        plan(SamplingParams(max_tokens=40, block_length=16), 3, 96, model_block=8)
+    assert e.value.field == "block_length"

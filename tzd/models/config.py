@@ -65,6 +65,11 @@ class ModelConfig:
         return self.attention == "block_causal"
 
     @property
+    def denoise_block(self) -> int | None:
+        """The block length sampling must use: a block-causal model's own blocks; None = any (bidirectional)."""
+        return int(self.diffusion_block) if self.block_causal else None
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 

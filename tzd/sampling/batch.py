@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from tzd.models import ForwardContext, model_config
+from tzd.models.blocks import block_ids
 from tzd.sampling import rules
 from tzd.sampling.cache import KVStore, ReadView, RecordView
 from tzd.sampling.params import RequestPlan
@@ -59,6 +60,8 @@ class _Slot:
     steps_done: int = 0
     nfe: int = 0
     open: np.ndarray | None = None  # offsets in the current block still masked; None = all (a new block)
+    exact: bool = False  # a block-causal model's exact cache (any cache mode but none)
+    kv_valid: int = 0  # exact cache: the store holds final keys/values for canvas positions [0, kv_valid)
 
     def block_bounds(self) -> tuple[int, int]:
         """(start, length) of the current block in canvas coordinates."""
@@ -82,14 +85,23 @@ class _Slot:
     def cache_mode(self) -> int:
         return CACHE_MODES[self.plan.params.cache]
 
-    def query_len(self, shift: int = 0) -> int:
-        """Columns a cached forward runs: prefix, the block and everything after it; dual, the block;
-        `shift` more on the left for models whose logits at i come from the output at i-1."""
+    def window(self, shift: int = 0) -> tuple[int, int, int]:
+        """(first column, columns, keys) of a cached forward. Approximate cache: prefix runs the block and
+        everything after it, dual the block, against the whole canvas. Exact cache: from the first position
+        whose keys are not final yet (the prompt at first, the block just finished at a block's first step)
+        to the current block's end, against the keys up to there. `shift` columns more on the left for
+        models whose logits at i come from the output at i-1."""
         start, length = self.block_bounds()
-        return (self.plan.total_len - start if self.cache_mode == 1 else length) + shift
+        if self.exact:
+            first = max(0, min(self.kv_valid, start - shift))
+            return first, start + length - first, start + length
+        return start - shift, (self.plan.total_len - start if self.cache_mode == 1 else length) + shift, \
+            self.plan.total_len
 
     def needs_full_forward(self) -> bool:
-        return self.cache_mode == 0 or self.block_step == 0 or self.plan.params.cfg_scale > 0
+        if self.cache_mode == 0 or self.plan.params.cfg_scale > 0:
+            return True
+        return self.block_step == 0 and not self.exact  # the approximate cache records at a block's start
 
 
 class DenoiseBatch:
@@ -102,6 +114,7 @@ class DenoiseBatch:
         self.mask_id, self.capacity = mask_id, capacity
         self.eos_ids = eos_set(eos_id)
         self.context = self.cfg.block_size
+        self.block = self.cfg.denoise_block  # a block-causal model's blocks; None = bidirectional
         self.shift = int(self.cfg.logit_shift)  # a cached window starts one column left of its block
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
@@ -124,11 +137,15 @@ class DenoiseBatch:
             raise ValueError(f"prompt + max_tokens = {plan.total_len} exceeds the context of {self.context}")
         if self.shift and not prompt:
             raise ValueError("a model with shifted logits needs a prompt of at least one token")
+        if self.block is not None and plan.block_length != min(self.block, plan.max_tokens):
+            raise ValueError(f"block_length {plan.block_length}: this block-causal model denoises blocks of "
+                             f"{self.block} (plan it with model_block)")
         slot = self.slots.index(None)  # raises ValueError when full: callers check free_slots
         row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
         row[:len(prompt)] = prompt
         self.canvas[slot] = upload(row, self.device)
-        self.slots[slot] = _Slot(handle, plan, masked=plan.max_tokens)
+        self.slots[slot] = _Slot(handle, plan, masked=plan.max_tokens,
+                                 exact=self.block is not None and plan.params.cache != "none")
         return slot
 
     def remove(self, handle: Any) -> bool:
@@ -145,13 +162,15 @@ class DenoiseBatch:
         bounds = [s.block_bounds() for s in slots]
         params = [s.plan.params for s in slots]
         opened = [s.open_offsets() for s in slots]
+        windows = [s.window(self.shift) for s in slots]
         offsets = np.full((len(slots), max(len(o) for o in opened)), -1, dtype=np.int64)
         for i, o in enumerate(opened):
             offsets[i, :len(o)] = o
         return RowValues.build({
-            "slot": rows, "start": [b[0] for b in bounds],
+            "slot": rows, "start": [b[0] for b in bounds], "window_start": [w[0] for w in windows],
+            "key_len": [w[2] for w in windows],
             "total_len": [s.plan.total_len for s in slots], "prompt_len": [s.plan.prompt_len for s in slots],
-            "query_len": [s.query_len(self.shift) for s in slots], "seed": [s.plan.seed for s in slots],
+            "query_len": [w[1] for w in windows], "seed": [s.plan.seed for s in slots],
             "steps_done": [s.steps_done for s in slots],
             "steps_left": [s.block_budget() - s.block_step for s in slots],
             "top_k": [p.top_k for p in params], "random_remask": [p.remasking == "random" for p in params],
@@ -172,10 +191,16 @@ class DenoiseBatch:
             ids = torch.cat([ids, ids[ci].masked_fill(in_prompt, self.mask_id)])
             seqlens = torch.cat([seqlens, seqlens[ci]])
             pos = torch.cat([pos, pos[ci]])
+        blocks = None
+        if self.block is not None:  # block-causal: every row's own layout (its prompt is its leading span)
+            prompt_len = rv.prompt_len if not cfg_rows else torch.cat([rv.prompt_len, rv.prompt_len[ci]])
+            blocks = block_ids(L, prompt_len, self.block)
         if all(s.plan.total_len == L for s in slots):
             seqlens = None  # no padding: attention takes its unmasked fast path
-        cache = RecordView(self.kv, rv.slot, seqlens) if any(s.cache_mode for s in slots) else None
-        logits = self.model(ids, ForwardContext(seqlens=seqlens, cache=cache, output_positions=pos))
+        record = any(s.cache_mode and not s.exact for s in slots)
+        cache = RecordView(self.kv, rv.slot, seqlens) if record else None
+        logits = self.model(ids, ForwardContext(seqlens=seqlens, cache=cache, output_positions=pos,
+                                                block_ids=blocks))
         if cfg_rows:
             n, scale = len(slots), rv.cfg_scale[ci]
             cond, uncond = logits[ci], logits[n:]
@@ -183,25 +208,27 @@ class DenoiseBatch:
         return logits
 
     def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot]) -> torch.Tensor:
-        """Forward of the query window only (prefix: block and after; dual: block), keys from the cache."""
-        q_lens = [s.query_len(self.shift) for s in slots]
-        starts = {s.block_bounds()[0] - self.shift for s in slots}
+        """Forward of each row's query window only (_Slot.window), keys from the cache."""
+        windows = [s.window(self.shift) for s in slots]
+        q_lens = [w[1] for w in windows]
+        starts = {w[0] for w in windows}
         Q = max(q_lens)
         offs = torch.arange(Q, device=self.device)
-        positions = (rv.start[:, None] - self.shift + offs).clamp(max=self.context - 1)
+        positions = (rv.window_start[:, None] + offs).clamp(max=self.context - 1)
         ids = self.canvas[rv.slot[:, None], positions]
         # columns past a row's own window (a dual row beside prefix rows, a short last block) are padding
         kv_positions = torch.where(offs[None, :] < rv.query_len[:, None], positions, self.kv.scratch)
-        lengths = [s.plan.total_len for s in slots]
+        lengths = [w[2] for w in windows]
         keys = max(lengths)
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         aligned = len(starts) == 1 and min(q_lens) == Q  # one window start, no padding columns
-        view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.total_len,
+        view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.key_len,
                         (rows[0], rows[0] + len(rows)) if contiguous else None,
                         next(iter(starts)) if aligned else None)
-        opened = rv.offsets.clamp(min=0) + self.shift  # the block opens the window (after the shift column)
-        return self.model(ids, ForwardContext(positions=positions, seqlens=rv.total_len, cache=view,
-                                              output_positions=opened))
+        opened = rv.offsets.clamp(min=0) + (rv.start - rv.window_start)[:, None]  # the block's columns
+        blocks = block_ids(self.context, rv.prompt_len, self.block) if self.block is not None else None
+        return self.model(ids, ForwardContext(positions=positions, seqlens=rv.key_len, cache=view,
+                                              output_positions=opened, block_ids=blocks))
 
     @torch.inference_mode()
     def step(self) -> list[SlotStep]:
@@ -270,6 +297,8 @@ class DenoiseBatch:
                  canvas: np.ndarray) -> SlotStep:
         """Host bookkeeping after a step: block and step counters, the event, freeing a finished slot."""
         start, _ = s.block_bounds()
+        if s.exact:  # this step wrote final keys/values for everything before its block
+            s.kv_valid = start
         offset = start - s.plan.prompt_len
         cols = np.flatnonzero(sel)
         committed = [(offset + int(s.open[j]), int(tok[j])) for j in cols]

@@ -68,6 +68,7 @@ class ReadView:
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self.store.ensure(k.dtype)  # the exact cache's first forward is a window (the prompt and block 0)
         store_k, store_v = self.store.k, self.store.v
         if self.write_window is not None:
             rows, cols = self.write_window

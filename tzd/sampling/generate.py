@@ -55,8 +55,8 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
     plist = params if isinstance(params, list) else [params] * len(prompts)
     if len(plist) != len(prompts):
         raise ValueError(f"params: {len(plist)} given for {len(prompts)} prompts")
-    context = model_config(model).block_size
-    plans = [plan(p, len(pr), context) for p, pr in zip(plist, prompts, strict=True)]
+    cfg = model_config(model)
+    plans = [plan(p, len(pr), cfg.block_size, cfg.denoise_block) for p, pr in zip(plist, prompts, strict=True)]
     batch = DenoiseBatch(model, mask_id, capacity=min(max_batch or len(prompts), len(prompts)) or 1,
                          eos_id=eos_id)
     results: list[GenerationResult | None] = [None] * len(prompts)

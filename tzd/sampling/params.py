@@ -36,8 +36,11 @@ class RequestPlan:
         return self.prompt_len + self.max_tokens
 
 
-def plan(params: SamplingParams, prompt_len: int, context: int) -> RequestPlan:
+def plan(params: SamplingParams, prompt_len: int, context: int, model_block: int | None = None) -> RequestPlan:
     """Resolve and check `params` for a prompt of `prompt_len` tokens on a model with `context` positions.
+
+    `model_block`: the block size of a block-causal model; its blocks are the model's, so block_length
+    defaults to it (or max_tokens when shorter) and any other value is refused.
 
     Steps are spread over blocks: block b gets steps // num_blocks steps, the first steps % num_blocks
     blocks one more (capped at the block's length). Where steps divides evenly this is LLaDA's rule.
@@ -51,6 +54,12 @@ def plan(params: SamplingParams, prompt_len: int, context: int) -> RequestPlan:
                           f"model's context of {context} tokens; max_tokens must be <= {max(context - prompt_len, 0)}")
     steps = params.resolved_steps()
     block = params.resolved_block_length()
+    if model_block is not None:
+        if params.block_length is not None and params.block_length not in (model_block, min(model_block, g)):
+            raise SamplingParamsError(
+                "block_length", f"this block-diffusion model denoises blocks of {model_block} tokens (its "
+                                f"diffusion_block); omit block_length or give {min(model_block, g)}, got {block}")
+        block = min(model_block, g)
     if block > g:
         raise SamplingParamsError("block_length", f"must be in [1, max_tokens={g}], got {block}")
     if steps > g:

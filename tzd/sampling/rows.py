@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 FIELDS: dict[str, torch.dtype] = {
-    "slot": torch.long, "start": torch.long, "total_len": torch.long,
+    "slot": torch.long, "start": torch.long, "window_start": torch.long, "key_len": torch.long,
+    "total_len": torch.long,
     "prompt_len": torch.long, "query_len": torch.long, "seed": torch.long, "steps_done": torch.long,
     "steps_left": torch.long, "top_k": torch.long, "random_remask": torch.bool,
     "temperature": torch.float32, "top_p": torch.float32, "threshold": torch.float32, "cfg_scale": torch.float32,
@@ -32,6 +33,8 @@ class RowValues:
 
     slot: torch.Tensor
     start: torch.Tensor  # the current block's first canvas position
+    window_start: torch.Tensor  # first column a cached forward runs
+    key_len: torch.Tensor  # keys a cached forward attends to (the canvas; up to the block's end when exact)
     total_len: torch.Tensor  # prompt + max_tokens: the row's canvas (and key) length
     prompt_len: torch.Tensor
     query_len: torch.Tensor  # columns a cached forward runs (prefix: block to end; dual: the block)
