@@ -2,9 +2,10 @@
 
 Host overhead: `DenoiseBatch.step` on a stand-in model that has the real model's config but whose
 forward returns fixed precomputed logits [B, P, V] (a slice, no compute), so that what is left is the
-host work of a step and the sampler's small tensor ops. Reported in ms per step at batch 1 and 16,
-128 new tokens in blocks of 32 (LLaDA's one token per step), cache none and dual; the stand-in's own
-forward time is measured and taken out.
+host work of a step and the sampler's tensor ops. Reported in ms per step at batch 1 and 16, 128 new
+tokens in blocks of 32 (LLaDA's one token per step), cache none and dual, for the default model's
+vocabulary (4096: the commit rule's softmax over [B, P, V] is then most of it) and for 256 (the scale
+of the issue's outside measure); the stand-in's own forward time is measured and taken out.
 
 Mixed lengths: the real default model offline through `generate()`: 16 requests with prompt lengths
 uniform in [16, 256] and 64 new tokens, against 16 requests whose prompts all have the mean of those
@@ -18,6 +19,7 @@ Results are merged into the JSON under `--label` (e.g. `before` on the unchanged
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -52,14 +54,15 @@ class FixedLogits(nn.Module):
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
         assert ctx is not None and ctx.output_positions is not None, "the sampler asks for its positions"
-        out = self.logits[:ids.shape[0], :ctx.output_positions.shape[1]]
+        out = self.logits[:ids.shape[0], :ctx.output_positions.shape[1]].contiguous()  # as a model returns
         self.seconds += time.perf_counter() - t0
         return out
 
 
-def host_overhead(cfg: ModelConfig, mask_id: int, batch: int, cache: str, rounds: int, prompt_len: int = 32,
-                  max_tokens: int = 128, block: int = 32) -> dict:
+def host_overhead(cfg: ModelConfig, mask_id: int, batch: int, cache: str, rounds: int, vocab: int,
+                  prompt_len: int = 32, max_tokens: int = 128, block: int = 32) -> dict:
     """ms per step of DenoiseBatch.step on the stand-in (the first round is a warm-up)."""
+    cfg = dataclasses.replace(cfg, vocab_size=vocab)
     model = FixedLogits(cfg, batch, block)
     per_round = []
     for r in range(rounds + 1):
@@ -77,7 +80,7 @@ def host_overhead(cfg: ModelConfig, mask_id: int, batch: int, cache: str, rounds
         elapsed = time.perf_counter() - t0 - model.seconds
         if r:
             per_round.append(elapsed / steps * 1e3)
-    return {"batch": batch, "cache": cache, "steps": steps, "ms_per_step": statistics.median(per_round),
+    return {"batch": batch, "cache": cache, "vocab": vocab, "steps": steps, "ms_per_step": statistics.median(per_round),
             "ms_per_step_min": min(per_round), "rounds": rounds}
 
 
@@ -116,6 +119,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per host-overhead setting (median)")
     ap.add_argument("--mixed-rounds", type=int, default=1, help="timed rounds per mixed-lengths side (best)")
+    ap.add_argument("--vocab", default="4096,256", help="stand-in vocabularies: the default model's, and the "
+                                                         "issue's outside measure (a vocab-256 model)")
     ap.add_argument("--skip-mixed", action="store_true", help="host overhead only")
     ap.add_argument("--label", default="after", help="key of this run in the JSON (before / after)")
     ap.add_argument("--out", default="bench/results/engine.json")
@@ -124,11 +129,13 @@ def main() -> None:
 
     loaded = load_checkpoint(args.checkpoint, device="cpu")
     cfg = model_config(loaded.model)
-    rows = [host_overhead(cfg, loaded.mask_id, b, c, args.rounds) for c in ("none", "dual") for b in (1, 16)]
-    print(f"host overhead per step (stand-in model, vocab {cfg.vocab_size}, 128 tokens, block 32)")
-    print(f"{'cache':>6} {'batch':>5} {'ms/step':>8} {'min':>8}")
+    vocabs = [int(v) for v in args.vocab.split(",")]
+    rows = [host_overhead(cfg, loaded.mask_id, b, c, args.rounds, v)
+            for v in vocabs for c in ("none", "dual") for b in (1, 16)]
+    print("host overhead per step (stand-in model, 128 tokens, block 32)")
+    print(f"{'vocab':>6} {'cache':>6} {'batch':>5} {'ms/step':>8} {'min':>8}")
     for r in rows:
-        print(f"{r['cache']:>6} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['ms_per_step_min']:>8.3f}")
+        print(f"{r['vocab']:>6} {r['cache']:>6} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['ms_per_step_min']:>8.3f}")
     result: dict = {"host_overhead": rows}
     if not args.skip_mixed:
         mix = mixed_lengths(args.checkpoint, args.dtype, 16, 64, 16, 256, args.mixed_rounds)
@@ -140,7 +147,7 @@ def main() -> None:
                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.exists() else {}
-    merged[args.label] = result
+    merged[args.label] = {**merged.get(args.label, {}), **result}  # a --skip-mixed run keeps the mixed figures
     out.write_text(json.dumps(merged, indent=2) + "\n")
     print(f"wrote {out} [{args.label}]")
 

@@ -84,9 +84,10 @@ class RequestOutput:
     def on_step(self, ev: SlotStep) -> Update:
         """The client update for one step; a result when the sampler finished it or a stop string did."""
         up = Update()
-        self.canvas, self.steps = ev.canvas, ev.step + 1
+        self.canvas, self.steps = ev.canvas.tolist(), ev.step + 1
+        ev.canvas = self.canvas
         if self.mode == "events":
-            committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t])) for p, t in ev.committed]
+            committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t])) for p, t in ev.committed.tolist()]
             up.event = StepEvent(step=ev.step, steps=ev.steps, committed=committed, masked=ev.masked,
                                      text=canvas_text(self.tok, ev.canvas, self.mask_id))
         stopped = False

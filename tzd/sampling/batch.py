@@ -11,7 +11,7 @@ only sync with the device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,9 +23,10 @@ from tzd.models.blocks import block_ids
 from tzd.sampling import rules
 from tzd.sampling.cache import KVStore, ReadView, RecordView
 from tzd.sampling.params import RequestPlan
-from tzd.sampling.rows import RowValues, upload
+from tzd.sampling.rows import COLUMN, FIELDS, RowValues, float_bits, upload
 
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
+_LENGTH, _MAX_TOKENS = len(FIELDS), len(FIELDS) + 1  # host-only columns of _Slot.row
 
 
 def eos_set(eos: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -35,19 +36,28 @@ def eos_set(eos: int | Sequence[int] | None) -> tuple[int, ...]:
     return (int(eos),) if isinstance(eos, int) else tuple(dict.fromkeys(int(e) for e in eos))
 
 
-@dataclass
+@dataclass(slots=True)
 class SlotStep:
-    """What one step did to one request. Positions count from the first generated token."""
+    """What one step did to one request. Positions count from the first generated token.
+
+    The arrays are the step's own (views of arrays no later step writes): a consumer may keep them or
+    read them on another thread while the batch runs its next step."""
 
     handle: Any
     step: int
     steps: int
-    committed: list[tuple[int, int]]  # (position, token id)
+    positions: np.ndarray  # [k] int64: the positions this step committed, ascending
+    tokens: np.ndarray  # [k] int64: the token ids committed there
     masked: int
-    canvas: list[int]  # the generated region, mask ids where still masked
+    canvas: np.ndarray  # [max_tokens] int64: the generated region, mask ids where still masked
     nfe: int
     done: bool
     finish_reason: str | None = None  # "length" | "stop" (EOS) once done
+
+    @property
+    def committed(self) -> np.ndarray:
+        """[k, 2] rows of (position, token id)."""
+        return np.stack([self.positions, self.tokens], axis=1)
 
 
 @dataclass
@@ -59,9 +69,10 @@ class _Slot:
     masked: int = 0
     steps_done: int = 0
     nfe: int = 0
-    open: np.ndarray | None = None  # offsets in the current block still masked; None = all (a new block)
+    fresh: bool = True  # not yet seen by a step: its host rows (open offsets, canvas copy) are set then
     exact: bool = False  # a block-causal model's exact cache (any cache mode but none)
     kv_valid: int = 0  # exact cache: the store holds final keys/values for canvas positions [0, kv_valid)
+    _fixed: tuple[int, ...] | None = field(default=None, repr=False)  # the plan's part of `row`
 
     def block_bounds(self) -> tuple[int, int]:
         """(start, length) of the current block in canvas coordinates."""
@@ -69,11 +80,18 @@ class _Slot:
         start = self.block * p.block_length
         return p.prompt_len + start, min(p.block_length, p.max_tokens - start)
 
-    def open_offsets(self) -> np.ndarray:
-        """Offsets (from the block start, ascending) of the current block's masked positions."""
-        if self.open is None:
-            self.open = np.arange(self.block_bounds()[1])
-        return self.open
+    def row(self, slot: int, shift: int) -> tuple[int, ...]:
+        """This request's values for one step in rows.FIELDS order (floats as their float64 bits), then
+        two host-only columns: the current block's length and max_tokens."""
+        start, length = self.block_bounds()
+        first, cols, keys = self.window(shift)
+        if self._fixed is None:  # the plan never changes: its part of the row is computed once
+            p, sp = self.plan, self.plan.params
+            self._fixed = (p.total_len, p.prompt_len, p.seed, sp.top_k, int(sp.remasking == "random"),
+                           float_bits(sp.temperature), float_bits(sp.top_p), float_bits(sp.threshold or 0.0),
+                           float_bits(sp.cfg_scale))
+        return (slot, start, first, keys, cols, self.steps_done, max(self.block_budget() - self.block_step, 1),
+                *self._fixed, length, self.plan.max_tokens)
 
     def block_budget(self) -> int:
         """Steps for the current block: steps // blocks, the first steps % blocks one more, <= its length."""
@@ -117,10 +135,14 @@ class DenoiseBatch:
         self.block = self.cfg.denoise_block  # a block-causal model's blocks; None = bidirectional
         self.shift = int(self.cfg.logit_shift)  # a cached window starts one column left of its block
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self._eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         # one scratch column past the context: the step writes its padding columns there
         self.canvas = torch.full((capacity, self.context + 1), mask_id, dtype=torch.long, device=self.device)
         self.slots: list[_Slot | None] = [None] * capacity
+        # host state per slot, updated vectorised after each step: which offsets of the current block are
+        # still masked, and a copy of the generated region (the events' canvases, the EOS check)
+        self._open = np.zeros((capacity, self.context), dtype=bool)
+        self._gen = np.full((capacity, self.context), mask_id, dtype=np.int64)
+        self._eos_host = np.array(self.eos_ids, dtype=np.int64)
         self.kv = KVStore(capacity, self.cfg.n_layer, self.cfg.n_kv_head, self.context, self.cfg.head_dim,
                           self.device)
 
@@ -158,25 +180,24 @@ class DenoiseBatch:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def _row_values(self, rows: list[int], slots: list[_Slot]) -> RowValues:
-        bounds = [s.block_bounds() for s in slots]
-        params = [s.plan.params for s in slots]
-        opened = [s.open_offsets() for s in slots]
-        windows = [s.window(self.shift) for s in slots]
-        offsets = np.full((len(slots), max(len(o) for o in opened)), -1, dtype=np.int64)
-        for i, o in enumerate(opened):
-            offsets[i, :len(o)] = o
-        return RowValues.build({
-            "slot": rows, "start": [b[0] for b in bounds], "window_start": [w[0] for w in windows],
-            "key_len": [w[2] for w in windows],
-            "total_len": [s.plan.total_len for s in slots], "prompt_len": [s.plan.prompt_len for s in slots],
-            "query_len": [w[1] for w in windows], "seed": [s.plan.seed for s in slots],
-            "steps_done": [s.steps_done for s in slots],
-            "steps_left": [s.block_budget() - s.block_step for s in slots],
-            "top_k": [p.top_k for p in params], "random_remask": [p.remasking == "random" for p in params],
-            "temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
-            "threshold": [p.threshold or 0.0 for p in params], "cfg_scale": [p.cfg_scale for p in params],
-        }, offsets, self.device)
+    def _row_values(self, rows: list[int], slots: list[_Slot]) -> tuple[RowValues, np.ndarray, np.ndarray]:
+        """(device values, host table [n, FIELDS + block length + max_tokens], open offsets [n, P])."""
+        for r, s in zip(rows, slots, strict=True):
+            if s.fresh:  # joined since the last step: a masked canvas, its first block all open
+                s.fresh = False
+                self._gen[r] = self.mask_id
+                self._open[r] = False
+                self._open[r, :s.block_bounds()[1]] = True
+        table = np.array([s.row(r, self.shift) for r, s in zip(rows, slots, strict=True)], dtype=np.int64)
+        width = int(table[:, _LENGTH].max())
+        is_open = self._open[table[:, COLUMN["slot"]], :width]
+        counts = is_open.sum(axis=1)
+        P = int(counts.max())
+        # each row's open offsets, ascending (a stable sort puts the open ones first in order), -1 after
+        order = np.argsort(~is_open, axis=1, kind="stable")[:, :P]
+        offsets = np.where(np.arange(P) < counts[:, None], order, -1)
+        positions = np.where(offsets >= 0, table[:, COLUMN["start"], None] + offsets, self.context)
+        return RowValues.build(table, offsets, positions, self.device), table, offsets
 
     def _full_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
         """Whole-canvas forward for these rows; logits at the open positions of each row's block [n, P, V]."""
@@ -241,8 +262,7 @@ class DenoiseBatch:
         rows = full + cached
         slots = [self.slots[r] for r in rows]
         n, nf = len(rows), len(full)
-        rv = self._row_values(rows, slots)  # the step's one host-to-device copy
-        bl = rv.offsets.shape[1]  # columns: the most open positions of any row's block
+        rv, table, offsets = self._row_values(rows, slots)  # the step's one host-to-device copy
         # logits only where a block still has masks: committed positions need none
         parts = []
         if full:
@@ -252,69 +272,68 @@ class DenoiseBatch:
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         logits = logits.float()  # fp32 once: argmax and softmax on bf16 are several times slower on CPU
         logits[..., self.mask_id] = float("-inf")  # the mask is never a prediction
+        return self._commit(logits, rv, table, offsets, slots)
 
-        in_block = rv.offsets >= 0
-        # padding columns read and write the canvas's scratch column: no boolean indexing (a device
-        # sync) and no duplicate positions inside the canvas
-        pos = torch.where(in_block, rv.start[:, None] + rv.offsets, self.context)
-        slot_2d = rv.slot[:, None].expand_as(pos)
-        current = self.canvas[slot_2d, pos]
-        is_mask = (current == self.mask_id) & in_block
-
-        params = [s.plan.params for s in slots]
-        sampling = any(p.temperature > 0 for p in params)
-        filtering = any(p.top_k > 0 or p.top_p < 1 for p in params)
-        any_random = any(p.remasking == "random" for p in params)
-        any_threshold = any(p.threshold is not None for p in params)
+    def _commit(self, logits: torch.Tensor, rv: RowValues, table: np.ndarray, offsets: np.ndarray,
+                slots: list[_Slot]) -> list[SlotStep]:
+        """The commit rule on the device, its result copied to the host once, then the host bookkeeping."""
+        # the open offsets are exactly the block's masked positions; padding columns read and write the
+        # canvas's scratch column (no boolean indexing, a device sync, and no duplicates in the canvas)
+        in_block, pos = rv.offsets >= 0, rv.positions
+        c = COLUMN  # flags from the host table: positive float64 bits order as the floats do
+        sampling = bool(table[:, c["temperature"]].any())
+        filtering = bool(table[:, c["top_k"]].any() or (table[:, c["top_p"]] < float_bits(1.0)).any())
+        any_random = bool(table[:, c["random_remask"]].any())
+        any_threshold = bool(table[:, c["threshold"]].any())
         tokens = rules.choose_tokens(logits, rv.temperature, rv.top_k, rv.top_p, rv.seed, rv.steps_done, pos,
                                      sampling, filtering)
         conf = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, pos, any_random)
-        select, count = rules.select_commits(conf, is_mask, rv.steps_left.clamp(min=1), rv.threshold,
-                                             any_threshold)
-        self.canvas.index_put_((slot_2d, pos), torch.where(select, tokens, current))
+        select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold)
+        committed = torch.where(select, tokens, -1)
+        self.canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, self.mask_id))
+        return self._advance(table, offsets, committed.cpu().numpy(), slots)  # the step's one device-to-host copy
 
-        L = max(s.plan.total_len for s in slots)
-        canvas = self.canvas[rv.slot, :L]
-        stop = torch.zeros(n, dtype=torch.bool, device=self.device)
+    def _advance(self, table: np.ndarray, offsets: np.ndarray, committed: np.ndarray,
+                 slots: list[_Slot]) -> list[SlotStep]:
+        """Host bookkeeping after a step, vectorised over rows: the open offsets and the canvas copy, the
+        EOS check; then per request its counters, the event, freeing a finished slot."""
+        c = COLUMN
+        slot_of = table[:, c["slot"]]
+        ri, ci = np.nonzero(committed >= 0)  # row-major: each row's commits in ascending offsets
+        off = offsets[ri, ci]
+        positions = (table[:, c["start"]] - table[:, c["prompt_len"]])[ri] + off  # from the first generated token
+        tokens = committed[ri, ci]
+        self._open[slot_of[ri], off] = False
+        self._gen[slot_of[ri], positions] = tokens
+        counts = np.bincount(ri, minlength=len(slots))
+        ends = np.cumsum(counts)
+        G = int(table[:, _MAX_TOKENS].max())
+        canvas = self._gen[slot_of, :G]  # a copy: the events' canvases (mask ids past a row's max_tokens)
+        eos = np.zeros(len(slots), dtype=bool)
         if self.eos_ids:  # an EOS inside the fully committed left part ends the request
-            ar = torch.arange(L, device=self.device)[None, :]
-            gen = (ar >= rv.prompt_len[:, None]) & (ar < rv.total_len[:, None])
-            first_mask = torch.where(gen & (canvas == self.mask_id), ar, L).min(dim=1).values
-            is_eos = canvas == self._eos[0] if len(self.eos_ids) == 1 else torch.isin(canvas, self._eos)
-            stop = (gen & is_eos & (ar < first_mask[:, None])).any(dim=1)
-        # the one device-to-host copy of the step
-        packed = torch.cat([select.flatten().long(), tokens.flatten(), count, stop.long(),
-                            canvas.flatten()]).cpu().numpy()
-        sel = packed[:n * bl].reshape(n, bl).astype(bool)
-        tok = packed[n * bl:2 * n * bl].reshape(n, bl)
-        cnt = packed[2 * n * bl:2 * n * bl + n]
-        stp = packed[2 * n * bl + n:2 * n * bl + 2 * n].astype(bool)
-        cvs = packed[2 * n * bl + 2 * n:].reshape(n, L)
-        return [self._advance(r, s, sel[i], tok[i], int(cnt[i]), bool(stp[i]), cvs[i])
-                for i, (r, s) in enumerate(zip(rows, slots, strict=True))]
-
-    def _advance(self, row: int, s: _Slot, sel: np.ndarray, tok: np.ndarray, count: int, eos: bool,
-                 canvas: np.ndarray) -> SlotStep:
-        """Host bookkeeping after a step: block and step counters, the event, freeing a finished slot."""
-        start, _ = s.block_bounds()
-        if s.exact:  # this step wrote final keys/values for everything before its block
-            s.kv_valid = start
-        offset = start - s.plan.prompt_len
-        cols = np.flatnonzero(sel)
-        committed = [(offset + int(s.open[j]), int(tok[j])) for j in cols]
-        s.open = np.delete(s.open, cols)
-        s.masked -= count
-        s.steps_done += 1
-        s.nfe += 2 if s.plan.params.cfg_scale > 0 else 1
-        s.block_step += 1
-        if self._block_done(s):
-            s.block, s.block_step, s.open = s.block + 1, 0, None
-        done = eos or s.masked == 0
-        if done:
-            self.slots[row] = None
-        gen = canvas[s.plan.prompt_len:s.plan.total_len].tolist()
-        return SlotStep(s.handle, s.steps_done - 1, s.plan.steps, committed, s.masked, gen, s.nfe, done,
-                         ("stop" if eos else "length") if done else None)
+            is_mask = canvas == self.mask_id
+            first_mask = np.where(is_mask.any(axis=1), is_mask.argmax(axis=1), G)
+            eos = (np.isin(canvas, self._eos_host) & (np.arange(G) < first_mask[:, None])).any(axis=1)
+        events = []
+        for i, s in enumerate(slots):
+            row = int(slot_of[i])
+            if s.exact:  # this step wrote final keys/values for everything before its block
+                s.kv_valid = int(table[i, c["start"]])
+            s.masked -= int(counts[i])
+            s.steps_done += 1
+            s.nfe += 2 if table[i, c["cfg_scale"]] else 1
+            s.block_step += 1
+            if s.masked and self._block_done(s):
+                s.block, s.block_step = s.block + 1, 0
+                self._open[row, :s.block_bounds()[1]] = True
+            done = bool(eos[i]) or s.masked == 0
+            if done:
+                self.slots[row] = None
+            a = int(ends[i]) - int(counts[i])
+            events.append(SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]],
+                                   s.masked, canvas[i, :s.plan.max_tokens], s.nfe, done,
+                                   ("stop" if eos[i] else "length") if done else None))
+        return events
 
     @staticmethod
     def _block_done(s: _Slot) -> bool:

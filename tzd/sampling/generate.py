@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch.nn as nn
 
 from tzd.models import model_config
@@ -22,10 +23,10 @@ class GenerationResult:
     text: str | None = None  # with a tokenizer
 
 
-def finish(canvas: list[int], finish_reason: str, eos_id: int | Sequence[int] | None, stop: Sequence[str],
+def finish(canvas: Sequence[int] | np.ndarray, finish_reason: str, eos_id: int | Sequence[int] | None, stop: Sequence[str],
            decode: Callable[[list[int]], str] | None) -> tuple[list[int], str, str | None]:
     """Cut a finished canvas at the first EOS (of the eos set), then at the first stop string (text and tokens)."""
-    tokens = list(canvas)
+    tokens = canvas.tolist() if isinstance(canvas, np.ndarray) else list(canvas)
     eos = set(eos_set(eos_id))
     first = next((i for i, t in enumerate(tokens) if t in eos), None) if eos else None
     if first is not None:

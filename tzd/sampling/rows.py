@@ -3,29 +3,34 @@
 A step needs a dozen small per-row vectors (slot, block start, seed, temperature, ...). Sent one by
 one, each would be a host-to-device copy, and on CUDA a blocking copy waits for the stream: the host
 could not queue the next kernels while the GPU works. Packed into one int64 table (floats as their
-float64 bits) they are a single non-blocking copy from pinned memory.
+float64 bits) they are a single non-blocking copy from pinned memory, split on the device into views
+by a handful of ops (not one per field).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
-FIELDS: dict[str, torch.dtype] = {
-    "slot": torch.long, "start": torch.long, "window_start": torch.long, "key_len": torch.long,
-    "total_len": torch.long,
-    "prompt_len": torch.long, "query_len": torch.long, "seed": torch.long, "steps_done": torch.long,
-    "steps_left": torch.long, "top_k": torch.long, "random_remask": torch.bool,
-    "temperature": torch.float32, "top_p": torch.float32, "threshold": torch.float32, "cfg_scale": torch.float32,
-}
+# Field order is the table's column order: the step's own values first, then the request's fixed ones
+# (_Slot.row), the integers before the flag before the floats so that each kind converts in one op.
+INT_FIELDS = ("slot", "start", "window_start", "key_len", "query_len", "steps_done", "steps_left",
+              "total_len", "prompt_len", "seed", "top_k")
+BOOL_FIELDS = ("random_remask",)
+FLOAT_FIELDS = ("temperature", "top_p", "threshold", "cfg_scale")
+FIELDS = (*INT_FIELDS, *BOOL_FIELDS, *FLOAT_FIELDS)
+COLUMN = {name: i for i, name in enumerate(FIELDS)}  # a field's column in the host table
 
 
 def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on `device`, without a stream sync on CUDA (pinned, non-blocking)."""
     t = torch.from_numpy(array)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def float_bits(value: float) -> int:
+    """A float as the int64 of its float64 bits (how the table carries floats)."""
+    return int(np.float64(value).view(np.int64))
 
 
 class RowValues:
@@ -35,12 +40,12 @@ class RowValues:
     start: torch.Tensor  # the current block's first canvas position
     window_start: torch.Tensor  # first column a cached forward runs
     key_len: torch.Tensor  # keys a cached forward attends to (the canvas; up to the block's end when exact)
+    query_len: torch.Tensor  # columns a cached forward runs (prefix: block to end; dual: the block)
+    steps_done: torch.Tensor
+    steps_left: torch.Tensor  # steps left in the current block's budget (>= 1)
     total_len: torch.Tensor  # prompt + max_tokens: the row's canvas (and key) length
     prompt_len: torch.Tensor
-    query_len: torch.Tensor  # columns a cached forward runs (prefix: block to end; dual: the block)
     seed: torch.Tensor
-    steps_done: torch.Tensor
-    steps_left: torch.Tensor  # steps left in the current block's budget
     top_k: torch.Tensor
     random_remask: torch.Tensor
     temperature: torch.Tensor
@@ -48,32 +53,35 @@ class RowValues:
     threshold: torch.Tensor  # 0 = none
     cfg_scale: torch.Tensor
     offsets: torch.Tensor  # [rows, P]: block offsets still masked, ascending; -1 pads a row's tail
+    positions: torch.Tensor  # [rows, P]: their canvas positions; the scratch column for the padding
 
     @classmethod
-    def build(cls, columns: dict[str, Sequence[int | float | bool]], offsets: np.ndarray,
+    def build(cls, table: np.ndarray, offsets: np.ndarray, positions: np.ndarray,
               device: torch.device) -> RowValues:
-        """`columns` maps every field to its per-row values; `offsets` is the [rows, P] int64 matrix."""
-        n, F = len(columns["slot"]), len(FIELDS)
-        host = np.empty((F + offsets.shape[1], n), dtype=np.int64)  # a field per row: contiguous slices
-        for i, (name, dtype) in enumerate(FIELDS.items()):
-            values = columns[name]
-            host[i] = np.asarray(values, dtype=np.float64).view(np.int64) if dtype.is_floating_point else values
-        host[F:] = offsets.T
-        table = upload(host, device)
+        """`table` [rows, >= len(FIELDS)] int64 in FIELDS order (floats as float64 bits; columns past
+        FIELDS are the host's own); `offsets` and `positions` the [rows, P] int64 matrices."""
+        n, F, P = table.shape[0], len(FIELDS), offsets.shape[1]
+        host = np.empty((F + 2 * P, n), dtype=np.int64)  # a field per row: contiguous slices
+        host[:F] = table[:, :F].T
+        host[F:F + P] = offsets.T
+        host[F + P:] = positions.T
+        t = upload(host, device)
         self = cls()
-        for i, (name, dtype) in enumerate(FIELDS.items()):
-            col = table[i]
-            if dtype.is_floating_point:
-                col = col.view(torch.float64).to(dtype)
-            elif dtype == torch.bool:
-                col = col.bool()
+        i, b = len(INT_FIELDS), len(INT_FIELDS) + len(BOOL_FIELDS)
+        for name, col in zip(INT_FIELDS, t[:i].unbind(0), strict=True):
             setattr(self, name, col)
-        self.offsets = table[F:].T
+        for name, col in zip(BOOL_FIELDS, t[i:b].bool().unbind(0), strict=True):
+            setattr(self, name, col)
+        for name, col in zip(FLOAT_FIELDS, t[b:F].view(torch.float64).float().unbind(0), strict=True):
+            setattr(self, name, col)
+        self.offsets, self.positions = t[F:F + P].T, t[F + P:].T
         return self
 
     def rows(self, start: int, stop: int) -> RowValues:
-        """The values of rows [start, stop)."""
+        """The values of rows [start, stop) (this object itself when that is all of them)."""
+        if start == 0 and stop == len(self.slot):
+            return self
         part = RowValues()
-        for name in (*FIELDS, "offsets"):
+        for name in (*FIELDS, "offsets", "positions"):
             setattr(part, name, getattr(self, name)[start:stop])
         return part
