@@ -91,7 +91,7 @@ class _Slot:
                            float_bits(sp.temperature), float_bits(sp.top_p), float_bits(sp.threshold or 0.0),
                            float_bits(sp.cfg_scale))
         return (slot, start, first, keys, cols, self.steps_done, max(self.block_budget() - self.block_step, 1),
-                *self._fixed, length, self.plan.max_tokens)
+                0, *self._fixed, length, self.plan.max_tokens)  # 0: `commits`, set by _row_values
 
     def block_budget(self) -> int:
         """Steps for the current block: steps // blocks, the first steps % blocks one more, <= its length."""
@@ -196,6 +196,7 @@ class DenoiseBatch:
         # each row's open offsets, ascending (a stable sort puts the open ones first in order), -1 after
         order = np.argsort(~is_open, axis=1, kind="stable")[:, :P]
         offsets = np.where(np.arange(P) < counts[:, None], order, -1)
+        table[:, COLUMN["commits"]] = rules.schedule_count(counts, table[:, COLUMN["steps_left"]])
         positions = np.where(offsets >= 0, table[:, COLUMN["start"], None] + offsets, self.context)
         return RowValues.build(table, offsets, positions, self.device), table, offsets
 
@@ -288,7 +289,7 @@ class DenoiseBatch:
         tokens = rules.choose_tokens(logits, rv.temperature, rv.top_k, rv.top_p, rv.seed, rv.steps_done, pos,
                                      sampling, filtering)
         conf = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, pos, any_random)
-        select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold)
+        select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold, rv.commits)
         committed = torch.where(select, tokens, -1)
         self.canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, self.mask_id))
         return self._advance(table, offsets, committed.cpu().numpy(), slots)  # the step's one device-to-host copy

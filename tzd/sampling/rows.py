@@ -14,7 +14,7 @@ import torch
 
 # Field order is the table's column order: the step's own values first, then the request's fixed ones
 # (_Slot.row), the integers before the flag before the floats so that each kind converts in one op.
-INT_FIELDS = ("slot", "start", "window_start", "key_len", "query_len", "steps_done", "steps_left",
+INT_FIELDS = ("slot", "start", "window_start", "key_len", "query_len", "steps_done", "steps_left", "commits",
               "total_len", "prompt_len", "seed", "top_k")
 BOOL_FIELDS = ("random_remask",)
 FLOAT_FIELDS = ("temperature", "top_p", "threshold", "cfg_scale")
@@ -43,6 +43,7 @@ class RowValues:
     query_len: torch.Tensor  # columns a cached forward runs (prefix: block to end; dual: the block)
     steps_done: torch.Tensor
     steps_left: torch.Tensor  # steps left in the current block's budget (>= 1)
+    commits: torch.Tensor  # positions the schedule commits this step (a threshold may commit more)
     total_len: torch.Tensor  # prompt + max_tokens: the row's canvas (and key) length
     prompt_len: torch.Tensor
     seed: torch.Tensor
