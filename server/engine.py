@@ -1,9 +1,14 @@
 """The engine: one model, one DenoiseBatch, one loop of steps (continuous batching at the step level).
 
 Every step boundary: cancelled requests leave the batch, waiting ones fill the free slots, then one
-batched denoising step runs on a single worker thread (the event loop keeps serving HTTP meanwhile),
-and each request's update is routed to its HTTP handler. Finished requests left the batch inside the
-step, so their slots are free at the next boundary. Only the worker thread touches the batch.
+batched denoising step runs on the step thread (the event loop keeps serving HTTP meanwhile). Its
+events go to the output thread, which renders them (detokenising, step events, stop strings, results)
+while the next step already runs; the rendered updates are routed to the HTTP handlers on the event
+loop. One output thread takes the steps in order, so a request's updates arrive in step order and its
+result last. Finished requests left the batch inside the step, so their slots are free at the next
+boundary; one that a stop string ended while rendering leaves at the boundary after (the step that ran
+meanwhile is not rendered). Only the step thread touches the batch; only the output thread, a
+request's RequestOutput.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,18 +28,22 @@ from server.output import Update
 from server.request import CANCELLED, Failure, Request, RequestGroup
 from server.runtime import Runtime, inference
 from server.scheduler import Scheduler
-from tzd.sampling import DenoiseBatch, plan
+from tzd.sampling import DenoiseBatch, SlotStep, plan
 
 log = logging.getLogger("tzd.server")
 
 __all__ = ["Engine", "StepOutcome", "Unavailable"]
 
 State = Literal["ready", "draining", "dead"]
+RENDERS_IN_FLIGHT = 2  # steps rendered or waiting to be: the step thread runs at most this far ahead
 
 
 @dataclass
 class StepOutcome:
     deliveries: list[tuple[Request, Update | Failure, int]] = field(default_factory=list)  # (req, update, nfe)
+    events: list[SlotStep] = field(default_factory=list)  # the step's, rendered into deliveries
+    stopped: list[Request] = field(default_factory=list)  # ended by rendering (a stop string): leave the batch
+    timeouts: list[Request] = field(default_factory=list)  # past their deadline: rendered as "timeout" results
     batch_size: int = 0
     duration: float = 0.0
     failed: bool = False
@@ -50,6 +60,8 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size, max_queue)
         self.state: State = "ready"
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-step")
+        self._output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-output")  # in order: one thread
+        self._renders: deque[asyncio.Future] = deque()  # outcomes being rendered, oldest first
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._orphans: list[Request] = []  # failed while running: their slots are freed at the next boundary
@@ -70,9 +82,9 @@ class Engine:
         if self.state == "ready":
             self.state = "draining"
         deadline = time.monotonic() + timeout
-        while self.scheduler.has_work() and time.monotonic() < deadline and self.alive:
+        while self._busy() and time.monotonic() < deadline and self.alive:
             await asyncio.sleep(0.05)
-        clean = not self.scheduler.has_work()
+        clean = not self._busy()
         if not clean:
             self._fail_all("the server shut down before this request finished")
         return clean
@@ -82,6 +94,11 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.to_thread(self._worker.shutdown, wait=True)  # let a running step end
+        await asyncio.to_thread(self._output.shutdown, wait=True)
+
+    def _busy(self) -> bool:
+        """Requests waiting or running, or updates still being rendered."""
+        return self.scheduler.has_work() or bool(self._renders)
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -113,7 +130,7 @@ class Engine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                expired = self._expire()  # before admission, so that no late request takes a slot
+                expired = await self._expire()  # before admission, so that no late request takes a slot
                 evict, admit = self.scheduler.schedule()
                 evict, self._orphans = evict + self._orphans + expired, []
                 now = time.perf_counter()
@@ -123,7 +140,10 @@ class Engine:
                 self._gauges()
                 running = list(self.scheduler.running)
                 outcome = await loop.run_in_executor(self._worker, self._step, evict, admit, running)
-                self._dispatch(outcome)
+                for ev in outcome.events:
+                    if ev.done:  # its slot is free already: admission at the next boundary may use it
+                        self.scheduler.finish(ev.handle)
+                await self._render(outcome)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug outside the step: say so everywhere instead of hanging requests
@@ -131,8 +151,57 @@ class Engine:
             self.state = "dead"
             self._fail_all("the engine stopped")
 
+    async def _render(self, outcome: StepOutcome) -> None:
+        """Hand `outcome` to the output thread; its updates are dispatched (on the loop) once rendered,
+        in step order. Waits only while RENDERS_IN_FLIGHT steps are still being rendered."""
+        while len(self._renders) >= RENDERS_IN_FLIGHT:
+            await asyncio.wait({self._renders[0]})
+            await asyncio.sleep(0)  # its done callback takes it off the deque
+        future = asyncio.get_running_loop().run_in_executor(self._output, self._render_updates, outcome)
+        self._renders.append(future)
+        future.add_done_callback(self._rendered)
+
+    def _rendered(self, future: asyncio.Future) -> None:
+        """On the loop, in completion order (= step order: one output thread)."""
+        self._renders.remove(future)
+        if future.cancelled():
+            return
+        try:
+            outcome: StepOutcome = future.result()
+        except Exception:  # a bug outside one request's rendering: the engine cannot go on
+            log.exception("the output thread failed")
+            self.state = "dead"
+            self._fail_all("the engine stopped")
+            return
+        self._orphans += outcome.stopped  # still in the batch: freed at the next boundary
+        self._dispatch(outcome)
+        if outcome.stopped:
+            self._wake.set()
+
+    def _render_updates(self, out: StepOutcome) -> StepOutcome:
+        """On the output thread: each event of the step as its request's update."""
+        for ev in out.events:
+            req: Request = ev.handle
+            if req.cancelled or req.output.finished:  # gone, or a stop string ended it a step ago
+                continue
+            try:
+                up: Update | Failure = req.output.on_step(ev)
+            except Exception as e:  # noqa: BLE001 - a rendering bug fails one request only
+                log.exception("rendering a step of %s (request id %s) failed", req.group.id, req.group.request_id)
+                req.output.finished = True
+                up = Failure(f"internal error rendering the step: {type(e).__name__}: {e}")
+            if not ev.done and (isinstance(up, Failure) or up.result is not None):
+                out.stopped.append(req)  # a stop string (or a failure) ended it before the sampler did
+            out.deliveries.append((req, up, ev.nfe))
+        for req in out.timeouts:
+            if not req.output.finished:  # not ended by a step rendered just before
+                out.deliveries.append((req, req.output.on_timeout(req.nfe), req.nfe))
+        out.events, out.timeouts = [], []
+        return out
+
     def _step(self, evict: list[Request], admit: list[Request], running: list[Request]) -> StepOutcome:
-        """On the worker thread: apply evictions and admissions, run one step, render each request's update."""
+        """On the step thread: apply evictions and admissions, run one step (its events are rendered on
+        the output thread)."""
         out = StepOutcome()
         with inference(self.runtime):
             for r in evict:
@@ -158,16 +227,7 @@ class Engine:
                 out.deliveries += [(r, fail, r.nfe) for r in running if not r.cancelled]
                 return out
             out.duration = time.perf_counter() - t0
-        for ev in events:
-            req: Request = ev.handle
-            try:
-                up: Update | Failure = req.output.on_step(ev)
-            except Exception as e:  # noqa: BLE001 - a rendering bug fails one request only
-                log.exception("rendering a step of %s (request id %s) failed", req.group.id, req.group.request_id)
-                up = Failure(f"internal error rendering the step: {type(e).__name__}: {e}")
-            if not ev.done and (isinstance(up, Failure) or up.result is not None):
-                self.batch.remove(req)  # a stop string (or a failure) ended it before the sampler did
-            out.deliveries.append((req, up, ev.nfe))
+        out.events = events
         return out
 
     def _dispatch(self, out: StepOutcome) -> None:
@@ -203,18 +263,15 @@ class Engine:
                 m.stream_coalesced.inc()
         self._gauges()
 
-    def _expire(self) -> list[Request]:
-        """End the requests past their deadline with what they have (finish_reason "timeout"); returns the
-        running ones, whose slots the next step frees."""
+    async def _expire(self) -> list[Request]:
+        """End the requests past their deadline with what they have (finish_reason "timeout", rendered on
+        the output thread after their last step); returns the running ones, whose slots the next step frees."""
         now = time.perf_counter()
         waiting, running = self.scheduler.expire(now)
-        out = StepOutcome()
-        for req in waiting + running:
-            if not req.cancelled:
-                self.metrics.timeouts.inc()
-                out.deliveries.append((req, req.output.on_timeout(req.nfe), req.nfe))
-        if out.deliveries:
-            self._dispatch(out)
+        out = StepOutcome(timeouts=[r for r in waiting + running if not r.cancelled])
+        if out.timeouts:
+            self.metrics.timeouts.inc(len(out.timeouts))
+            await self._render(out)
         return running
 
     def _fail_all(self, message: str) -> None:

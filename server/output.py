@@ -1,17 +1,19 @@
 """Turn the sampler's step events into what a client sees: step data, text deltas, the final result.
 
-Runs on the engine's worker thread right after each step, so the event loop only routes the results.
-Work here is per request and per run of tokens, never per token.
+Runs on the engine's output thread beside the next step (server.engine), so neither the step nor the
+event loop waits for it. Work here is per request and per run of tokens; text is decoded incrementally.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from clients.protocol import MASK_PLACEHOLDER, CommittedToken, StepEvent
+from server.detokenize import CanvasText, PrefixText, decode_canvas
 from tzd.sampling import SlotStep, finish
 from tzd.tokenizer import TextTokenizer
 
@@ -45,15 +47,10 @@ class Update:
         return Update(event=event or self.event, delta=self.delta + later.delta, result=later.result)
 
 
-def canvas_text(tokenizer: TextTokenizer, canvas: list[int], mask_id: int, placeholder: str = MASK_PLACEHOLDER) -> str:
+def canvas_text(tokenizer: TextTokenizer, canvas: Sequence[int] | np.ndarray, mask_id: int,
+                placeholder: str = MASK_PLACEHOLDER) -> str:
     """The partly denoised canvas as text, one placeholder per masked position (decoded run by run)."""
-    arr = np.asarray(canvas)
-    is_mask = arr == mask_id
-    if not is_mask.any():
-        return tokenizer.decode(canvas)
-    bounds = [0, *(np.flatnonzero(is_mask[1:] != is_mask[:-1]) + 1).tolist(), len(arr)]
-    return "".join(placeholder * (b - a) if is_mask[a] else tokenizer.decode(canvas[a:b])
-                   for a, b in zip(bounds, bounds[1:], strict=False))
+    return decode_canvas(tokenizer.decode, canvas, mask_id, placeholder)
 
 
 def stable_prefix(text: str, stop: list[str]) -> str:
@@ -69,31 +66,41 @@ def stable_prefix(text: str, stop: list[str]) -> str:
 
 
 class RequestOutput:
-    """Per-request view of the canvas: stop strings, stream rendering, the final cut."""
+    """Per-request view of the canvas: stop strings, stream rendering, the final cut. Its text is kept
+    incrementally (server.detokenize): a step decodes the tokens it committed, not the canvas again."""
 
     def __init__(self, tokenizer: TextTokenizer, mode: StreamMode, stop: list[str], max_tokens: int) -> None:
         self.tok, self.mode, self.stop = tokenizer, mode, stop
         self.mask_id, self.eos_ids = tokenizer.mask_id, tokenizer.eos_ids
+        self._eos = np.array(self.eos_ids, dtype=np.int64)
         self.max_tokens = max_tokens
         self.prefix_len = 0  # committed left-to-right prefix length at the last step
-        self.prefix_text = ""
+        self._prefix = PrefixText(tokenizer.decode)
+        self._canvas_text = CanvasText(tokenizer.decode, self.mask_id)
+        self._hold = max((len(s) for s in stop), default=0)  # a stop string ends in the text's last chars
         self.sent = ""  # text already sent as deltas (mode "prefix")
-        self.canvas: list[int] | None = None  # the latest step's canvas
+        self.canvas: np.ndarray | None = None  # the latest step's canvas
         self.steps = 0  # steps seen
+        self.finished = False  # a result was made: later steps (already run) are not rendered
+
+    @property
+    def prefix_text(self) -> str:
+        return self._prefix.text
 
     def on_step(self, ev: SlotStep) -> Update:
         """The client update for one step; a result when the sampler finished it or a stop string did."""
         up = Update()
-        self.canvas, self.steps = ev.canvas.tolist(), ev.step + 1
-        ev.canvas = self.canvas
+        self.canvas, self.steps = ev.canvas, ev.step + 1
         if self.mode == "events":
-            committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t])) for p, t in ev.committed.tolist()]
+            committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t]))
+                         for p, t in zip(ev.positions.tolist(), ev.tokens.tolist(), strict=True)]
             up.event = StepEvent(step=ev.step, steps=ev.steps, committed=committed, masked=ev.masked,
-                                     text=canvas_text(self.tok, ev.canvas, self.mask_id))
+                                 text=self._canvas_text.update(ev.canvas))
         stopped = False
         if (self.stop or self.mode == "prefix") and not ev.done:
             stopped = self._advance_prefix(ev.canvas)
         if ev.done or stopped:
+            self.finished = True
             canvas = ev.canvas if ev.done else ev.canvas[:self.prefix_len]
             tokens, reason, text = finish(canvas, ev.finish_reason or "stop", self.eos_ids, self.stop,
                                           self.tok.decode)
@@ -107,23 +114,34 @@ class RequestOutput:
     def on_timeout(self, nfe: int) -> Update:
         """The result of a request stopped at its deadline: the committed left-to-right prefix so far (cut at
         EOS or a stop string), finish_reason "timeout"."""
-        canvas = self.canvas or []
-        n = canvas.index(self.mask_id) if self.mask_id in canvas else len(canvas)
-        tokens, reason, text = finish(canvas[:n], "timeout", self.eos_ids, self.stop, self.tok.decode)
-        committed = self.max_tokens - canvas.count(self.mask_id) if canvas else 0
+        self.finished = True
+        canvas = self.canvas if self.canvas is not None else np.zeros(0, dtype=np.int64)
+        tokens, reason, text = finish(canvas[:self._first_mask(canvas)], "timeout", self.eos_ids, self.stop,
+                                      self.tok.decode)
+        committed = self.max_tokens - int((canvas == self.mask_id).sum()) if len(canvas) else 0
         up = Update(result=Result(tokens, text or "", reason, self.steps, nfe, committed))
         if self.mode == "prefix":
             up.delta = self._delta(up.result.text)
         return up
 
-    def _advance_prefix(self, canvas: list[int]) -> bool:
+    def _first_mask(self, canvas: np.ndarray) -> int:
+        is_mask = canvas == self.mask_id
+        return int(is_mask.argmax()) if is_mask.any() else len(canvas)
+
+    def _advance_prefix(self, canvas: np.ndarray) -> bool:
         """Track the committed prefix (up to the first mask, cut at EOS); True once it holds a stop string."""
-        n = canvas.index(self.mask_id) if self.mask_id in canvas else len(canvas)
-        n = next((i for i, t in enumerate(canvas[:n]) if t in self.eos_ids), n)  # cut at the first EOS
+        n = self._first_mask(canvas)
+        if len(self._eos):
+            is_eos = np.isin(canvas[:n], self._eos)
+            if is_eos.any():  # cut at the first EOS
+                n = int(is_eos.argmax())
         if n == self.prefix_len:
             return False
-        self.prefix_len, self.prefix_text = n, self.tok.decode(canvas[:n])
-        return any(s in self.prefix_text for s in self.stop)
+        before = len(self.prefix_text)
+        self.prefix_len = n
+        text = self._prefix.update(canvas, n)
+        tail = text[max(0, before - self._hold):]  # only the new text can complete a stop string
+        return any(s in tail for s in self.stop)
 
     def _delta(self, text: str) -> str:
         if not text.startswith(self.sent) or len(text) <= len(self.sent):
