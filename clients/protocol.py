@@ -49,6 +49,8 @@ class SamplingParams(BaseModel):
     cache: Literal["none", "prefix", "dual"] = "none"
     cfg_scale: float = Field(0.0, ge=0.0, description="classifier-free guidance scale; 0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63, description="None = random")
+    priority: int = Field(0, ge=-(2**31), lt=2**31, description="the server's admission order: lower runs first, "
+                                                                 "ties in arrival order (generate() ignores it)")
     stop: Annotated[list[str], WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list,
                                                                      max_length=MAX_STOP_STRINGS)
 
@@ -117,6 +119,7 @@ class Health(BaseModel):
     running: int = 0  # requests in the running batch
     waiting: int = 0  # requests queued for a slot (tzd_requests_waiting)
     max_batch_size: int | None = None  # slots in the running batch (the server's --max-batch-size)
+    max_num_batched_tokens: int | None = None  # columns one step may run (--max-num-batched-tokens; null: no budget)
 
 
 class TextPart(BaseModel):

@@ -57,6 +57,10 @@ class ServerOptions(BaseModel):
         "auto", description="auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers stored "
                             "in bf16, the rest fp32), float32, bfloat16, float16")
     max_batch_size: Positive = Field(16, description="requests denoised together in one step")
+    max_num_batched_tokens: Positive | None = Field(
+        None, description="columns one step may run: a request costs its canvas (prompt + max_tokens); the "
+                          "first in line waits until it fits (unset: only --max-batch-size limits a step). A "
+                          "request larger than the whole budget runs alone, once nothing else runs")
     max_queue: Positive = Field(256, description="requests waiting for a slot before 429")
     max_tokens_limit: Positive = Field(256, description="largest max_tokens a request may ask for")
     max_model_len: Positive = Field(4096, description="most positions (prompt + max_tokens) a request may use; "

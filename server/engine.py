@@ -52,12 +52,13 @@ class StepOutcome:
 class Engine:
     """Owns the model; requests enter through `submit` and leave through their group's queue."""
 
-    def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int, max_queue: int) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int, max_queue: int,
+                 max_batched_tokens: int | None = None) -> None:
         self.runtime, self.metrics = runtime, metrics
         tok = runtime.loaded.tokenizer
         self.batch = DenoiseBatch(runtime.loaded.model, runtime.loaded.mask_id, capacity=max_batch_size,
                                   eos_id=tok.eos_ids)
-        self.scheduler = Scheduler(max_batch_size, max_queue)
+        self.scheduler = Scheduler(max_batch_size, max_queue, max_batched_tokens)
         self.state: State = "ready"
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-step")
         self._output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-output")  # in order: one thread
@@ -168,13 +169,13 @@ class Engine:
             return
         try:
             outcome: StepOutcome = future.result()
-        except Exception:  # a bug outside one request's rendering: the engine cannot go on
-            log.exception("the output thread failed")
+            self._orphans += outcome.stopped  # still in the batch: freed at the next boundary
+            self._dispatch(outcome)
+        except Exception:  # a bug outside one request's rendering: say so everywhere instead of hanging
+            log.exception("rendering or dispatching a step failed")
             self.state = "dead"
             self._fail_all("the engine stopped")
             return
-        self._orphans += outcome.stopped  # still in the batch: freed at the next boundary
-        self._dispatch(outcome)
         if outcome.stopped:
             self._wake.set()
 
@@ -195,7 +196,8 @@ class Engine:
             out.deliveries.append((req, up, ev.nfe))
         for req in out.timeouts:
             if not req.output.finished:  # not ended by a step rendered just before
-                out.deliveries.append((req, req.output.on_timeout(req.nfe), req.nfe))
+                nfe = req.output.nfe  # as of its last step: every earlier step was rendered before this
+                out.deliveries.append((req, req.output.on_timeout(nfe), nfe))
         out.events, out.timeouts = [], []
         return out
 

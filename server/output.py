@@ -81,6 +81,7 @@ class RequestOutput:
         self.sent = ""  # text already sent as deltas (mode "prefix")
         self.canvas: np.ndarray | None = None  # the latest step's canvas
         self.steps = 0  # steps seen
+        self.nfe = 0  # forward passes as of the latest step
         self.finished = False  # a result was made: later steps (already run) are not rendered
 
     @property
@@ -90,7 +91,7 @@ class RequestOutput:
     def on_step(self, ev: SlotStep) -> Update:
         """The client update for one step; a result when the sampler finished it or a stop string did."""
         up = Update()
-        self.canvas, self.steps = ev.canvas, ev.step + 1
+        self.canvas, self.steps, self.nfe = ev.canvas, ev.step + 1, ev.nfe
         if self.mode == "events":
             committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t]))
                          for p, t in zip(ev.positions.tolist(), ev.tokens.tolist(), strict=True)]

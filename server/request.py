@@ -43,6 +43,7 @@ class Request:
     generated: int = 0  # tokens of its result, once finished
     finish_reason: str | None = None  # of its result, once finished
     deadline: float | None = None  # perf_counter time past which it ends with finish_reason "timeout"
+    priority: int = 0  # admission order: lower first, ties by arrival (SamplingParams.priority)
 
     @property
     def done(self) -> bool:

@@ -1,8 +1,16 @@
-"""Admission: a bounded waiting queue and the running set, reshuffled at every step boundary."""
+"""Admission: a bounded waiting queue and the running set, reshuffled at every step boundary.
+
+A request runs when it is first in line (lowest `priority`, then arrival) and both budgets have room:
+a slot (--max-batch-size) and the columns one step runs (--max-num-batched-tokens; a request costs its
+canvas, prompt + max_tokens, the columns of its full forward). The first in line that does not fit
+waits, and so does everyone behind it: a large request is never starved by smaller ones. A request
+larger than the whole token budget runs alone, once nothing else runs.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import itertools
 from collections.abc import Sequence
 
 from server.errors import QueueFull
@@ -12,37 +20,63 @@ __all__ = ["QueueFull", "Scheduler"]
 
 
 class Scheduler:
-    """FIFO admission into at most `max_running` slots; at most `max_waiting` requests wait."""
+    """Priority-then-FIFO admission into at most `max_running` slots and `max_tokens` columns (None: no
+    token budget); at most `max_waiting` requests wait."""
 
-    def __init__(self, max_running: int, max_waiting: int) -> None:
-        self.max_running, self.max_waiting = max_running, max_waiting
-        self.waiting: deque[Request] = deque()
-        self.running: dict[Request, None] = {}  # insertion-ordered set
+    def __init__(self, max_running: int, max_waiting: int, max_tokens: int | None = None) -> None:
+        self.max_running, self.max_waiting, self.max_tokens = max_running, max_waiting, max_tokens
+        self.waiting: list[Request] = []  # in admission order: sorted by (priority, arrival)
+        self._keys: list[tuple[int, int]] = []  # the sort keys of `waiting`, for bisect
+        self.running: dict[Request, int] = {}  # insertion-ordered: request -> the columns it costs
+        self.running_tokens = 0
+        self._arrivals = itertools.count()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @staticmethod
+    def cost(req: Request) -> int:
+        """Columns a request adds to a step: its canvas (prompt + max_tokens), what a full forward runs."""
+        return req.plan.total_len
 
     def submit(self, requests: Sequence[Request]) -> None:
         """Queue all of `requests` or none (one HTTP call's choices share a fate)."""
         if len(self.waiting) + len(requests) > self.max_waiting:
             raise QueueFull(f"the queue is full ({len(self.waiting)} of {self.max_waiting} waiting)")
-        self.waiting.extend(requests)
+        for req in requests:
+            key = (req.priority, next(self._arrivals))
+            i = bisect.bisect_right(self._keys, key)
+            self._keys.insert(i, key)
+            self.waiting.insert(i, req)
+
+    def _unqueue(self, req: Request) -> None:
+        i = self.waiting.index(req)
+        del self.waiting[i], self._keys[i]
 
     def cancel(self, req: Request) -> None:
         """A waiting request leaves now; a running one is evicted at the next step boundary."""
         req.cancelled = True
         if req in self.waiting:
-            self.waiting.remove(req)
+            self._unqueue(req)
+
+    def _fits(self, req: Request) -> bool:
+        if len(self.running) >= self.max_running:
+            return False
+        if self.max_tokens is None or not self.running:  # alone it always runs, however large
+            return True
+        return self.running_tokens + self.cost(req) <= self.max_tokens
 
     def schedule(self) -> tuple[list[Request], list[Request]]:
-        """(evict, admit) for the next step: cancelled requests out, waiting ones into the free slots."""
+        """(evict, admit) for the next step: cancelled requests out, then the first in line while it fits."""
         evict = [r for r in self.running if r.cancelled]
         for r in evict:
-            del self.running[r]
+            self.finish(r)
         admit: list[Request] = []
-        while self.waiting and len(self.running) < self.max_running:
-            req = self.waiting.popleft()
-            self.running[req] = None
+        while self.waiting and self._fits(self.waiting[0]):
+            req = self.waiting.pop(0)
+            del self._keys[0]
+            self.running[req] = cost = self.cost(req)
+            self.running_tokens += cost
             admit.append(req)
         return evict, admit
 
@@ -51,17 +85,22 @@ class Scheduler:
         late_waiting = [r for r in self.waiting if r.deadline is not None and r.deadline <= now]
         late_running = [r for r in self.running if r.deadline is not None and r.deadline <= now]
         for r in late_waiting:
-            self.waiting.remove(r)
+            self._unqueue(r)
         for r in late_running:
-            del self.running[r]
+            self.finish(r)
         return late_waiting, late_running
 
     def finish(self, req: Request) -> None:
-        self.running.pop(req, None)
+        """`req` no longer runs (finished, failed, evicted); idempotent."""
+        cost = self.running.pop(req, None)
+        if cost is not None:
+            self.running_tokens -= cost
 
     def drain_all(self) -> list[Request]:
         """Every request still here (waiting or running), removed: for shutdown or a dead engine."""
         everyone = [*self.running, *self.waiting]
         self.running.clear()
         self.waiting.clear()
+        self._keys.clear()
+        self.running_tokens = 0
         return everyone

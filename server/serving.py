@@ -41,7 +41,7 @@ class Serving:
             log.info("loading %s (device %s, dtype %s)", cfg.checkpoint, cfg.device, cfg.dtype)
             rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype, cfg.threads,
                                          cfg.max_model_len)
-            engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue)
+            engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_num_batched_tokens)
             await engine.start()
         except Exception as e:  # noqa: BLE001 - reported through /health and on_fatal
             self.failure = f"{type(e).__name__}: {e}"
@@ -56,7 +56,8 @@ class Serving:
             "threads": str(torch.get_num_threads())})
         self.runtime, self.engine = rt, engine
         log.info("loaded %s", rt.describe())
-        log.info("ready: serving %r, max batch %d, queue %d", cfg.served_name, cfg.max_batch_size, cfg.max_queue)
+        log.info("ready: serving %r, max batch %d, token budget %s, queue %d", cfg.served_name, cfg.max_batch_size,
+                 cfg.max_num_batched_tokens or "none", cfg.max_queue)
 
     @property
     def status(self) -> str:
@@ -91,6 +92,7 @@ class Serving:
             ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,
                                 self.config.max_tokens_limit, min_prompt, rt.loaded.model_config.denoise_block)
             req = group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
+            req.priority = p.priority
             limits = [t for t in (timeout, self.config.request_timeout) if t is not None]
             req.deadline = req.arrival + min(limits) if limits else None
         return group

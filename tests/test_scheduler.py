@@ -1,0 +1,130 @@
+"""Token-budget scheduling: admission by slots and by the columns a step runs, priorities (lower first, ties
+in arrival order), a request that does not fit waits, one larger than the budget runs alone; and the same
+through the real server (--max-num-batched-tokens, the `priority` field on every route)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clients.protocol import SamplingParams
+from server.request import Request, RequestGroup
+from server.scheduler import QueueFull, Scheduler
+from tests.server_utils import ServerProcess, sse_events
+from tzd.sampling import plan
+
+
+def req(total: int, priority: int = 0, prompt: int = 8) -> Request:
+    """A request whose canvas (its cost) is `total` columns."""
+    p = plan(SamplingParams(max_tokens=total - prompt), prompt, 4096)
+    r = RequestGroup("t").add([1] * prompt, p, None)  # type: ignore[arg-type] - no output is rendered here
+    r.priority = priority
+    return r
+
+
+def admitted(s: Scheduler) -> list[Request]:
+    return s.schedule()[1]
+
+
+def test_admission_by_tokens_then_slots() -> None:
+    s = Scheduler(max_running=8, max_waiting=16, max_tokens=100)
+    a, b, c, d = req(40), req(40), req(40), req(10)
+    s.submit([a, b, c, d])
+    assert admitted(s) == [a, b]  # 80 columns; c (40) would make 120: it waits, and d behind it too
+    assert s.running_tokens == 80 and s.waiting == [c, d]
+    assert admitted(s) == []
+    s.finish(a)
+    s.finish(a)  # idempotent (the engine frees a slot when the step ends and again when it dispatches)
+    assert s.running_tokens == 40
+    assert admitted(s) == [c, d]  # 40 + 40 + 10 = 90
+    slots = Scheduler(max_running=2, max_waiting=16, max_tokens=1000)
+    slots.submit([req(10), req(10), req(10)])
+    assert len(admitted(slots)) == 2  # the slots bind before the tokens do
+
+
+def test_no_budget_admits_by_count_only() -> None:
+    s = Scheduler(max_running=3, max_waiting=16)
+    rs = [req(4000) for _ in range(4)]
+    s.submit(rs)
+    assert admitted(s) == rs[:3]
+
+
+def test_priorities_lower_first_ties_fifo() -> None:
+    s = Scheduler(max_running=1, max_waiting=16, max_tokens=1000)
+    a, b, c, d, e = req(10, 0), req(10, 5), req(10, -1), req(10, 0), req(10, -1)
+    s.submit([a, b])
+    s.submit([c, d, e])
+    order = []
+    while s.has_work():
+        [r] = admitted(s)
+        order.append(r)
+        s.finish(r)
+    assert order == [c, e, a, d, b]
+
+
+def test_oversize_request_waits_then_runs_alone() -> None:
+    s = Scheduler(max_running=8, max_waiting=16, max_tokens=100)
+    small, big, after = req(30), req(250), req(20)
+    s.submit([small])
+    assert admitted(s) == [small]
+    s.submit([big, after])
+    assert admitted(s) == []  # big does not fit beside small, and `after` does not jump the line
+    s.finish(small)
+    assert admitted(s) == [big]  # alone, over the budget
+    assert admitted(s) == []  # nothing joins it
+    s.finish(big)
+    assert admitted(s) == [after]
+
+
+def test_cancel_and_expire_keep_the_queue_ordered() -> None:
+    s = Scheduler(max_running=1, max_waiting=3, max_tokens=100)
+    a, b, c = req(10, 2), req(10, 1), req(10, 0)
+    s.submit([a, b, c])
+    with pytest.raises(QueueFull):
+        s.submit([req(10)])
+    s.cancel(b)
+    b.deadline = None
+    a.deadline = 0.0
+    assert s.expire(1.0) == ([a], [])
+    assert s.waiting == [c] and admitted(s) == [c]
+    c.deadline = 0.0
+    assert s.expire(1.0) == ([], [c]) and s.running_tokens == 0
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    with ServerProcess(tiny_checkpoint, "--dtype", "float32", "--max-batch-size", "4",
+                       "--max-num-batched-tokens", "48", log_dir=tmp_path_factory.mktemp("srvlog")) as s:
+        yield s
+
+
+def test_server_token_budget_and_priority(srv: ServerProcess) -> None:
+    health = httpx.get(f"{srv.url}/health", timeout=10).json()
+    assert health["max_num_batched_tokens"] == 48 and health["max_batch_size"] == 4
+    ids = [5 + i for i in range(8)]
+    bodies = [{"prompt": ids, "max_tokens": 16, "seed": i, "priority": i % 3} for i in range(6)]  # 24 columns
+    bodies.append({"prompt": ids * 6, "max_tokens": 32, "seed": 9, "priority": -1})  # 80: over the whole budget
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: httpx.post(f"{srv.url}/generate", json=b, timeout=120), bodies))
+    assert [a.status_code for a in answers] == [200] * len(bodies), [a.text for a in answers]
+    assert all(a.json()["finish_reason"] in ("length", "stop") for a in answers)
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 4, "priority": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "priority": 3}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=chat, timeout=60)  # the tiny model has no template:
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text  # priority itself passed
+    with httpx.stream("POST", f"{srv.url}/generate", json={"prompt": "x", "max_tokens": 4, "priority": -5,
+                                                          "stream": True}, timeout=60) as r:
+        assert [e for e, _ in sse_events(r)][-1] == "done"
+    for path, body in [("/generate", {"prompt": "x"}), ("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
+        for bad in ("1", 1.5, 2**31):
+            r = httpx.post(f"{srv.url}{path}", json={**body, "priority": bad}, timeout=30)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "priority", r.text
+    spec = httpx.get(f"{srv.url}/openapi.json", timeout=30).json()
+    assert json.dumps(spec).count('"priority"') >= 3  # in each request schema
