@@ -117,6 +117,7 @@ class Health(BaseModel):
     running: int = 0  # requests in the running batch
     waiting: int = 0  # requests queued for a slot (tzd_requests_waiting)
     max_batch_size: int | None = None  # slots in the running batch (the server's --max-batch-size)
+    attention: Literal["bidirectional", "block_causal"] | None = None  # the served model's (None while loading)
 
 
 class TextPart(BaseModel):
@@ -298,6 +299,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tzd"
     max_model_len: int  # the context: prompt + max_tokens must fit
+    # bidirectional (LLaDA, Dream) or block_causal (block diffusion: `cache` is then exact, and prompt
+    # blocks are shared across requests); diffusion_block is a block-causal model's block length
+    attention: Literal["bidirectional", "block_causal"] = "bidirectional"
+    diffusion_block: int | None = None
 
 
 class ModelList(BaseModel):

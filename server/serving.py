@@ -41,7 +41,8 @@ class Serving:
             log.info("loading %s (device %s, dtype %s)", cfg.checkpoint, cfg.device, cfg.dtype)
             rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype, cfg.threads,
                                          cfg.max_model_len)
-            engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue)
+            engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue,
+                            prefix_pool_bytes=int(cfg.prefix_cache_mb * (1 << 20)))
             await engine.start()
         except Exception as e:  # noqa: BLE001 - reported through /health and on_fatal
             self.failure = f"{type(e).__name__}: {e}"
@@ -53,6 +54,7 @@ class Serving:
             "name": cfg.served_name, "path": str(rt.loaded.path), "params": str(rt.params),
             "device": str(rt.device), "dtype": rt.dtype_name, "context": str(rt.context),
             "backend": str(rt.loaded.model_config.backend), "max_batch_size": str(cfg.max_batch_size),
+            "attention": rt.loaded.model_config.attention,
             "threads": str(torch.get_num_threads())})
         self.runtime, self.engine = rt, engine
         log.info("loaded %s", rt.describe())

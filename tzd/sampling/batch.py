@@ -11,7 +11,7 @@ only sync with the device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from tzd.models.blocks import block_ids
 from tzd.sampling import rules
 from tzd.sampling.cache import KVStore, ReadView, RecordView
 from tzd.sampling.params import RequestPlan
+from tzd.sampling.prefix_pool import PrefixPool, block_hashes
 from tzd.sampling.rows import RowValues, upload
 
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
@@ -62,6 +63,9 @@ class _Slot:
     open: np.ndarray | None = None  # offsets in the current block still masked; None = all (a new block)
     exact: bool = False  # a block-causal model's exact cache (any cache mode but none)
     kv_valid: int = 0  # exact cache: the store holds final keys/values for canvas positions [0, kv_valid)
+    hashes: list[bytes] = field(default_factory=list)  # prefix pool: the prompt's full blocks
+    pooled: int = 0  # leading prompt blocks already in the pool (found there, or put there by this request)
+    waits_for: bytes | None = None  # a block another request is computing now: this one starts after it
 
     def block_bounds(self) -> tuple[int, int]:
         """(start, length) of the current block in canvas coordinates."""
@@ -108,7 +112,7 @@ class DenoiseBatch:
     """Up to `capacity` requests denoised together on `model`."""
 
     def __init__(self, model: nn.Module, mask_id: int, capacity: int, eos_id: int | Sequence[int] | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, prefix_pool_bytes: int = 0) -> None:
         self.model = model
         self.cfg = model_config(model)
         self.mask_id, self.capacity = mask_id, capacity
@@ -123,6 +127,9 @@ class DenoiseBatch:
         self.slots: list[_Slot | None] = [None] * capacity
         self.kv = KVStore(capacity, self.cfg.n_layer, self.cfg.n_kv_head, self.context, self.cfg.head_dim,
                           self.device)
+        # prompt blocks shared across requests: block-causal models only (a bidirectional prompt's keys
+        # depend on everything after them)
+        self.pool = PrefixPool(prefix_pool_bytes, self.block) if self.block and prefix_pool_bytes > 0 else None
 
     def __len__(self) -> int:
         return sum(s is not None for s in self.slots)
@@ -131,6 +138,7 @@ class DenoiseBatch:
     def free_slots(self) -> int:
         return self.capacity - len(self)
 
+    @torch.inference_mode()
     def add(self, prompt: list[int], plan: RequestPlan, handle: Any = None) -> int:
         """Place a request in a free slot; its canvas is the prompt followed by max_tokens masks."""
         if plan.total_len > self.context:
@@ -144,14 +152,52 @@ class DenoiseBatch:
         row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
         row[:len(prompt)] = prompt
         self.canvas[slot] = upload(row, self.device)
-        self.slots[slot] = _Slot(handle, plan, masked=plan.max_tokens,
-                                 exact=self.block is not None and plan.params.cache != "none")
+        s = self.slots[slot] = _Slot(handle, plan, masked=plan.max_tokens,
+                                     exact=self.block is not None and plan.params.cache != "none")
+        if s.exact and self.pool is not None and plan.params.cfg_scale == 0:
+            s.hashes = block_hashes(prompt, self.block)
+            self._attach_prefix(slot, s)
         return slot
+
+    @torch.inference_mode()
+    def _attach_prefix(self, slot: int, s: _Slot) -> None:
+        """Copy the prompt's leading blocks found in the pool into the slot's keys/values; wait for a block
+        another request is computing right now rather than computing it twice."""
+        found = self.pool.lookup(s.hashes)
+        N = self.block
+        if found:
+            self.kv.ensure(found[0][0].dtype)
+            k = torch.stack([e[0] for e in found], dim=2)  # [layers, Hk, blocks, N, D]
+            v = torch.stack([e[1] for e in found], dim=2)
+            L, Hk, n, _, D = k.shape
+            self.kv.k[slot, :, :, :n * N] = k.reshape(L, Hk, n * N, D)
+            self.kv.v[slot, :, :, :n * N] = v.reshape(L, Hk, n * N, D)
+        s.kv_valid = s.pooled = len(found)
+        s.kv_valid *= N
+        missing = s.hashes[len(found):]
+        s.waits_for = missing[0] if missing and missing[0] in self.pool.pending else None
+        if s.waits_for is None:  # counted once, when the request starts
+            self.pool.pending.update(missing)  # this request computes them
+            self.pool.count(len(s.hashes), len(found))
+
+    def _pool_blocks(self, slot: int, s: _Slot) -> None:
+        """Put the prompt blocks whose keys/values became final in this step into the pool."""
+        done = min(s.kv_valid // self.block, len(s.hashes))
+        N = self.block
+        for j in range(s.pooled, done):
+            self.pool.put(s.hashes[j], self.kv.k[slot, :, :, j * N:(j + 1) * N], self.kv.v[slot, :, :, j * N:(j + 1) * N])
+        s.pooled = max(s.pooled, done)
+
+    def _release(self, s: _Slot) -> None:
+        """A request leaving before it computed its prompt blocks: others must not wait for them."""
+        if self.pool is not None and s.waits_for is None:
+            self.pool.pending.difference_update(s.hashes[s.pooled:])
 
     def remove(self, handle: Any) -> bool:
         """Drop a request (cancelled); True if it was here."""
         for i, s in enumerate(self.slots):
             if s is not None and s.handle is handle:
+                self._release(s)
                 self.slots[i] = None
                 return True
         return False
@@ -233,7 +279,10 @@ class DenoiseBatch:
     @torch.inference_mode()
     def step(self) -> list[SlotStep]:
         """One denoising step for every request in the batch; finished requests are freed."""
-        active = [i for i, s in enumerate(self.slots) if s is not None]
+        for i, s in enumerate(self.slots):
+            if s is not None and s.waits_for is not None and s.waits_for not in self.pool.pending:
+                self._attach_prefix(i, s)  # the block it waited for is in the pool now (or was given up)
+        active = [i for i, s in enumerate(self.slots) if s is not None and s.waits_for is None]
         if not active:
             return []
         full = [i for i in active if self.slots[i].needs_full_forward()]
@@ -299,6 +348,8 @@ class DenoiseBatch:
         start, _ = s.block_bounds()
         if s.exact:  # this step wrote final keys/values for everything before its block
             s.kv_valid = start
+            if s.hashes:
+                self._pool_blocks(row, s)
         offset = start - s.plan.prompt_len
         cols = np.flatnonzero(sel)
         committed = [(offset + int(s.open[j]), int(tok[j])) for j in cols]
@@ -311,6 +362,7 @@ class DenoiseBatch:
             s.block, s.block_step, s.open = s.block + 1, 0, None
         done = eos or s.masked == 0
         if done:
+            self._release(s)
             self.slots[row] = None
         gen = canvas[s.plan.prompt_len:s.plan.total_len].tolist()
         return SlotStep(s.handle, s.steps_done - 1, s.plan.steps, committed, s.masked, gen, s.nfe, done,
