@@ -241,7 +241,9 @@ class Engine:
     def _warmup(self) -> None:
         """One tiny request through the batch, so the first real request does not pay for lazy init."""
         n = min(2, self.runtime.context - 1)
-        p = plan(SamplingParams(max_tokens=n, steps=n, block_length=n, seed=0), 1, self.runtime.context)
+        mc = self.runtime.loaded.model_config
+        p = plan(SamplingParams(max_tokens=n, steps=n, seed=0), 1, self.runtime.context, mc.denoise_block,
+                 mc.block_align == "absolute")
         handle = object()
         with inference(self.runtime):
             self.batch.add([0], p, handle=handle)  # any id will do: the output is thrown away

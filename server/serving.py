@@ -88,10 +88,10 @@ class Serving:
         assert self.runtime is not None
         rt, group = self.runtime, RequestGroup(prefix, n, request_id)
         tok = rt.loaded.tokenizer
-        min_prompt = int(rt.loaded.model_config.logit_shift)
+        mc = rt.loaded.model_config
         for prompt, p in zip(prompts, params, strict=True):
-            ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,
-                                self.config.max_tokens_limit, min_prompt, rt.loaded.model_config.denoise_block)
+            ids, plan = prepare(tok, prompt, p, rt.context, mc.vocab_size, self.config.max_tokens_limit,
+                                int(mc.logit_shift), mc.denoise_block, mc.block_align == "absolute")
             req = group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
             limits = [t for t in (timeout, self.config.request_timeout) if t is not None]
             req.deadline = req.arrival + min(limits) if limits else None

@@ -70,8 +70,9 @@ class _Slot:
     def block_bounds(self) -> tuple[int, int]:
         """(start, length) of the current block in canvas coordinates."""
         p = self.plan
-        start = self.block * p.block_length
-        return p.prompt_len + start, min(p.block_length, p.max_tokens - start)
+        start = p.block_start(self.block)
+        length = p.first_block if self.block == 0 and p.first_block else p.block_length
+        return p.prompt_len + start, min(length, p.max_tokens - start)
 
     def open_offsets(self) -> np.ndarray:
         """Offsets (from the block start, ascending) of the current block's masked positions."""
@@ -119,6 +120,7 @@ class DenoiseBatch:
         self.eos_ids = eos_set(eos_id)
         self.context = self.cfg.block_size
         self.block = self.cfg.denoise_block  # a block-causal model's blocks; None = bidirectional
+        self.align = self.cfg.block_align
         self.shift = int(self.cfg.logit_shift)  # a cached window starts one column left of its block
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
@@ -145,9 +147,11 @@ class DenoiseBatch:
             raise ValueError(f"prompt + max_tokens = {plan.total_len} exceeds the context of {self.context}")
         if self.shift and not prompt:
             raise ValueError("a model with shifted logits needs a prompt of at least one token")
-        if self.block is not None and plan.block_length != min(self.block, plan.max_tokens):
+        if self.block is not None and (plan.block_length != min(self.block, plan.max_tokens) or
+                                       bool(plan.first_block) != (self.align == "absolute" and
+                                                                  len(prompt) % self.block > 0)):
             raise ValueError(f"block_length {plan.block_length}: this block-causal model denoises blocks of "
-                             f"{self.block} (plan it with model_block)")
+                             f"{self.block} aligned to its {self.align!r} layout (plan it with model_block)")
         slot = self.slots.index(None)  # raises ValueError when full: callers check free_slots
         row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
         row[:len(prompt)] = prompt
@@ -240,7 +244,7 @@ class DenoiseBatch:
         blocks = None
         if self.block is not None:  # block-causal: every row's own layout (its prompt is its leading span)
             prompt_len = rv.prompt_len if not cfg_rows else torch.cat([rv.prompt_len, rv.prompt_len[ci]])
-            blocks = block_ids(L, prompt_len, self.block)
+            blocks = block_ids(L, prompt_len, self.block, align=self.align)
         if all(s.plan.total_len == L for s in slots):
             seqlens = None  # no padding: attention takes its unmasked fast path
         record = any(s.cache_mode and not s.exact for s in slots)
@@ -272,7 +276,8 @@ class DenoiseBatch:
                         (rows[0], rows[0] + len(rows)) if contiguous else None,
                         next(iter(starts)) if aligned else None)
         opened = rv.offsets.clamp(min=0) + (rv.start - rv.window_start)[:, None]  # the block's columns
-        blocks = block_ids(self.context, rv.prompt_len, self.block) if self.block is not None else None
+        blocks = (block_ids(self.context, rv.prompt_len, self.block, align=self.align)
+                  if self.block is not None else None)
         return self.model(ids, ForwardContext(positions=positions, seqlens=rv.key_len, cache=view,
                                               output_positions=opened, block_ids=blocks))
 
@@ -347,7 +352,7 @@ class DenoiseBatch:
         """Host bookkeeping after a step: block and step counters, the event, freeing a finished slot."""
         start, _ = s.block_bounds()
         if s.exact:  # this step wrote final keys/values for everything before its block
-            s.kv_valid = start
+            s.kv_valid = start if self.align == "prompt" else start - start % self.block
             if s.hashes:
                 self._pool_blocks(row, s)
         offset = start - s.plan.prompt_len
