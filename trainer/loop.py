@@ -65,7 +65,7 @@ def train_step(run: Run) -> StepResult:
         g = step_generator(t.seed, step, fabric.global_rank, micro)
         ids = run.train_windows.sample(t.batch_size, g).to(fabric.device)
         with fabric.no_backward_sync(model, enabled=micro < t.grad_accum - 1):
-            loss = training_loss(model, ids, run.tokenizer.mask_id, run.model_cfg.causal, generator=g)
+            loss = training_loss(model, ids, run.tokenizer.mask_id, run.model_cfg, generator=g)
             fabric.backward(loss / t.grad_accum)
         loss_sum += loss.detach()
     grad_norm = fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip) if t.grad_clip else None
@@ -110,7 +110,7 @@ def log_step(run: Run, result: StepResult, tok_s: float, bar: tqdm) -> None:
 
 def run_eval(run: Run) -> dict[str, float]:
     res = evaluate(run.model, [b.to(run.fabric.device) for b in run.val_batches], run.tokenizer.mask_id,
-                   run.model_cfg.causal, draws=1 if run.model_cfg.causal else int(run.cfg.training.eval_draws))
+                   run.model_cfg, draws=1 if run.model_cfg.causal else int(run.cfg.training.eval_draws))
     return {run.main_metric: res.nats_per_token, "val_nats_per_char": res.nats_per_token / run.chars_per_token,
             "val_ppl_bound": res.perplexity_bound}
 
