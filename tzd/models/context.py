@@ -31,6 +31,18 @@ class ForwardContext:
     attn_mask: torch.Tensor | None = None
     query_blocks: torch.Tensor | None = None  # [B,T]: block_ids at the queries' positions (set by `resolve`)
 
+    def check_length(self, T: int, context: int) -> None:
+        """Raise when a forward of T columns reaches past the model's `context` (its RoPE table). With
+        explicit positions the positions count, not the columns: training's two-stream input has 2T
+        columns at positions 0..T-1. On an accelerator positions are not read back (that would cost the
+        sampler's step a device sync): there the RoPE table lookup's own bounds check stands."""
+        if self.positions is None:
+            if T > context:
+                raise ValueError(f"sequence of {T} tokens exceeds the context of {context}")
+        elif self.positions.device.type == "cpu" and self.positions.numel() and int(self.positions.max()) >= context:
+            raise ValueError(f"position {int(self.positions.max())} exceeds the context of {context} "
+                             f"(positions 0..{context - 1})")
+
     def resolve(self, T: int, default_block: int | None) -> ForwardContext:
         """This context with the queries' block ids looked up once per forward (not per layer). A
         block-causal model (`default_block` = its block size) given neither block ids nor a mask gets the

@@ -105,10 +105,10 @@ class SMDM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        if ids.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the context of {self.config.block_size}")
         cfg = self.config
-        ctx = (ctx or ForwardContext()).resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
+        ctx = ctx or ForwardContext()
+        ctx.check_length(ids.shape[1], cfg.block_size)
+        ctx = ctx.resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
         x = self.tok_embeddings(ids)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin, ctx)
