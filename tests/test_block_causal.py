@@ -180,3 +180,34 @@ def test_prefix_pool_reuses_shared_prompt_blocks_exactly() -> None:
     tiny_pool, batch, _ = run(block_bytes + 100, together=False)  # room for one block: LRU eviction
     assert tiny_pool == without and len(batch.pool.entries) == 1
     assert batch.pool.bytes <= batch.pool.capacity
+
+
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_packed_rows_equal_padded_rows(block_causal: bool) -> None:
+    """A step over rows of different lengths packs their tokens (varlen) instead of padding them: the same
+    logits as the padded forward, classifier-free guidance copies and the approximate cache's record too."""
+    from tzd.sampling import DenoiseBatch, SamplingParams, plan  # noqa: PLC0415
+
+    model = sampler_model() if block_causal else build_model(ModelConfig(
+        vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=96)).eval()
+    block = 8 if block_causal else None
+    g = torch.Generator().manual_seed(2)
+    batch = DenoiseBatch(model, 96, capacity=3)
+    params = [SamplingParams(max_tokens=16, steps=16, cfg_scale=1.5), SamplingParams(max_tokens=24, cache="dual"),
+              SamplingParams(max_tokens=16)]
+    for n, p in zip((5, 11, 30), params, strict=True):
+        prompt = torch.randint(0, 96, (n,), generator=g).tolist()
+        batch.add(prompt, plan(p, n, 96, block), handle=n)
+    slots = [s for s in batch.slots if s is not None]
+    rv = batch._row_values(list(range(3)), slots)
+    with torch.inference_mode():
+        packed = batch._packed_logits(rv, slots)
+        recorded = None if block_causal else batch.kv.k[1].clone()  # a block-causal cache is exact: no record
+        if recorded is not None:
+            batch.kv.k.zero_()
+        padded = batch._padded_logits(rv, slots)
+    assert packed.shape == padded.shape and packed.shape[0] == 3
+    assert torch.allclose(packed, padded, atol=1e-4)  # padding past a row's length is masked: same logits
+    if recorded is not None:
+        assert (recorded[:, :, :35] - batch.kv.k[1][:, :, :35]).abs().max() < 1e-5  # the dual row's record
+        assert recorded[:, :, :35].abs().sum() > 0

@@ -30,6 +30,17 @@ def block_ids(length: int, prompt_len: torch.Tensor | int, block: int,
     return torch.where(p < P, p // block, prompt_blocks + (p - P).clamp(min=0) // block)
 
 
+def token_block_ids(positions: torch.Tensor, prompt_len: torch.Tensor, block: int, align: str = "prompt"
+                    ) -> torch.Tensor:
+    """block_ids elementwise: the block of each token at `positions` in a row whose prompt is `prompt_len`
+    (same shapes; packed rows give one entry per token)."""
+    if align == "absolute":
+        return positions // block
+    prompt_blocks = (prompt_len + block - 1) // block
+    return torch.where(positions < prompt_len, positions // block,
+                       prompt_blocks + (positions - prompt_len).clamp(min=0) // block)
+
+
 def visible(q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
     """[B,1,T,S] bool: query i sees key j iff k_blocks[b, j] <= q_blocks[b, i]."""
     return (k_blocks[:, None, None, :] <= q_blocks[:, None, :, None])

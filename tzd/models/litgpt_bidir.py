@@ -68,8 +68,7 @@ class BidirectionalSelfAttention(CausalSelfAttention):
         if cfg.attention_logit_softcapping is not None:
             y = self._softcapped(q, k, v, seqlens, scale, ctx)
         else:
-            y = kernels.attention(q, k, v, seqlens=seqlens, scale=scale, causal=self.causal,
-                                  **ctx.mask_args(k.shape[2]))
+            y = ctx.attention(q, k, v, seqlens, scale=scale, causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -45,7 +45,7 @@ class Attention(nn.Module):
         seqlens = ctx.seqlens
         if ctx.cache is not None:
             k, v, seqlens = ctx.cache.attend(self.layer, k, v)
-        y = kernels.attention(q, k, v, seqlens=seqlens, causal=self.cfg.causal, **ctx.mask_args(k.shape[2]))
+        y = ctx.attention(q, k, v, seqlens, causal=self.cfg.causal)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 

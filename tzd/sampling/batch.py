@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from tzd.models import ForwardContext, model_config
-from tzd.models.blocks import block_ids
+from tzd.models.blocks import block_ids, token_block_ids
 from tzd.sampling import rules
-from tzd.sampling.cache import KVStore, ReadView, RecordView
+from tzd.sampling.cache import KVStore, PackedRecordView, ReadView, RecordView
 from tzd.sampling.params import RequestPlan
 from tzd.sampling.prefix_pool import PrefixPool, block_hashes
 from tzd.sampling.rows import RowValues, upload
@@ -230,6 +230,12 @@ class DenoiseBatch:
 
     def _full_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
         """Whole-canvas forward for these rows; logits at the open positions of each row's block [n, P, V]."""
+        if len({s.plan.total_len for s in slots}) > 1:
+            return self._packed_logits(rv, slots)
+        return self._padded_logits(rv, slots)
+
+    def _padded_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
+        """_full_logits with the rows padded to the longest (keys past a row's length masked)."""
         L = max(s.plan.total_len for s in slots)
         ids = self.canvas[rv.slot, :L]
         seqlens = rv.total_len
@@ -255,6 +261,39 @@ class DenoiseBatch:
             n, scale = len(slots), rv.cfg_scale[ci]
             cond, uncond = logits[ci], logits[n:]
             logits = logits[:n].index_copy(0, ci, uncond + (scale[:, None, None] + 1) * (cond - uncond))
+        return logits
+
+    def _packed_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
+        """_full_logits for rows of different lengths: their tokens one after another in a single row
+        (varlen attention), so the step costs the tokens the rows hold, not rows x the longest."""
+        n = len(slots)
+        order = np.array([*range(n), *(i for i, s in enumerate(slots) if s.plan.params.cfg_scale > 0)])
+        lens = np.array([slots[i].plan.total_len for i in order], dtype=np.int64)
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        row = np.repeat(np.arange(len(order)), lens)  # packed row of each token
+        host = np.concatenate([order[row], np.arange(cu[-1]) - cu[:-1][row], order, cu])
+        table = upload(host, self.device)  # the packing's one host-to-device copy
+        N, R = int(cu[-1]), len(order)
+        src, pos = table[:N], table[N:2 * N]  # each token's batch row and position in its row
+        rows, cu_t = table[2 * N:2 * N + R], table[2 * N + R:]
+        ids = self.canvas[rv.slot[src], pos]
+        if R > n:  # unconditional copies (classifier-free guidance) with the prompt masked
+            uncond = (torch.arange(N, device=self.device) >= int(cu[n])) & (pos < rv.prompt_len[src])
+            ids = ids.masked_fill(uncond, self.mask_id)
+        blocks = None
+        if self.block is not None:
+            blocks = token_block_ids(pos, rv.prompt_len[src], self.block, self.align)[None]
+        record = any(s.cache_mode and not s.exact for s in slots)
+        cache = PackedRecordView(self.kv, rv.slot[src[:int(cu[n])]], pos[:int(cu[n])]) if record else None
+        out = cu_t[:R, None] + rv.start[rows][:, None] + rv.offsets[rows].clamp(min=0)  # [R, P] flat indices
+        ctx = ForwardContext(positions=pos[None], cache=cache, output_positions=out.reshape(1, -1),
+                             block_ids=blocks, query_blocks=blocks, cu_seqlens=cu_t.int(), max_seqlen=int(lens.max()))
+        logits = self.model(ids[None], ctx).view(R, out.shape[1], -1)
+        if R > n:
+            ci = rows[n:]
+            scale = rv.cfg_scale[ci]
+            cond, uncond_logits = logits[ci], logits[n:]
+            logits = logits[:n].index_copy(0, ci, uncond_logits + (scale[:, None, None] + 1) * (cond - uncond_logits))
         return logits
 
     def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot]) -> torch.Tensor:
