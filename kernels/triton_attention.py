@@ -40,6 +40,9 @@ def _interpreting() -> bool:
 
 
 INTERPRET = _interpreting()  # read once: triton.jit decides at import time too
+# TZD_AUTOTUNE=0: one fixed config and no search (read at import). For kernel test runs on a GPU, where every
+# new (shape bucket, head dim, dtype) would otherwise compile and time each config (bench/gpu_check.sh).
+AUTOTUNE = os.environ.get("TZD_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 # (BLOCK_M, BLOCK_N, num_stages, num_warps). H100-class search space (SM90, 228 KB SMEM): the tiles and
 # pipeline depths FA2-style forwards use, then small tiles for the default model's shapes (head dim 64,
@@ -55,6 +58,8 @@ def tile_configs() -> list[triton.Config]:
     if INTERPRET:
         # The interpreter cannot autotune over several configs; small tiles exercise the tile loop.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w) for m, n, s, w in TILE_SHAPES]
 
 
