@@ -34,6 +34,8 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("baseline", "bidirectional threshold=0.5+dual", {"threshold": 0.5, "cache": "dual"}),
     ("bd", "block-causal llada (uncached)", {"steps": 1.0}),
     ("bd", "block-causal llada+exact cache", {"steps": 1.0, "cache": "dual"}),
+    ("bd", "block-causal steps/2+exact", {"steps": 0.5, "cache": "dual"}),
+    ("bd", "block-causal steps/4+exact", {"steps": 0.25, "cache": "dual"}),
     ("bd", "block-causal threshold=0.9+exact", {"threshold": 0.9, "cache": "dual"}),
     ("bd", "block-causal threshold=0.7+exact", {"threshold": 0.7, "cache": "dual"}),
     ("bd", "block-causal threshold=0.5 (uncached)", {"threshold": 0.5}),
