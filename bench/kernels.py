@@ -2,10 +2,14 @@
 
 RoPE (q and k together) against litgpt's apply_rope and the torch reference; attention against
 SDPA's flash and efficient backends at equal lengths, and against padded SDPA with a key mask on
-mixed-length batches (lengths uniform in [S/8, S]). Times are medians of triton.testing.do_bench
-after warm-up (and after autotuning). Inputs are bf16.
+mixed-length batches (lengths uniform in [S/8, S]); block-causal attention against the same kernel
+bidirectional and SDPA with the block mask (a full forward and a sampler window of one block against
+the whole sequence); packed (varlen) attention against padding the same rows (lengths uniform in
+[16, 256], batch 16): the Triton kernel on [B,H,max,D] with seqlens and padded SDPA with a key mask.
+Times are medians of triton.testing.do_bench after warm-up (and after autotuning). Inputs are bf16.
+Without CUDA it exits with status 2 and says so (there is no CPU part: the CPU path is the reference).
 
-    python bench/kernels.py [--out bench/results/kernels.json] [--quick]
+    python bench/kernels.py [--out bench/results/kernels.json] [--quick] [--sections attention_varlen,...]
 """
 
 from __future__ import annotations
@@ -202,6 +206,102 @@ def bench_attention_mixed(shape: dict, seed: int = 0) -> dict:
     return row
 
 
+# ---- block-causal attention ------------------------------------------------------------------------
+
+
+def block_causal_shapes(quick: bool) -> list[dict]:
+    cfg = default_model_config()
+    d = dict(H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim, block=32, prompt=cfg.block_size // 4)
+    shapes = [dict(name="default", B=32, T=cfg.block_size, S=cfg.block_size, **d),
+              dict(name="default-win", B=32, T=32, S=cfg.block_size, **d)]  # the last block against all keys
+    if not quick:
+        shapes.append(dict(name="1b-gqa-2k", B=4, H=32, Hk=4, T=2048, S=2048, D=64, block=64, prompt=512))
+    return shapes
+
+
+def bench_block_causal(shape: dict) -> dict:
+    from kernels import triton_attention
+    from tzd.models.blocks import block_ids
+
+    B, H, Hk, T, S, D = (shape[k] for k in ("B", "H", "Hk", "T", "S", "D"))
+    q = torch.randn(B, H, T, D, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(B, Hk, S, D, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(B, Hk, S, D, device=DEVICE, dtype=DTYPE)
+    kb = block_ids(S, torch.full((B,), shape["prompt"], device=DEVICE), shape["block"])
+    qb = kb[:, S - T:]  # the queries are the last T positions
+    mask = kb[:, None, None, :] <= qb[:, None, :, None]
+    row = dict(shape, dtype=str(DTYPE), visible_fraction=mask.float().mean().item())
+    ours = triton_attention.attention(q, k, v, q_blocks=qb, k_blocks=kb)
+    row["triton"] = _bench(lambda: triton_attention.attention(q, k, v, q_blocks=qb, k_blocks=kb))
+    row["triton_bidirectional"] = _bench(lambda: triton_attention.attention(q, k, v))
+    out, timing = _sdpa(None, q, k, v, mask)
+    row["masked_sdpa"] = timing
+    if out is not None:
+        row["max_diff_vs_masked_sdpa"] = _max_diff(ours, out)
+        row["speedup_vs_masked_sdpa"] = timing["ms"] / row["triton"]["ms"]
+    row["speedup_vs_bidirectional"] = row["triton_bidirectional"]["ms"] / row["triton"]["ms"]
+    return row
+
+
+# ---- packed (varlen) attention ---------------------------------------------------------------------
+
+
+def varlen_shapes(quick: bool) -> list[dict]:
+    cfg = default_model_config()
+    d = dict(B=16, min_len=16, max_len=256)
+    shapes = [dict(name="default", H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim, block=None, **d),
+              dict(name="default-bc32", H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim, block=32, **d)]
+    if not quick:
+        shapes.append(dict(name="1b-gqa", H=32, Hk=4, D=64, block=None, **d))
+    return shapes
+
+
+def bench_varlen(shape: dict, seed: int = 0) -> dict:
+    """The same rows packed (varlen kernel) and padded to the longest (length-aware kernel, masked SDPA)."""
+    from kernels import triton_attention, triton_varlen
+    from tzd.models.blocks import block_ids
+
+    B, H, Hk, D, block = (shape[k] for k in ("B", "H", "Hk", "D", "block"))
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shape["min_len"], shape["max_len"] + 1, (B,), generator=gen)
+    L, N = int(lengths.max()), int(lengths.sum())
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(DEVICE, torch.int32)
+    q = torch.randn(N, H, D, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(N, Hk, D, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(N, Hk, D, device=DEVICE, dtype=DTYPE)
+    rows = torch.repeat_interleave(torch.arange(B, device=DEVICE), lengths.to(DEVICE))
+    offs = torch.arange(N, device=DEVICE) - cu[rows]
+
+    def padded(x):  # [N, h, D] -> [B, h, L, D], zeros past each row's length
+        return x.new_zeros(B, L, *x.shape[1:]).index_put((rows, offs), x).transpose(1, 2)
+
+    qp, kp, vp = padded(q), padded(k), padded(v)
+    seqlens = lengths.to(DEVICE, torch.int32)
+    blocks, pblocks = {}, {}
+    mask = (torch.arange(L, device=DEVICE)[None, :] < seqlens[:, None])[:, None, None, :]
+    if block is not None:  # each row: its own blocks of `block` from position 0 (the training layout)
+        ids = block_ids(L, 0, block, DEVICE)[0]
+        blocks = {"q_blocks": ids[offs], "k_blocks": ids[offs]}
+        pblocks = {"q_blocks": ids[None].expand(B, L), "k_blocks": ids[None].expand(B, L)}
+        mask = mask & (ids[None, None, None, :] <= ids[None, None, :, None])
+    row = dict(shape, dtype=str(DTYPE), lengths=lengths.tolist(), tokens=N,
+               real_token_fraction=N / (B * L), real_pair_fraction=(lengths.double() ** 2).sum().item() / (B * L * L))
+    ours = triton_varlen.varlen_attention(q, k, v, cu, cu, L, L, **blocks)
+    row["varlen"] = _bench(lambda: triton_varlen.varlen_attention(q, k, v, cu, cu, L, L, **blocks))
+    pairs = (lengths.double() ** 2).sum().item()
+    row["varlen_TFLOPs_real"] = 4.0 * H * pairs * D / row["varlen"]["ms"] / 1e9
+    padded_out = triton_attention.attention(qp, kp, vp, seqlens, **pblocks)
+    row["max_diff_vs_padded_triton"] = _max_diff(ours, padded_out.transpose(1, 2)[rows, offs])
+    row["padded_triton"] = _bench(lambda: triton_attention.attention(qp, kp, vp, seqlens, **pblocks))
+    row["speedup_vs_padded_triton"] = row["padded_triton"]["ms"] / row["varlen"]["ms"]
+    out, timing = _sdpa(None, qp, kp, vp, mask)
+    row["padded_sdpa"] = timing
+    if out is not None:
+        row["max_diff_vs_padded_sdpa"] = _max_diff(ours, out.transpose(1, 2)[rows, offs])
+        row["speedup_vs_padded_sdpa"] = timing["ms"] / row["varlen"]["ms"]
+    return row
+
+
 # ---- report ----------------------------------------------------------------------------------------
 
 
@@ -218,23 +318,39 @@ def print_tables(res: dict) -> None:
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  dtype {DTYPE}  (median ms)")
     print("\nRoPE, q and k   target: >= {:.1f}x litgpt".format(TARGETS["rope_vs_litgpt"]))
     print(f"{'shape':<12}{'B,T,H,Hk,D,R':<24}{'triton':>9}{'litgpt':>9}{'torch':>9}{'vs litgpt':>11}{'GB/s':>8}")
-    for r in res["rope"]:
+    for r in res.get("rope", []):
         dims = ",".join(str(r[k]) for k in ("B", "T", "H", "Hk", "D", "R"))
         print(f"{r['name']:<12}{dims:<24}{_fmt(r, 'triton'):>9}{_fmt(r, 'litgpt'):>9}"
               f"{_fmt(r, 'torch_reference'):>9}{_ratio(r, 'speedup_vs_litgpt'):>11}{r['triton_GBps']:>8.0f}")
     print("\nAttention, equal lengths   target: >= {:.1f}x SDPA flash".format(TARGETS["attention_vs_sdpa_flash"]))
     print(f"{'shape':<12}{'B,H,Hk,T,D':<22}{'triton':>9}{'flash':>9}{'effic.':>9}{'vs flash':>10}{'TFLOP/s':>9}")
-    for r in res["attention_equal"]:
+    for r in res.get("attention_equal", []):
         dims = ",".join(str(r[k]) for k in ("B", "H", "Hk", "T", "D"))
         print(f"{r['name']:<12}{dims:<22}{_fmt(r, 'triton'):>9}{_fmt(r, 'sdpa_flash'):>9}"
               f"{_fmt(r, 'sdpa_efficient'):>9}{_ratio(r, 'speedup_vs_sdpa_flash'):>10}{r['triton_TFLOPs']:>9.0f}")
     print("\nAttention, mixed lengths in [S/8, S]   target: >= {:.1f}x padded SDPA".format(
         TARGETS["attention_vs_padded_sdpa"]))
     print(f"{'shape':<12}{'B,H,Hk,S,D':<22}{'real':>6}{'triton':>9}{'no-len':>9}{'padded':>9}{'vs padded':>11}")
-    for r in res["attention_mixed"]:
+    for r in res.get("attention_mixed", []):
         dims = ",".join(str(r[k]) for k in ("B", "H", "Hk", "S", "D"))
         print(f"{r['name']:<12}{dims:<22}{r['real_key_fraction']:>6.2f}{_fmt(r, 'triton'):>9}"
               f"{_fmt(r, 'triton_unmasked'):>9}{_fmt(r, 'padded_sdpa'):>9}{_ratio(r, 'speedup_vs_padded_sdpa'):>11}")
+    print("\nAttention, block-causal (queries: the last T positions)")
+    print(f"{'shape':<12}{'B,H,Hk,T,S,D,blk':<24}{'seen':>6}{'triton':>9}{'bidir':>9}{'masked':>9}{'vs masked':>11}"
+          f"{'vs bidir':>10}")
+    for r in res.get("attention_block_causal", []):
+        dims = ",".join(str(r[k]) for k in ("B", "H", "Hk", "T", "S", "D", "block"))
+        print(f"{r['name']:<12}{dims:<24}{r['visible_fraction']:>6.2f}{_fmt(r, 'triton'):>9}"
+              f"{_fmt(r, 'triton_bidirectional'):>9}{_fmt(r, 'masked_sdpa'):>9}{_ratio(r, 'speedup_vs_masked_sdpa'):>11}"
+              f"{_ratio(r, 'speedup_vs_bidirectional'):>10}")
+    print("\nAttention, packed (varlen) vs padded, lengths in [16, 256]")
+    print(f"{'shape':<14}{'B,H,Hk,D,blk':<18}{'pairs':>6}{'varlen':>9}{'pad-trit':>9}{'pad-sdpa':>9}{'vs p-trit':>10}"
+          f"{'vs p-sdpa':>10}")
+    for r in res.get("attention_varlen", []):
+        dims = ",".join(str(r[k]) for k in ("B", "H", "Hk", "D", "block"))
+        print(f"{r['name']:<14}{dims:<18}{r['real_pair_fraction']:>6.2f}{_fmt(r, 'varlen'):>9}"
+              f"{_fmt(r, 'padded_triton'):>9}{_fmt(r, 'padded_sdpa'):>9}{_ratio(r, 'speedup_vs_padded_triton'):>10}"
+              f"{_ratio(r, 'speedup_vs_padded_sdpa'):>10}")
     print("\nTargets (worst row):")
     for key, (target, worst) in res["targets"].items():
         status = "n/a" if worst is None else ("met" if worst >= target else "MISSED")
@@ -248,19 +364,35 @@ def summarize_targets(res: dict) -> dict:
         return min(vals) if vals else None
 
     return {
-        "rope_vs_litgpt": (TARGETS["rope_vs_litgpt"], worst(res["rope"], "speedup_vs_litgpt")),
+        "rope_vs_litgpt": (TARGETS["rope_vs_litgpt"], worst(res.get("rope", []), "speedup_vs_litgpt")),
         "attention_vs_sdpa_flash": (TARGETS["attention_vs_sdpa_flash"],
-                                    worst(res["attention_equal"], "speedup_vs_sdpa_flash")),
+                                    worst(res.get("attention_equal", []), "speedup_vs_sdpa_flash")),
         "attention_vs_padded_sdpa": (TARGETS["attention_vs_padded_sdpa"],
-                                     worst(res["attention_mixed"], "speedup_vs_padded_sdpa")),
+                                     worst(res.get("attention_mixed", []), "speedup_vs_padded_sdpa")),
     }
+
+
+# JSON key -> (benchmark of one shape, the shapes), run in this order
+SECTIONS = {
+    "rope": (bench_rope, rope_shapes),
+    "attention_equal": (bench_attention_equal, attention_shapes),
+    "attention_mixed": (bench_attention_mixed, attention_shapes),
+    "attention_block_causal": (bench_block_causal, block_causal_shapes),
+    "attention_varlen": (bench_varlen, varlen_shapes),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated, in this order: {','.join(SECTIONS)} (default: all)")
     args = ap.parse_args(argv)
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}; choose from {','.join(SECTIONS)}")
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU: torch.cuda.is_available() is False here. "
               "The kernels' CPU tests run with `pytest tests/test_kernels.py` (Triton interpreter).", file=sys.stderr)
@@ -278,13 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                  "python": platform.python_version(), "dtype": str(DTYPE),
                  "timing": "triton.testing.do_bench median, warmup 50 ms, rep 200 ms"}
-    res["rope"] = [bench_rope(s) for s in rope_shapes(args.quick)]
-    res["attention_equal"] = [bench_attention_equal(s) for s in attention_shapes(args.quick)]
-    res["attention_mixed"] = [bench_attention_mixed(s) for s in attention_shapes(args.quick)]
-    res["targets"] = summarize_targets(res)
-    print_tables(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    for name in sections:  # the JSON is rewritten after each section: a run cut short keeps what finished
+        bench, shapes = SECTIONS[name]
+        res[name] = [bench(s) for s in shapes(args.quick)]
+        res["targets"] = summarize_targets(res)
+        args.out.write_text(json.dumps(res, indent=1))
+        print(f"{name}: {len(res[name])} shapes done", flush=True)
+    print_tables(res)
     print(f"\nwrote {args.out}")
     return 0
 

@@ -55,7 +55,7 @@ def plain_tokens_per_s(overrides: list[str], tokenizer_path: Path, warmup: int) 
         g = step_generator(t.seed, step, 0, 0)
         ids = windows.sample(t.batch_size, g)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = training_loss(model, ids, tok.mask_id, model_cfg.causal, generator=g)
+            loss = training_loss(model, ids, tok.mask_id, model_cfg, generator=g)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()

@@ -120,6 +120,7 @@ class Health(BaseModel):
     waiting: int = 0  # requests queued for a slot (tzd_requests_waiting)
     max_batch_size: int | None = None  # slots in the running batch (the server's --max-batch-size)
     max_num_batched_tokens: int | None = None  # columns one step may run (--max-num-batched-tokens; null: no budget)
+    attention: Literal["bidirectional", "block_causal"] | None = None  # the served model's (None while loading)
 
 
 class TextPart(BaseModel):
@@ -301,6 +302,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tzd"
     max_model_len: int  # the context: prompt + max_tokens must fit
+    # bidirectional (LLaDA, Dream) or block_causal (block diffusion: `cache` is then exact, and prompt
+    # blocks are shared across requests); diffusion_block is a block-causal model's block length
+    attention: Literal["bidirectional", "block_causal"] = "bidirectional"
+    diffusion_block: int | None = None
 
 
 class ModelList(BaseModel):

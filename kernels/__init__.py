@@ -1,11 +1,11 @@
-"""Kernels used by the models: fused RoPE and bidirectional attention.
+"""Kernels used by the models: fused RoPE, attention (bidirectional or block-causal), packed attention.
 
 Dispatch: CUDA tensors go to the Triton kernels when triton is importable, everything else to the
 torch references (kernels.reference). TZD_KERNELS=torch|triton forces one; forced triton on CPU
 tensors needs TRITON_INTERPRET=1. Calls the Triton kernels do not cover always take the reference:
-causal attention, attention that needs gradients (there is no Triton attention backward: training
-runs attention forward and backward in torch), head dims outside 16/32/64/128, other dtypes.
-triton is imported on first use only, so `import kernels` stays cheap.
+causal attention, an explicit mask, attention that needs gradients (there is no Triton attention
+backward: training runs attention forward and backward in torch), head dims outside 16/32/64/128,
+other dtypes. triton is imported on first use only, so `import kernels` stays cheap.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from kernels import reference
 from kernels.reference import rope_cache
 
-__all__ = ["rope", "attention", "rope_cache", "kernel_mode"]
+__all__ = ["rope", "attention", "varlen_attention", "rope_cache", "kernel_mode"]
 
 _ENV = "TZD_KERNELS"
 
@@ -33,13 +33,13 @@ def kernel_mode() -> str:
 
 
 @functools.cache
-def _triton() -> tuple[ModuleType, ModuleType] | None:
-    """(triton_rope, triton_attention), or None when triton is not installed."""
+def _triton() -> tuple[ModuleType, ModuleType, ModuleType] | None:
+    """(triton_rope, triton_attention, triton_varlen), or None when triton is not installed."""
     try:
-        from kernels import triton_attention, triton_rope
+        from kernels import triton_attention, triton_rope, triton_varlen
     except ImportError:
         return None
-    return triton_rope, triton_attention
+    return triton_rope, triton_attention, triton_varlen
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -63,21 +63,52 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return reference.rope(q, k, cos, sin, positions)
 
 
+def _needs_grad(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _kernel_takes(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (q.shape[-1] in module.SUPPORTED_HEAD_DIMS and q.dtype == k.dtype == v.dtype
+            and q.dtype in module.SUPPORTED_DTYPES)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
               scale: float | None = None, causal: bool = False, q_blocks: torch.Tensor | None = None,
               k_blocks: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention on q [B,H,T,D], k/v [B,Hk,S,D] (GQA when Hk divides H); keys >= seqlens[b] masked.
 
     Block-causal with q_blocks [B,T] / k_blocks [B,S] (query i sees key j iff k_blocks[b,j] <=
-    q_blocks[b,i]); `mask` [B,1,T,S] for any other layout (the torch reference only).
+    q_blocks[b,i]; the Triton kernel needs k_blocks non-decreasing along S, as block layouts are);
+    `mask` [B,1,T,S] for any other layout (the torch reference only).
 
     The Triton path is forward only: with gradients enabled and any input requiring grad, this
     runs the torch reference (SDPA) for forward and backward.
     """
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not causal and mask is None and q_blocks is None and not needs_grad and _use_triton(q):
+    if (q_blocks is None) != (k_blocks is None):
+        raise ValueError("attention: q_blocks and k_blocks go together (one was None)")
+    if not causal and mask is None and not _needs_grad(q, k, v) and _use_triton(q):
         triton_attention = _triton()[1]
-        if (q.shape[-1] in triton_attention.SUPPORTED_HEAD_DIMS and q.dtype == k.dtype == v.dtype
-                and q.dtype in triton_attention.SUPPORTED_DTYPES):
-            return triton_attention.attention(q, k, v, seqlens, scale)
+        if _kernel_takes(triton_attention, q, k, v):
+            return triton_attention.attention(q, k, v, seqlens, scale, q_blocks=q_blocks, k_blocks=k_blocks)
     return reference.attention(q, k, v, seqlens, scale, causal, q_blocks, k_blocks, mask)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float | None = None,
+                     q_blocks: torch.Tensor | None = None, k_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed attention (flash-attn's varlen layout): q [Nq,H,D], k/v [Nk,Hk,D] -> [Nq,H,D].
+
+    Row b's queries are q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] and its keys/values the same slice of k/v
+    by cu_seqlens_k ([B+1] int32, from 0; empty rows allowed); max_seqlen_q/k are the longest row's
+    counts (ints, so the Triton path needs no device sync). Bidirectional within each row, or
+    block-causal with per-token block ids q_blocks [Nq] / k_blocks [Nk] (ids >= 0, non-decreasing
+    along each row's keys). A query that sees no key gets zeros. Forward only on the Triton path, as
+    `attention`; the torch reference (padded SDPA) takes gradients.
+    """
+    if not _needs_grad(q, k, v) and _use_triton(q):
+        triton_varlen = _triton()[2]
+        if _kernel_takes(triton_varlen, q, k, v):
+            return triton_varlen.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  scale, q_blocks, k_blocks)
+    return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                      q_blocks, k_blocks)

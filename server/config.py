@@ -62,6 +62,8 @@ class ServerOptions(BaseModel):
                           "first in line waits until it fits (unset: only --max-batch-size limits a step). A "
                           "request larger than the whole budget runs alone, once nothing else runs")
     max_queue: Positive = Field(256, description="requests waiting for a slot before 429")
+    prefix_cache_mb: float = Field(256.0, ge=0, description="MiB of prompt blocks' keys/values kept for reuse "
+                                                            "across requests (block-causal models; 0 = off)")
     max_tokens_limit: Positive = Field(256, description="largest max_tokens a request may ask for")
     max_model_len: Positive = Field(4096, description="most positions (prompt + max_tokens) a request may use; "
                                                       "the model's own context where shorter (public models "

@@ -53,11 +53,12 @@ class Engine:
     """Owns the model; requests enter through `submit` and leave through their group's queue."""
 
     def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int, max_queue: int,
-                 max_batched_tokens: int | None = None) -> None:
+                 max_batched_tokens: int | None = None, prefix_pool_bytes: int = 0) -> None:
         self.runtime, self.metrics = runtime, metrics
         tok = runtime.loaded.tokenizer
         self.batch = DenoiseBatch(runtime.loaded.model, runtime.loaded.mask_id, capacity=max_batch_size,
-                                  eos_id=tok.eos_ids)
+                                  eos_id=tok.eos_ids, prefix_pool_bytes=prefix_pool_bytes)
+        self._pool_counted = (0, 0)  # the prefix pool's (queries, hits) already in the metrics
         self.scheduler = Scheduler(max_batch_size, max_queue, max_batched_tokens)
         self.state: State = "ready"
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-step")
@@ -287,11 +288,20 @@ class Engine:
     def _gauges(self) -> None:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
+        pool = self.batch.pool
+        if pool is not None:  # read between steps: the worker thread updates it only inside one
+            queries, hits = pool.stats.queries, pool.stats.hits
+            self.metrics.prefix_queries.inc(queries - self._pool_counted[0])
+            self.metrics.prefix_hits.inc(hits - self._pool_counted[1])
+            self._pool_counted = (queries, hits)
+            self.metrics.prefix_bytes.set(pool.bytes)
 
     def _warmup(self) -> None:
         """One tiny request through the batch, so the first real request does not pay for lazy init."""
         n = min(2, self.runtime.context - 1)
-        p = plan(SamplingParams(max_tokens=n, steps=n, block_length=n, seed=0), 1, self.runtime.context)
+        mc = self.runtime.loaded.model_config
+        p = plan(SamplingParams(max_tokens=n, steps=n, seed=0), 1, self.runtime.context, mc.denoise_block,
+                 mc.block_align == "absolute")
         handle = object()
         with inference(self.runtime):
             self.batch.add([0], p, handle=handle)  # any id will do: the output is thrown away

@@ -59,6 +59,12 @@ class Metrics:
         self.step_errors = Counter("tzd_step_errors", "Batched steps that raised (their requests failed)",
                                    registry=r)
         self.model_info = Info("tzd_model", "The loaded model", registry=r)
+        self.prefix_hits = Counter("tzd_prefix_cache_hits", "Prompt blocks found in the prefix pool "
+                                   "(block-causal models)", registry=r)
+        self.prefix_queries = Counter("tzd_prefix_cache_queries", "Prompt blocks looked up in the prefix pool",
+                                      registry=r)
+        self.prefix_bytes = Gauge("tzd_prefix_cache_bytes", "Bytes of keys/values held in the prefix pool",
+                                  registry=r)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

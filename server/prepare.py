@@ -46,11 +46,12 @@ def prompt_ids(tokenizer: TextTokenizer, prompt: str | list[int], vocab_size: in
 
 def prepare(tokenizer: TextTokenizer, prompt: str | list[int], params: SamplingParams, context: int,
             vocab_size: int, max_tokens_limit: int, min_prompt: int = 0,
-            model_block: int | None = None) -> tuple[list[int], RequestPlan]:
+            model_block: int | None = None, absolute_blocks: bool = False) -> tuple[list[int], RequestPlan]:
     """The prompt's ids and the request's plan, or InvalidRequest naming the field and the limit.
 
     `min_prompt`: 1 for a model with shifted logits (its first generated token is read off the last
-    prompt position). `model_block`: a block-causal model's block size (block_length must be it)."""
+    prompt position). `model_block`: a block-causal model's block size (block_length must be it), `absolute_blocks` its
+    blocks' alignment (tzd.sampling.plan)."""
     ids = prompt_ids(tokenizer, prompt, vocab_size)
     if len(ids) < min_prompt:
         raise InvalidRequest("prompt", "prompt: this model predicts each token from the position before it, "
@@ -62,6 +63,6 @@ def prepare(tokenizer: TextTokenizer, prompt: str | list[int], params: SamplingP
         raise InvalidRequest("max_tokens", f"max_tokens: must be <= {max_tokens_limit} (this server's "
                                            f"--max-tokens-limit), got {params.max_tokens}")
     try:
-        return ids, plan(params, len(ids), context, model_block)
+        return ids, plan(params, len(ids), context, model_block, absolute_blocks)
     except SamplingParamsError as e:
         raise InvalidRequest(e.field, str(e)) from None

@@ -91,8 +91,10 @@ def router(auth: object) -> APIRouter:
         serving: Serving = http.app.state.serving
         serving.ready_engine()
         assert serving.runtime is not None
+        cfg = serving.runtime.loaded.model_config
         return ModelList(data=[ModelCard(id=serving.config.served_name, created=int(serving.created),
-                                         max_model_len=serving.runtime.context)])
+                                         max_model_len=serving.runtime.context, attention=cfg.attention,
+                                         diffusion_block=cfg.denoise_block)])
 
     @r.post("/completions", response_model=TextCompletion,
             responses={**GENERATION_ERRORS, **error_responses(404),

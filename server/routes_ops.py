@@ -18,9 +18,10 @@ NOT_LIVE = ("dead", "failed")
 def _health(serving: Serving) -> Health:
     engine = serving.engine
     running, waiting = (len(engine.scheduler.running), len(engine.scheduler.waiting)) if engine else (0, 0)
+    attention = serving.runtime.loaded.model_config.attention if serving.runtime else None
     return Health(status=serving.status, model=serving.config.served_name,  # type: ignore[arg-type]
                   running=running, waiting=waiting, max_batch_size=serving.config.max_batch_size,
-                  max_num_batched_tokens=serving.config.max_num_batched_tokens)
+                  max_num_batched_tokens=serving.config.max_num_batched_tokens, attention=attention)
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})

@@ -41,7 +41,8 @@ class Serving:
             log.info("loading %s (device %s, dtype %s)", cfg.checkpoint, cfg.device, cfg.dtype)
             rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype, cfg.threads,
                                          cfg.max_model_len)
-            engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_num_batched_tokens)
+            engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_num_batched_tokens,
+                            prefix_pool_bytes=int(cfg.prefix_cache_mb * (1 << 20)))
             await engine.start()
         except Exception as e:  # noqa: BLE001 - reported through /health and on_fatal
             self.failure = f"{type(e).__name__}: {e}"
@@ -53,6 +54,7 @@ class Serving:
             "name": cfg.served_name, "path": str(rt.loaded.path), "params": str(rt.params),
             "device": str(rt.device), "dtype": rt.dtype_name, "context": str(rt.context),
             "backend": str(rt.loaded.model_config.backend), "max_batch_size": str(cfg.max_batch_size),
+            "attention": rt.loaded.model_config.attention,
             "threads": str(torch.get_num_threads())})
         self.runtime, self.engine = rt, engine
         log.info("loaded %s", rt.describe())
@@ -87,10 +89,10 @@ class Serving:
         assert self.runtime is not None
         rt, group = self.runtime, RequestGroup(prefix, n, request_id)
         tok = rt.loaded.tokenizer
-        min_prompt = int(rt.loaded.model_config.logit_shift)
+        mc = rt.loaded.model_config
         for prompt, p in zip(prompts, params, strict=True):
-            ids, plan = prepare(tok, prompt, p, rt.context, rt.loaded.model_config.vocab_size,
-                                self.config.max_tokens_limit, min_prompt, rt.loaded.model_config.denoise_block)
+            ids, plan = prepare(tok, prompt, p, rt.context, mc.vocab_size, self.config.max_tokens_limit,
+                                int(mc.logit_shift), mc.denoise_block, mc.block_align == "absolute")
             req = group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
             req.priority = p.priority
             limits = [t for t in (timeout, self.config.request_timeout) if t is not None]

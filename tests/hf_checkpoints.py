@@ -1,4 +1,4 @@
-"""Tiny LLaDA and Dream checkpoints written in their exact Hugging Face layout (no hub here).
+"""Tiny LLaDA, Dream and SDAR checkpoints written in their exact Hugging Face layout (no hub here).
 
 Weights: a random SMDM of the family's configuration, written by tzd.hf.export under the family's
 tensor names. Tokenizer: a byte-level BPE trained on a few lines, with the family's special tokens
@@ -62,6 +62,9 @@ def tiny_config(family: str, vocab: int, **over: object) -> ModelConfig:
                 intermediate_size=64, norm_eps=1e-5)
     if family == "llada":
         base.update(rope_base=500000.0, n_kv_head=4)
+    elif family == "sdar":  # Qwen3 layout: q/k norms, a head size that is not width / heads, blocks of 4
+        base.update(rope_base=1e6, norm_eps=1e-6, qk_norm=True, head_size=16, attention="block_causal",
+                    diffusion_block=4, block_align="absolute")
     else:
         base.update(rope_base=1e6, norm_eps=1e-6, qkv_bias=True, logit_shift=True)
     base.update(over)
@@ -93,6 +96,20 @@ def write_llada(out: Path, shard_bytes: int | None = None, **over: object) -> Pa
     (out / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|startoftext|>", "eos_token": "<|eot_id|>", "pad_token": "<|endoftext|>",
         "chat_template": LLADA_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out
+
+
+def write_sdar(out: Path, **over: object) -> Path:
+    """SDAR layout (Qwen3 tensors with q/k norms, GQA, block-causal with blocks of 4, ChatML)."""
+    out.mkdir(parents=True, exist_ok=True)
+    specials = {"<|endoftext|>": 300, "<|im_start|>": 301, "<|im_end|>": 302, "<|MASK|>": 303}
+    cfg = tiny_config("sdar", 320, **over)
+    special = {"eos_token_id": 302, "pad_token_id": 300, "bos_token_id": 300}  # the mask id: tokenizer_config
+    save_family(random_model(cfg, 2), FAMILIES["sdar"], out, special, generation={"eos_token_id": 302})
+    write_tokenizer(out, specials, 300, bos=None)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>",
+        "chat_template": DREAM_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
     return out
 
 

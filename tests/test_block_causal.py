@@ -140,3 +140,74 @@ def test_block_causal_plan_uses_the_model_blocks() -> None:
     with pytest.raises(SamplingParamsError, match="diffusion_block") as e:
         plan(SamplingParams(max_tokens=40, block_length=16), 3, 96, model_block=8)
     assert e.value.field == "block_length"
+
+
+def test_prefix_pool_reuses_shared_prompt_blocks_exactly() -> None:
+    from tzd.sampling import DenoiseBatch, SamplingParams, plan  # noqa: PLC0415
+
+    model = sampler_model()
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, 96, (27,), generator=g).tolist()  # three full blocks of 8 and a partial one
+    prompts = [shared + torch.randint(0, 96, (n,), generator=g).tolist() for n in (3, 0, 9, 14)]
+    params = [SamplingParams(max_tokens=16, steps=8, cache="dual", seed=i) for i in range(4)]
+
+    def run(pool_bytes: int, together: bool) -> tuple[list[list[int]], DenoiseBatch, list[int]]:
+        batch = DenoiseBatch(model, 96, capacity=4, prefix_pool_bytes=pool_bytes)
+        out: dict[int, list[int]] = {}
+        columns: list[int] = []
+        pending = list(range(4))
+        while pending or len(batch):
+            while pending and (together or not len(batch)):
+                i = pending.pop(0)
+                batch.add(prompts[i], plan(params[i], len(prompts[i]), 96, model_block=8), handle=i)
+            windows = [s.window()[1] for s in batch.slots if s is not None and s.waits_for is None]
+            columns.append(sum(windows))
+            for ev in batch.step():
+                if ev.done:
+                    out[ev.handle] = ev.canvas
+        return [out[i] for i in range(4)], batch, columns
+
+    without, _, cols_without = run(0, together=True)
+    for together in (True, False):
+        with_pool, batch, cols = run(1 << 20, together)
+        assert with_pool == without  # exact by construction
+        stats = batch.pool.stats
+        # full prompt blocks: 3, 3, 4, 5; the first request computes the three shared ones, the others find them
+        assert stats.queries == 15 and stats.hits == 3 * 3
+        assert len(batch.pool.entries) == 3 + 1 + 2  # the shared blocks and the longer prompts' own
+        assert sum(cols) < sum(cols_without) - 3 * 3 * 8 + 1  # the others never ran the shared blocks' columns
+    block_bytes = 2 * 2 * 2 * 8 * 16 * 4  # k and v, 2 layers, 2 kv heads, 8 positions, head dim 16, fp32
+    tiny_pool, batch, _ = run(block_bytes + 100, together=False)  # room for one block: LRU eviction
+    assert tiny_pool == without and len(batch.pool.entries) == 1
+    assert batch.pool.bytes <= batch.pool.capacity
+
+
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_packed_rows_equal_padded_rows(block_causal: bool) -> None:
+    """A step over rows of different lengths packs their tokens (varlen) instead of padding them: the same
+    logits as the padded forward, classifier-free guidance copies and the approximate cache's record too."""
+    from tzd.sampling import DenoiseBatch, SamplingParams, plan  # noqa: PLC0415
+
+    model = sampler_model() if block_causal else build_model(ModelConfig(
+        vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=96)).eval()
+    block = 8 if block_causal else None
+    g = torch.Generator().manual_seed(2)
+    batch = DenoiseBatch(model, 96, capacity=3)
+    params = [SamplingParams(max_tokens=16, steps=16, cfg_scale=1.5), SamplingParams(max_tokens=24, cache="dual"),
+              SamplingParams(max_tokens=16)]
+    for n, p in zip((5, 11, 30), params, strict=True):
+        prompt = torch.randint(0, 96, (n,), generator=g).tolist()
+        batch.add(prompt, plan(p, n, 96, block), handle=n)
+    slots = [s for s in batch.slots if s is not None]
+    rv = batch._row_values(list(range(3)), slots)
+    with torch.inference_mode():
+        packed = batch._packed_logits(rv, slots)
+        recorded = None if block_causal else batch.kv.k[1].clone()  # a block-causal cache is exact: no record
+        if recorded is not None:
+            batch.kv.k.zero_()
+        padded = batch._padded_logits(rv, slots)
+    assert packed.shape == padded.shape and packed.shape[0] == 3
+    assert torch.allclose(packed, padded, atol=1e-4)  # padding past a row's length is masked: same logits
+    if recorded is not None:
+        assert (recorded[:, :, :35] - batch.kv.k[1][:, :, :35]).abs().max() < 1e-5  # the dual row's record
+        assert recorded[:, :, :35].abs().sum() > 0

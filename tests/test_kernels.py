@@ -25,6 +25,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'tzd[
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
+from tzd.models.blocks import block_ids  # noqa: E402
 
 
 def _load(name: str, kernel: str):
@@ -169,6 +170,91 @@ def test_attention_never_reads_keys_past_seqlen(dtype):
     _close(triton_attention.attention(q, k, v, sl, scale), expected, ATTN_TOL[dtype])
 
 
+# ---- block-causal attention -----------------------------------------------------------------------
+
+# (B, H, Hk, T, S, D, seqlens, prompt_lens, block, window_starts). Keys are a row's positions 0..S-1 in
+# the serving layout (tzd.models.blocks.block_ids: the prompt cut into blocks, then the generated blocks);
+# the queries are a window of T of them starting at window_starts[b], as the sampler runs a block window
+# against the whole sequence. None starts: T == S, the queries are the keys (a full forward). A window
+# may reach past seqlens[b] (padding): those queries still see their earlier blocks.
+BLOCK_CASES = [
+    (2, 4, 4, 37, 37, 32, None, [0, 0], 8, None),  # the training layout: blocks of 8 from position 0
+    (3, 4, 2, 21, 45, 64, [45, 40, 33], [7, 0, 13], 8, [24, 10, 5]),  # GQA, padding, mid-sequence windows
+    (3, 4, 1, 16, 64, 16, [64, 19, 64], [30, 5, 1], 16, [48, 3, 17]),  # block 16 = the interpreter's tile
+    (2, 2, 1, 5, 33, 128, [33, 30], [11, 20], 4, [28, 14]),  # one small query tile, blocks of 4
+]
+
+
+def _block_inputs(case, dtype, seed=0):
+    B, H, Hk, T, S, D, seqlens, prompts, block, starts = case
+    q, k, v, sl, _ = _attn_inputs((B, H, Hk, T, S, D, seqlens, None), dtype, seed)
+    k_blocks = block_ids(S, torch.tensor(prompts, device=DEVICE), block)
+    if starts is None:
+        q_blocks = k_blocks[:, :T]
+    else:
+        positions = torch.tensor(starts, device=DEVICE)[:, None] + torch.arange(T, device=DEVICE)
+        q_blocks = k_blocks.gather(1, positions)
+    return q, k, v, sl, q_blocks, k_blocks
+
+
+def _block_case_id(c) -> str:
+    return "B{}H{}Hk{}T{}S{}D{}-sl{}-p{}-blk{}-w{}".format(*c).replace(" ", "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=_block_case_id)
+def test_block_causal_attention_matches_reference(case, dtype):
+    q, k, v, sl, qb, kb = _block_inputs(case, dtype)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    got = triton_attention.attention(q, k, v, sl, out=out, q_blocks=qb, k_blocks=kb)
+    assert got is out
+    expected = reference.attention(q.float(), k.float(), v.float(), sl, q_blocks=qb, k_blocks=kb)
+    _close(got, expected, ATTN_TOL[dtype])
+    # the mask matters: the bidirectional result differs
+    assert not torch.allclose(expected, reference.attention(q.float(), k.float(), v.float(), sl), atol=1e-2)
+
+
+def test_block_causal_broadcast_layout_and_empty_queries():
+    # One key layout [1,S] shared by the batch (the training layout), and queries that see no key: their
+    # block (0) is below every key's (keys start at block 1), so they get zeros, as SDPA gives.
+    q, k, v, _, _ = _attn_inputs((2, 2, 1, 20, 30, 32, None, None), torch.float32, seed=5)
+    kb = block_ids(30, 0, 8, DEVICE)  # [1,30]
+    qb = torch.stack((kb[0, 10:], kb[0, :20])).clone()  # [2,20]: windows at 10 and at 0
+    kb = kb + 1
+    qb[0, 0] = 0
+    got = triton_attention.attention(q, k, v, q_blocks=qb, k_blocks=kb)
+    expected = reference.attention(q, k, v, q_blocks=qb, k_blocks=kb)
+    _close(got, expected, ATTN_TOL[torch.float32])
+    blind = qb < kb.min()  # [B,T]: queries below every key's block
+    assert blind.sum() == 9 and got.transpose(1, 2)[blind].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_block_causal_never_reads_keys_above_the_diagonal(dtype):
+    # NaN keys/values in blocks after every query's block would poison the output if any were loaded:
+    # the key tiles above the block diagonal must be skipped, not masked.
+    case = (2, 4, 2, 24, 80, 32, [80, 70], [8, 8], 16, [8, 24])
+    q, k, v, sl, qb, kb = _block_inputs(case, dtype, seed=4)
+    expected = reference.attention(q.float(), k.float(), v.float(), sl, q_blocks=qb, k_blocks=kb)
+    k, v = k.clone(), v.clone()
+    for b in range(2):
+        above = kb[b] > qb[b].max()
+        assert above.sum() >= 24, "the case must put whole key tiles (16 under the interpreter) above the diagonal"
+        k[b, :, above] = float("nan")
+        v[b, :, above] = float("nan")
+    _close(triton_attention.attention(q, k, v, sl, q_blocks=qb, k_blocks=kb), expected, ATTN_TOL[dtype])
+
+
+def test_block_causal_rejects_bad_block_ids():
+    q, k, v, sl, qb, kb = _block_inputs(BLOCK_CASES[1], torch.float32)
+    with pytest.raises(ValueError, match="q_blocks must be"):
+        triton_attention.attention(q, k, v, sl, q_blocks=qb[:, :-1], k_blocks=kb)
+    with pytest.raises(ValueError, match="k_blocks must hold integer"):
+        triton_attention.attention(q, k, v, sl, q_blocks=qb, k_blocks=kb.float())
+    with pytest.raises(ValueError, match="go together"):
+        kernels.attention(q, k, v, sl, q_blocks=qb)
+
+
 # ---- dispatch --------------------------------------------------------------------------------------
 
 
@@ -225,10 +311,22 @@ def test_dispatch_attention_falls_back_where_triton_does_not_apply(monkeypatch, 
     assert q.grad is not None
     q48 = torch.randn(1, 2, 3, 48, device=DEVICE)
     kernels.attention(q48, q48, q48)  # head dim 48 is not a kernel size
+    mask = torch.rand(q.shape[0], 1, q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(0)) > 0.5
+    mask[..., 0] = True  # every query sees a key
+    with torch.no_grad():
+        kernels.attention(q, k, v, seqlens=sl, mask=mask.to(DEVICE))  # an explicit mask: the reference only
     assert spy["attention"] == 0
     with torch.no_grad():
         kernels.attention(q, k, v, seqlens=sl)
     assert spy["attention"] == 1
+
+
+def test_dispatch_block_causal_runs_triton(monkeypatch, spy):
+    monkeypatch.setenv("TZD_KERNELS", "triton")
+    q, k, v, sl, qb, kb = _block_inputs(BLOCK_CASES[1], torch.float32)
+    out = kernels.attention(q, k, v, seqlens=sl, q_blocks=qb, k_blocks=kb)
+    assert spy["attention"] == 1
+    _close(out, reference.attention(q, k, v, sl, q_blocks=qb, k_blocks=kb), ATTN_TOL[torch.float32])
 
 
 def test_dispatch_rope_trains_through_triton(monkeypatch, spy):

@@ -20,6 +20,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'tzd[
 
 import kernels  # noqa: E402
 from tzd.models import ForwardContext, ModelConfig, build_model  # noqa: E402
+from tzd.models.blocks import block_ids  # noqa: E402
 
 # fp32: the two paths differ only in summation order. bf16 rounds activations at every layer, so the
 # bf16 paths are judged against the same weights in fp32: the Triton path's error must stay within
@@ -49,10 +50,10 @@ def spy(monkeypatch):
     return calls
 
 
-def _model(backend: str, dtype: torch.dtype) -> torch.nn.Module:
+def _model(backend: str, dtype: torch.dtype, **arch) -> torch.nn.Module:
     # Head dim 32, GQA (4 query heads over 2 KV heads), half the dims rotated.
     cfg = ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
-                      block_size=32, rotary_fraction=0.5)
+                      block_size=32, rotary_fraction=0.5, **arch)
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():  # init scales weights to 0.02: use larger ones so attention is far from uniform
@@ -86,6 +87,22 @@ def test_model_logits_match_torch_path_fp32(backend, with_ctx, monkeypatch, spy)
         got = _run(model, ids, ctx, "triton", monkeypatch)
     assert spy == {"rope": 2, "attention": 2}, "the Triton path was not taken"
     assert want.abs().mean() > 0.1  # the comparison is not of near-zero logits
+    torch.testing.assert_close(got, want, rtol=FP32_TOL[0], atol=FP32_TOL[1])
+
+
+@pytest.mark.parametrize("layout", ["training", "serving"])
+@pytest.mark.parametrize("backend", ["smdm", "litgpt"])
+def test_block_causal_model_logits_match_torch_path_fp32(backend, layout, monkeypatch, spy):
+    model = _model(backend, torch.float32, attention="block_causal", diffusion_block=4)
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ctx = None  # the training layout: blocks of 4 from position 0
+    if layout == "serving":  # prompts of 6 and 3 tokens as their own blocks; row 1 padded after 11 tokens
+        ctx = ForwardContext(seqlens=torch.tensor([19, 11], device=DEVICE),
+                             block_ids=block_ids(19, torch.tensor([6, 3], device=DEVICE), 4))
+    with torch.no_grad():
+        want = _run(model, ids, ctx, "torch", monkeypatch)
+        got = _run(model, ids, ctx, "triton", monkeypatch)
+    assert spy == {"rope": 2, "attention": 2}, "the Triton path was not taken"
     torch.testing.assert_close(got, want, rtol=FP32_TOL[0], atol=FP32_TOL[1])
 
 

@@ -1,8 +1,9 @@
 """The training loop: Lightning Fabric for devices, DDP and mixed precision; explicit steps otherwise.
 
-train() sets the run up (trainer/run.py), then each step is: one optimizer step (train_step), the side
-tasks that are due (logging, validation, samples: failures recorded, never fatal, trainer/side_tasks.py),
-and the saves (trainer/checkpointing.py). The end-of-run save happens whatever the side tasks did.
+train() sets the run up (trainer/run.py, then start_loop), then each step is: one optimizer step
+(train_step), the side tasks that are due (log_if_due, side_tasks: logging, validation, samples; failures
+recorded, never fatal, trainer/side_tasks.py), and the saves (save_if_due, trainer/checkpointing.py).
+The end-of-run save happens whatever the side tasks did; finish() then reports any failure.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def train_step(run: Run) -> StepResult:
         g = step_generator(t.seed, step, fabric.global_rank, micro)
         ids = run.train_windows.sample(t.batch_size, g).to(fabric.device)
         with fabric.no_backward_sync(model, enabled=micro < t.grad_accum - 1):
-            loss = training_loss(model, ids, run.tokenizer.mask_id, run.model_cfg.causal, generator=g)
+            loss = training_loss(model, ids, run.tokenizer.mask_id, run.model_cfg, generator=g)
             fabric.backward(loss / t.grad_accum)
         loss_sum += loss.detach()
     grad_norm = fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip) if t.grad_clip else None
@@ -110,7 +111,7 @@ def log_step(run: Run, result: StepResult, tok_s: float, bar: tqdm) -> None:
 
 def run_eval(run: Run) -> dict[str, float]:
     res = evaluate(run.model, [b.to(run.fabric.device) for b in run.val_batches], run.tokenizer.mask_id,
-                   run.model_cfg.causal, draws=1 if run.model_cfg.causal else int(run.cfg.training.eval_draws))
+                   run.model_cfg, draws=1 if run.model_cfg.causal else int(run.cfg.training.eval_draws))
     return {run.main_metric: res.nats_per_token, "val_nats_per_char": res.nats_per_token / run.chars_per_token,
             "val_ppl_bound": res.perplexity_bound}
 
@@ -160,42 +161,86 @@ def make_sample_plan(run: Run) -> SamplePlan | None:
     return plan
 
 
+def stop_step(t: DictConfig) -> int:
+    """Where this invocation stops: training.stop_at_step (a partial run) or max_steps, whichever is first."""
+    return min(int(t.stop_at_step) if t.get("stop_at_step") else t.max_steps, t.max_steps)
+
+
+@dataclass
+class Loop:
+    """What the steps of one train() call share besides the run: side tasks, samples, progress, timing."""
+
+    run: Run
+    side: SideTasks
+    plan: SamplePlan | None
+    sharded: bool  # every forward then needs every rank: all ranks sample
+    stop_at: int
+    bar: tqdm
+    throughput: Throughput
+    last_metrics: dict[str, float]
+
+
+def start_loop(run: Run) -> Loop:
+    t, fabric = run.cfg.training, run.fabric
+    return Loop(run=run, side=SideTasks(fabric.global_rank, fabric.world_size), plan=make_sample_plan(run),
+                sharded=is_sharded(fabric.strategy), stop_at=stop_step(t),
+                bar=tqdm(total=t.max_steps, initial=run.state["step"], disable=not fabric.is_global_zero,
+                         dynamic_ncols=True),
+                throughput=Throughput(), last_metrics={})
+
+
+def log_if_due(loop: Loop, result: StepResult, step: int) -> None:
+    """The step's metrics line (loss, lr, tokens/s since the last one) every training.log_every steps."""
+    t = loop.run.cfg.training
+    if due(step, t.log_every, t):
+        loop.side.run("logging", step, log_step, loop.run, result, loop.throughput.read(), loop.bar)
+    loop.bar.update(1)
+
+
+def side_tasks(loop: Loop, step: int) -> None:
+    """Validation and samples that are due after `step`; a failure is recorded, never raised."""
+    run, side, t = loop.run, loop.side, loop.run.cfg.training
+    if due(step, t.eval_every, t):
+        loop.last_metrics = validate(run, side, loop.bar) or loop.last_metrics
+    if loop.plan is not None and (run.fabric.is_global_zero or loop.sharded) and due(step, t.sample_every, t):
+        side.run("samples", step, sample, run, loop.plan, loop.bar)
+    if side.failed:
+        run.model.train()  # a side task that raised half-way may have left the model in eval mode
+
+
+def save_if_due(loop: Loop, step: int) -> None:
+    """out_dir/last every training.checkpoint_every steps and at the stop step."""
+    every = loop.run.cfg.training.checkpoint_every
+    if step >= loop.stop_at or (every and step % every == 0):
+        save_run(loop.run, "last", loop.last_metrics)
+
+
+def finish(loop: Loop) -> Path:
+    """Close the loggers; raise SideTaskError (the last checkpoint is saved by then) if a side task failed."""
+    loop.bar.close()
+    run = loop.run
+    for logger in run.fabric.loggers:
+        loop.side.run("logging", run.state["step"], logger.finalize, "success")
+    loop.side.raise_if_failed(run.out_dir / "last")
+    return run.out_dir / "last"
+
+
 def train(cfg: DictConfig) -> Path:
     """Train per `cfg`; returns the directory of the last checkpoint.
 
     Raises SideTaskError after the last checkpoint is saved when a side task failed on the way.
     """
     run = setup_run(cfg)
-    t, fabric = cfg.training, run.fabric
-    side = SideTasks(fabric.global_rank, fabric.world_size)
-    plan = make_sample_plan(run)
-    sharded = is_sharded(fabric.strategy)  # every forward then needs every rank: all ranks sample
-    stop_at = min(int(t.stop_at_step) if t.get("stop_at_step") else t.max_steps, t.max_steps)
-    last_metrics: dict[str, float] = {}
-    bar = tqdm(total=t.max_steps, initial=run.state["step"], disable=not fabric.is_global_zero, dynamic_ncols=True)
-    throughput = Throughput()
-    while run.state["step"] < stop_at:
+    loop = start_loop(run)
+    while run.state["step"] < loop.stop_at:
         t0 = time.perf_counter()
         result = train_step(run)
         step = run.state["step"]
-        throughput.add(run.tokens_per_step)
-        if due(step, t.log_every, t):
-            tok_s = throughput.read()
-            side.run("logging", step, log_step, run, result, tok_s, bar)
-        bar.update(1)
+        loop.throughput.add(run.tokens_per_step)
+        log_if_due(loop, result, step)
         t_side = time.perf_counter()
-        if due(step, t.eval_every, t):
-            last_metrics = validate(run, side, bar) or last_metrics
-        if plan is not None and (fabric.is_global_zero or sharded) and due(step, t.sample_every, t):
-            side.run("samples", step, sample, run, plan, bar)
-        if side.failed:
-            run.model.train()  # a side task that raised half-way may have left the model in eval mode
+        side_tasks(loop, step)
         run.state["wall_time_s"] += time.perf_counter() - t0
-        if step >= stop_at or (t.checkpoint_every and step % t.checkpoint_every == 0):
-            save_run(run, "last", last_metrics)
-        throughput.leave_out(time.perf_counter() - t_side)
-    bar.close()
-    for logger in fabric.loggers:
-        side.run("logging", run.state["step"], logger.finalize, "success")
-    side.raise_if_failed(run.out_dir / "last")
-    return run.out_dir / "last"
+        save_if_due(loop, step)
+        loop.throughput.leave_out(time.perf_counter() - t_side)
+    return finish(loop)

@@ -1,4 +1,21 @@
-"""The masked-diffusion objective (SMDM / LLaDA): forward masking process, NELBO loss, evaluation bound."""
+"""The masked-diffusion objectives: forward masking process, NELBO loss, evaluation bound.
+
+Bidirectional models (SMDM / LLaDA): one noise level t ~ U(0,1) per sequence, every token masked with
+p = (1-eps) t + eps, the loss is the sum over masked positions of CE / p divided by B*T (nats/token).
+
+Block-causal models (block diffusion, BD3-LM): the sequence is cut into blocks and every block gets its
+own noise level, so each block is a small masked-diffusion problem conditioned on the clean blocks
+before it, exactly as the sampler meets it (earlier blocks committed, the current one partly masked).
+The block boundaries follow the serving layout (tzd.models.blocks.block_ids): per sequence a "prompt
+length" P ~ U{0..T-1} is drawn and the blocks are cut from position 0 up to P, then from P on. Positions
+< P are noised like the rest; P only aligns the blocks with those a served prompt of P tokens produces
+(a prompt's last block may be shorter, and generated blocks start right after it). Every block is
+trained in one forward over BD3-LM's two-stream input [noised ; clean] (2T columns, positions 0..T-1
+for both halves), whose mask lets noised block b see itself and the clean blocks < b, and the clean
+stream see itself block-causally; only the noised half's logits are computed. The weighting is the
+bidirectional one (sum of CE / p over masked positions, divided by B*T), so both report the same NELBO
+bound in nats/token.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tzd.models.blocks import block_ids, two_stream_mask
+from tzd.models.config import ModelConfig
+from tzd.models.context import ForwardContext
 
 EPS = 1e-3
 
@@ -27,6 +48,49 @@ def forward_process(ids: torch.Tensor, mask_id: int, eps: float = EPS,
     return torch.where(masked, torch.full_like(ids, mask_id), ids), masked, p
 
 
+@dataclass
+class BlockNoise:
+    """One draw of the block forward process for a batch [B,T]."""
+
+    noisy: torch.Tensor  # [B,T] ids with the masked positions set to the mask id
+    masked: torch.Tensor  # [B,T] bool
+    p: torch.Tensor  # [B,T] masking probability of each position (its block's)
+    blocks: torch.Tensor  # [B,T] block id of each position (the serving layout of a drawn prompt length)
+
+
+def block_forward_process(ids: torch.Tensor, mask_id: int, block: int, eps: float = EPS,
+                          generator: torch.Generator | None = None) -> BlockNoise:
+    """Per sequence a prompt length P ~ U{0..T-1} (the block layout) and per block t ~ U(0,1); each token
+    is masked with its block's p = (1-eps)*t + eps. The draws have shapes independent of P, so a seed
+    always gives the same noise."""
+    B, T = ids.shape
+    prompt_len = torch.randint(0, T, (B,), device=ids.device, generator=generator)
+    blocks = block_ids(T, prompt_len, block)
+    # at most ceil(P/block) + ceil((T-P)/block) <= T // block + 2 blocks per row
+    t = torch.rand(B, T // block + 2, device=ids.device, generator=generator)
+    p = ((1 - eps) * t + eps).gather(1, blocks)
+    masked = torch.rand(B, T, device=ids.device, generator=generator) < p
+    return BlockNoise(torch.where(masked, torch.full_like(ids, mask_id), ids), masked, p, blocks)
+
+
+def two_stream_logits(model: nn.Module, ids: torch.Tensor, noisy: torch.Tensor,
+                      blocks: torch.Tensor) -> torch.Tensor:
+    """Logits [B,T,V] of the noised tokens, every block against the clean blocks before it, in one forward
+    over [noisy ; ids] (positions 0..T-1 twice, tzd.models.blocks.two_stream_mask)."""
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device)
+    ctx = ForwardContext(positions=pos.repeat(2)[None].expand(B, -1), attn_mask=two_stream_mask(blocks),
+                         output_positions=pos[None].expand(B, -1))
+    return model(torch.cat((noisy, ids), dim=1), ctx)
+
+
+def block_diffusion_loss(model: nn.Module, ids: torch.Tensor, mask_id: int, block: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """BD3-LM's NELBO estimate (nats/token) for a block-causal model with blocks of `block` tokens."""
+    d = block_forward_process(ids, mask_id, block, generator=generator)
+    return diffusion_loss(two_stream_logits(model, ids, d.noisy, d.blocks), ids, d.masked, d.p)
+
+
 def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
                    p: torch.Tensor) -> torch.Tensor:
     """Sum over masked positions of CE / p, divided by B*L: an unbiased NELBO estimate in nats/token."""
@@ -39,11 +103,14 @@ def autoregressive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten())
 
 
-def training_loss(model: nn.Module, ids: torch.Tensor, mask_id: int, causal: bool,
+def training_loss(model: nn.Module, ids: torch.Tensor, mask_id: int, cfg: ModelConfig,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """The loss a training step minimises: the NELBO for diffusion models, NLL for the causal judge."""
-    if causal:
+    """The loss a training step minimises: NLL for the causal judge, the NELBO for diffusion models
+    (block diffusion's for block-causal ones)."""
+    if cfg.causal:
         return autoregressive_loss(model(ids), ids)
+    if cfg.block_causal:
+        return block_diffusion_loss(model, ids, mask_id, cfg.diffusion_block, generator=generator)
     noisy, masked, p = forward_process(ids, mask_id, generator=generator)
     return diffusion_loss(model(noisy), ids, masked, p)
 
@@ -59,19 +126,21 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], mask_id: int, causal: bool,
+def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], mask_id: int, cfg: ModelConfig,
              seed: int = 1234, draws: int = 1) -> EvalResult:
     """Mean validation loss with a fixed-seed generator, so a checkpoint always gets the same number.
 
-    For diffusion models this is the NELBO bound averaged over `draws` maskings of each batch.
+    For diffusion models this is the NELBO bound (the block-diffusion one for block-causal models)
+    averaged over `draws` maskings of each batch.
     """
+    causal = cfg.causal
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i, ids in enumerate(batches):
         for d in range(draws):
             g = torch.Generator(device=ids.device).manual_seed(seed + 1000 * i + d)
-            loss = training_loss(model, ids, mask_id, causal, generator=g)
+            loss = training_loss(model, ids, mask_id, cfg, generator=g)
             n = ids.numel() if not causal else ids[:, 1:].numel()
             total += float(loss) * n
             count += n

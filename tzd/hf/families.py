@@ -156,9 +156,50 @@ def dream_top(cfg: ModelConfig) -> dict[str, list[str]]:
     return names
 
 
+# ---- SDAR (Qwen3 layout, block-causal: blocks at multiples of its block length from position 0) -------
+
+SDAR_DEFAULT_BLOCK = 4  # the block length of SDAR's own generate script when config.json names none
+
+
+def sdar_config(hf: dict[str, Any]) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    _require(hf, "rope_scaling", (None,), None)
+    _require(hf, "attention_bias", (False,), False)  # Qwen3's flag also biases o_proj, which SMDM has not
+    _require(hf, "use_sliding_window", (False,), False)
+    width, heads = int(_get(hf, "hidden_size")), int(_get(hf, "num_attention_heads"))
+    head_dim = int(_get(hf, "head_dim", width // heads))
+    block = hf.get("block_length", hf.get("block_size", SDAR_DEFAULT_BLOCK))
+    return ModelConfig(
+        backend="smdm", vocab_size=int(_get(hf, "vocab_size")), block_size=int(_get(hf, "max_position_embeddings")),
+        n_layer=int(_get(hf, "num_hidden_layers")), n_head=heads,
+        n_kv_head=int(_get(hf, "num_key_value_heads", heads)), n_embd=width,
+        intermediate_size=int(_get(hf, "intermediate_size")), rope_base=float(_get(hf, "rope_theta", 10000.0)),
+        norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)), tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        qk_norm=True, head_size=None if head_dim * heads == width else head_dim, attention="block_causal",
+        diffusion_block=int(block), block_align="absolute")
+
+
+def sdar_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {"model_type": "sdar", "architectures": ["SDARForCausalLM"], "hidden_size": cfg.n_embd,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size, "rope_theta": cfg.rope_base,
+            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+            "rope_scaling": None, "attention_bias": False, "block_length": cfg.diffusion_block}
+
+
+def sdar_layer(i: int, cfg: ModelConfig) -> dict[str, list[str]]:
+    names = dream_layer(i, cfg)
+    del names["attention.wqkv.bias"]
+    a = f"model.layers.{i}.self_attn."
+    names.update({"attention.q_norm.weight": [a + "q_norm.weight"], "attention.k_norm.weight": [a + "k_norm.weight"]})
+    return names
+
+
 FAMILIES: dict[str, Family] = {
     "llada": Family("llada", "LLaDA", llada_config, llada_layer, llada_top, llada_hf_config),
     "Dream": Family("Dream", "Dream", dream_config, dream_layer, dream_top, dream_hf_config),
+    "sdar": Family("sdar", "SDAR", sdar_config, sdar_layer, dream_top, sdar_hf_config),
 }
 
 

@@ -15,14 +15,30 @@ import torch
 
 
 def block_ids(length: int, prompt_len: torch.Tensor | int, block: int,
-              device: torch.device | str | None = None) -> torch.Tensor:
-    """Block id of positions 0..length-1 for each row: [B, length] (or [1, length] for an int prompt_len)."""
+              device: torch.device | str | None = None, align: str = "prompt") -> torch.Tensor:
+    """Block id of positions 0..length-1 for each row: [B, length] (or [1, length] for an int prompt_len).
+
+    `align` "absolute" is SDAR's layout instead: blocks at multiples of `block` from position 0 whatever the
+    prompt (its tail shares the first generated block)."""
     if isinstance(prompt_len, int):
         prompt_len = torch.tensor([prompt_len], device=device)
     p = torch.arange(length, device=prompt_len.device)[None, :]
+    if align == "absolute":
+        return (p // block).expand(prompt_len.shape[0], -1)
     P = prompt_len.long()[:, None]
     prompt_blocks = (P + block - 1) // block
     return torch.where(p < P, p // block, prompt_blocks + (p - P).clamp(min=0) // block)
+
+
+def token_block_ids(positions: torch.Tensor, prompt_len: torch.Tensor, block: int, align: str = "prompt"
+                    ) -> torch.Tensor:
+    """block_ids elementwise: the block of each token at `positions` in a row whose prompt is `prompt_len`
+    (same shapes; packed rows give one entry per token)."""
+    if align == "absolute":
+        return positions // block
+    prompt_blocks = (prompt_len + block - 1) // block
+    return torch.where(positions < prompt_len, positions // block,
+                       prompt_blocks + (positions - prompt_len).clamp(min=0) // block)
 
 
 def visible(q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Any
 
 BACKENDS = ("smdm", "litgpt")
 ATTENTION_KINDS = ("bidirectional", "block_causal")
+BLOCK_ALIGNS = ("prompt", "absolute")
 
 
 @dataclass
@@ -27,6 +28,14 @@ class ModelConfig:
     # position sees its own block of `diffusion_block` positions and every earlier block (tzd.models.blocks)
     attention: str = "bidirectional"
     diffusion_block: int = 32
+    # where blocks start at serving time: "prompt" (TZD's: the prompt is its own leading span, generated
+    # blocks count from the first generated token) or "absolute" (SDAR's: multiples of diffusion_block from
+    # position 0, so the first generated block also holds the prompt's tail)
+    block_align: str = "prompt"
+    # Qwen3-layout families (SDAR): an RMSNorm on each head's queries and keys before RoPE, and a head size
+    # that need not be n_embd // n_head
+    qk_norm: bool = False
+    head_size: int | None = None
     # Switches for the public LLaMA-like families (LLaDA, Dream), off for TZD's own models:
     qkv_bias: bool = False  # biases on the q/k/v projections (Dream, Qwen2 layout)
     tie_embeddings: bool = False  # the output head reuses the token embedding matrix
@@ -40,19 +49,24 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)}: must be >= 1")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.n_embd % self.n_head:
+        if self.head_size is not None and int(self.head_size) < 2:
+            raise ValueError(f"model.head_size={self.head_size}: must be >= 2")
+        if self.head_size is None and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
         if self.intermediate_size is None:
             self.intermediate_size = -(-(8 * self.n_embd // 3) // 64) * 64
-        if self.backend != "smdm" and (self.qkv_bias or self.tie_embeddings or self.logit_shift):
-            raise ValueError(f"model.backend={self.backend!r}: qkv_bias, tie_embeddings and logit_shift are "
-                             "switches of the smdm backend")
+        if self.backend != "smdm" and (self.qkv_bias or self.tie_embeddings or self.logit_shift or self.qk_norm
+                                       or self.head_size is not None):
+            raise ValueError(f"model.backend={self.backend!r}: qkv_bias, tie_embeddings, logit_shift, qk_norm and "
+                             "head_size are switches of the smdm backend")
         if self.logit_shift and self.causal:
             raise ValueError("model.logit_shift applies to diffusion models only, not with model.causal")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"model.attention={self.attention!r}: must be one of {', '.join(ATTENTION_KINDS)}")
+        if self.block_align not in BLOCK_ALIGNS:
+            raise ValueError(f"model.block_align={self.block_align!r}: must be one of {', '.join(BLOCK_ALIGNS)}")
         if int(self.diffusion_block) < 1:
             raise ValueError(f"model.diffusion_block={self.diffusion_block}: must be >= 1")
         if self.block_causal and self.causal:
@@ -71,7 +85,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return int(self.head_size) if self.head_size is not None else self.n_embd // self.n_head
 
     @property
     def rotary_dim(self) -> int:

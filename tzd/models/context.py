@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import torch
 
+import kernels
+
 
 class KVCache(Protocol):
     """A block KV cache (see tzd.sampling.cache): merges a layer's fresh keys/values with cached ones."""
@@ -30,12 +32,30 @@ class ForwardContext:
     # an explicit [B,1,T,S] bool mask (True = attend), for layouts block ids cannot say (training's two streams)
     attn_mask: torch.Tensor | None = None
     query_blocks: torch.Tensor | None = None  # [B,T]: block_ids at the queries' positions (set by `resolve`)
+    # packed rows (varlen): ids are [1, N], the rows' tokens one after another; row b is
+    # cu_seqlens[b]:cu_seqlens[b+1] ([B+1] int32) and attends within itself; positions are within-row
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+    def check_length(self, T: int, context: int) -> None:
+        """Raise when a forward of T columns reaches past the model's `context` (its RoPE table). With
+        explicit positions the positions count, not the columns: training's two-stream input has 2T
+        columns at positions 0..T-1. On an accelerator positions are not read back (that would cost the
+        sampler's step a device sync): there the RoPE table lookup's own bounds check stands."""
+        if self.positions is None:
+            if T > context:
+                raise ValueError(f"sequence of {T} tokens exceeds the context of {context}")
+        elif self.positions.device.type == "cpu" and self.positions.numel() and int(self.positions.max()) >= context:
+            raise ValueError(f"position {int(self.positions.max())} exceeds the context of {context} "
+                             f"(positions 0..{context - 1})")
 
     def resolve(self, T: int, default_block: int | None) -> ForwardContext:
         """This context with the queries' block ids looked up once per forward (not per layer). A
         block-causal model (`default_block` = its block size) given neither block ids nor a mask gets the
         training layout: blocks of `default_block` from position 0."""
         ctx = self
+        if ctx.query_blocks is not None:  # given (packed rows carry their tokens' block ids)
+            return ctx
         if default_block is not None and ctx.block_ids is None and ctx.attn_mask is None:
             from tzd.models.blocks import block_ids  # noqa: PLC0415 - tiny module, avoids a cycle
             device = ctx.positions.device if ctx.positions is not None else None
@@ -68,3 +88,16 @@ class ForwardContext:
             return torch.cat((x[:, :1], x[:, :-1]), dim=1) if shift else x
         idx = (self.output_positions - 1).clamp(min=0) if shift else self.output_positions
         return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None,
+                  scale: float | None = None, causal: bool = False) -> torch.Tensor:
+        """A layer's attention under this context: q [B,H,T,D], k/v [B,Hk,S,D] -> [B,H,T,D]; packed rows
+        (B = 1) go through kernels.varlen_attention, so each row costs its own tokens."""
+        if self.cu_seqlens is None:
+            return kernels.attention(q, k, v, seqlens=seqlens, scale=scale, causal=causal,
+                                     **self.mask_args(k.shape[2]))
+        blocks = {name: t[0] for name, t in self.mask_args(k.shape[2]).items()}  # [N] per token
+        y = kernels.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                     self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen, scale,
+                                     **blocks)
+        return y.transpose(0, 1)[None]

@@ -68,8 +68,7 @@ class BidirectionalSelfAttention(CausalSelfAttention):
         if cfg.attention_logit_softcapping is not None:
             y = self._softcapped(q, k, v, seqlens, scale, ctx)
         else:
-            y = kernels.attention(q, k, v, seqlens=seqlens, scale=scale, causal=self.causal,
-                                  **ctx.mask_args(k.shape[2]))
+            y = ctx.attention(q, k, v, seqlens, scale=scale, causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -108,10 +107,10 @@ class BidirectionalGPT(GPT):
         self.apply(self._init_weights)
 
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:  # type: ignore[override]
-        if ids.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the context of {self.config.block_size}")
         cfg = self.tzd_config
-        ctx = (ctx or ForwardContext()).resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
+        ctx = ctx or ForwardContext()
+        ctx.check_length(ids.shape[1], cfg.block_size)
+        ctx = ctx.resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
         x = self.transformer.wte(ids)
         if self.config.scale_embeddings:
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)

@@ -29,17 +29,23 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        if cfg.qk_norm:  # per head, before RoPE (Qwen3 layout: SDAR)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hk, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         q, k, v = self.wqkv(x).split([H * D, Hk * D, Hk * D], dim=-1)
-        q, k = kernels.rope(q.view(B, T, H, D), k.view(B, T, Hk, D), cos, sin, ctx.positions)
+        q, k = q.view(B, T, H, D), k.view(B, T, Hk, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = kernels.rope(q, k, cos, sin, ctx.positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, Hk, D).transpose(1, 2)
         seqlens = ctx.seqlens
         if ctx.cache is not None:
             k, v, seqlens = ctx.cache.attend(self.layer, k, v)
-        y = kernels.attention(q, k, v, seqlens=seqlens, causal=self.cfg.causal, **ctx.mask_args(k.shape[2]))
+        y = ctx.attention(q, k, v, seqlens, causal=self.cfg.causal)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -99,10 +105,10 @@ class SMDM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        if ids.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the context of {self.config.block_size}")
         cfg = self.config
-        ctx = (ctx or ForwardContext()).resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
+        ctx = ctx or ForwardContext()
+        ctx.check_length(ids.shape[1], cfg.block_size)
+        ctx = ctx.resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
         x = self.tok_embeddings(ids)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin, ctx)

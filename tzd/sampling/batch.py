@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 
 from tzd.models import ForwardContext, model_config
-from tzd.models.blocks import block_ids
+from tzd.models.blocks import block_ids, token_block_ids
 from tzd.sampling import rules
-from tzd.sampling.cache import KVStore, ReadView, RecordView
+from tzd.sampling.cache import KVStore, PackedRecordView, ReadView, RecordView
 from tzd.sampling.params import RequestPlan
+from tzd.sampling.prefix_pool import PrefixPool, block_hashes
 from tzd.sampling.rows import COLUMN, FIELDS, RowValues, float_bits, upload
 
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
@@ -72,13 +73,17 @@ class _Slot:
     fresh: bool = True  # not yet seen by a step: its host rows (open offsets, canvas copy) are set then
     exact: bool = False  # a block-causal model's exact cache (any cache mode but none)
     kv_valid: int = 0  # exact cache: the store holds final keys/values for canvas positions [0, kv_valid)
+    hashes: list[bytes] = field(default_factory=list)  # prefix pool: the prompt's full blocks
+    pooled: int = 0  # leading prompt blocks already in the pool (found there, or put there by this request)
+    waits_for: bytes | None = None  # a block another request is computing now: this one starts after it
     _fixed: tuple[int, ...] | None = field(default=None, repr=False)  # the plan's part of `row`
 
     def block_bounds(self) -> tuple[int, int]:
         """(start, length) of the current block in canvas coordinates."""
         p = self.plan
-        start = self.block * p.block_length
-        return p.prompt_len + start, min(p.block_length, p.max_tokens - start)
+        start = p.block_start(self.block)
+        length = p.first_block if self.block == 0 and p.first_block else p.block_length
+        return p.prompt_len + start, min(length, p.max_tokens - start)
 
     def row(self, slot: int, shift: int) -> tuple[int, ...]:
         """This request's values for one step in rows.FIELDS order (floats as their float64 bits), then
@@ -126,13 +131,14 @@ class DenoiseBatch:
     """Up to `capacity` requests denoised together on `model`."""
 
     def __init__(self, model: nn.Module, mask_id: int, capacity: int, eos_id: int | Sequence[int] | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, prefix_pool_bytes: int = 0) -> None:
         self.model = model
         self.cfg = model_config(model)
         self.mask_id, self.capacity = mask_id, capacity
         self.eos_ids = eos_set(eos_id)
         self.context = self.cfg.block_size
         self.block = self.cfg.denoise_block  # a block-causal model's blocks; None = bidirectional
+        self.align = self.cfg.block_align
         self.shift = int(self.cfg.logit_shift)  # a cached window starts one column left of its block
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # one scratch column past the context: the step writes its padding columns there
@@ -145,6 +151,9 @@ class DenoiseBatch:
         self._eos_host = np.array(self.eos_ids, dtype=np.int64)
         self.kv = KVStore(capacity, self.cfg.n_layer, self.cfg.n_kv_head, self.context, self.cfg.head_dim,
                           self.device)
+        # prompt blocks shared across requests: block-causal models only (a bidirectional prompt's keys
+        # depend on everything after them)
+        self.pool = PrefixPool(prefix_pool_bytes, self.block) if self.block and prefix_pool_bytes > 0 else None
 
     def __len__(self) -> int:
         return sum(s is not None for s in self.slots)
@@ -153,27 +162,68 @@ class DenoiseBatch:
     def free_slots(self) -> int:
         return self.capacity - len(self)
 
+    @torch.inference_mode()
     def add(self, prompt: list[int], plan: RequestPlan, handle: Any = None) -> int:
         """Place a request in a free slot; its canvas is the prompt followed by max_tokens masks."""
         if plan.total_len > self.context:
             raise ValueError(f"prompt + max_tokens = {plan.total_len} exceeds the context of {self.context}")
         if self.shift and not prompt:
             raise ValueError("a model with shifted logits needs a prompt of at least one token")
-        if self.block is not None and plan.block_length != min(self.block, plan.max_tokens):
+        if self.block is not None and (plan.block_length != min(self.block, plan.max_tokens) or
+                                       bool(plan.first_block) != (self.align == "absolute" and
+                                                                  len(prompt) % self.block > 0)):
             raise ValueError(f"block_length {plan.block_length}: this block-causal model denoises blocks of "
-                             f"{self.block} (plan it with model_block)")
+                             f"{self.block} aligned to its {self.align!r} layout (plan it with model_block)")
         slot = self.slots.index(None)  # raises ValueError when full: callers check free_slots
         row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
         row[:len(prompt)] = prompt
         self.canvas[slot] = upload(row, self.device)
-        self.slots[slot] = _Slot(handle, plan, masked=plan.max_tokens,
-                                 exact=self.block is not None and plan.params.cache != "none")
+        s = self.slots[slot] = _Slot(handle, plan, masked=plan.max_tokens,
+                                     exact=self.block is not None and plan.params.cache != "none")
+        if s.exact and self.pool is not None and plan.params.cfg_scale == 0:
+            s.hashes = block_hashes(prompt, self.block)
+            self._attach_prefix(slot, s)
         return slot
+
+    @torch.inference_mode()
+    def _attach_prefix(self, slot: int, s: _Slot) -> None:
+        """Copy the prompt's leading blocks found in the pool into the slot's keys/values; wait for a block
+        another request is computing right now rather than computing it twice."""
+        found = self.pool.lookup(s.hashes)
+        N = self.block
+        if found:
+            self.kv.ensure(found[0][0].dtype)
+            k = torch.stack([e[0] for e in found], dim=2)  # [layers, Hk, blocks, N, D]
+            v = torch.stack([e[1] for e in found], dim=2)
+            L, Hk, n, _, D = k.shape
+            self.kv.k[slot, :, :, :n * N] = k.reshape(L, Hk, n * N, D)
+            self.kv.v[slot, :, :, :n * N] = v.reshape(L, Hk, n * N, D)
+        s.kv_valid = s.pooled = len(found)
+        s.kv_valid *= N
+        missing = s.hashes[len(found):]
+        s.waits_for = missing[0] if missing and missing[0] in self.pool.pending else None
+        if s.waits_for is None:  # counted once, when the request starts
+            self.pool.pending.update(missing)  # this request computes them
+            self.pool.count(len(s.hashes), len(found))
+
+    def _pool_blocks(self, slot: int, s: _Slot) -> None:
+        """Put the prompt blocks whose keys/values became final in this step into the pool."""
+        done = min(s.kv_valid // self.block, len(s.hashes))
+        N = self.block
+        for j in range(s.pooled, done):
+            self.pool.put(s.hashes[j], self.kv.k[slot, :, :, j * N:(j + 1) * N], self.kv.v[slot, :, :, j * N:(j + 1) * N])
+        s.pooled = max(s.pooled, done)
+
+    def _release(self, s: _Slot) -> None:
+        """A request leaving before it computed its prompt blocks: others must not wait for them."""
+        if self.pool is not None and s.waits_for is None:
+            self.pool.pending.difference_update(s.hashes[s.pooled:])
 
     def remove(self, handle: Any) -> bool:
         """Drop a request (cancelled); True if it was here."""
         for i, s in enumerate(self.slots):
             if s is not None and s.handle is handle:
+                self._release(s)
                 self.slots[i] = None
                 return True
         return False
@@ -202,6 +252,12 @@ class DenoiseBatch:
 
     def _full_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
         """Whole-canvas forward for these rows; logits at the open positions of each row's block [n, P, V]."""
+        if len({s.plan.total_len for s in slots}) > 1:
+            return self._packed_logits(rv, slots)
+        return self._padded_logits(rv, slots)
+
+    def _padded_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
+        """_full_logits with the rows padded to the longest (keys past a row's length masked)."""
         L = max(s.plan.total_len for s in slots)
         ids = self.canvas[rv.slot, :L]
         seqlens = rv.total_len
@@ -216,7 +272,7 @@ class DenoiseBatch:
         blocks = None
         if self.block is not None:  # block-causal: every row's own layout (its prompt is its leading span)
             prompt_len = rv.prompt_len if not cfg_rows else torch.cat([rv.prompt_len, rv.prompt_len[ci]])
-            blocks = block_ids(L, prompt_len, self.block)
+            blocks = block_ids(L, prompt_len, self.block, align=self.align)
         if all(s.plan.total_len == L for s in slots):
             seqlens = None  # no padding: attention takes its unmasked fast path
         record = any(s.cache_mode and not s.exact for s in slots)
@@ -227,6 +283,39 @@ class DenoiseBatch:
             n, scale = len(slots), rv.cfg_scale[ci]
             cond, uncond = logits[ci], logits[n:]
             logits = logits[:n].index_copy(0, ci, uncond + (scale[:, None, None] + 1) * (cond - uncond))
+        return logits
+
+    def _packed_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
+        """_full_logits for rows of different lengths: their tokens one after another in a single row
+        (varlen attention), so the step costs the tokens the rows hold, not rows x the longest."""
+        n = len(slots)
+        order = np.array([*range(n), *(i for i, s in enumerate(slots) if s.plan.params.cfg_scale > 0)])
+        lens = np.array([slots[i].plan.total_len for i in order], dtype=np.int64)
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        row = np.repeat(np.arange(len(order)), lens)  # packed row of each token
+        host = np.concatenate([order[row], np.arange(cu[-1]) - cu[:-1][row], order, cu])
+        table = upload(host, self.device)  # the packing's one host-to-device copy
+        N, R = int(cu[-1]), len(order)
+        src, pos = table[:N], table[N:2 * N]  # each token's batch row and position in its row
+        rows, cu_t = table[2 * N:2 * N + R], table[2 * N + R:]
+        ids = self.canvas[rv.slot[src], pos]
+        if R > n:  # unconditional copies (classifier-free guidance) with the prompt masked
+            uncond = (torch.arange(N, device=self.device) >= int(cu[n])) & (pos < rv.prompt_len[src])
+            ids = ids.masked_fill(uncond, self.mask_id)
+        blocks = None
+        if self.block is not None:
+            blocks = token_block_ids(pos, rv.prompt_len[src], self.block, self.align)[None]
+        record = any(s.cache_mode and not s.exact for s in slots)
+        cache = PackedRecordView(self.kv, rv.slot[src[:int(cu[n])]], pos[:int(cu[n])]) if record else None
+        out = cu_t[:R, None] + rv.start[rows][:, None] + rv.offsets[rows].clamp(min=0)  # [R, P] flat indices
+        ctx = ForwardContext(positions=pos[None], cache=cache, output_positions=out.reshape(1, -1),
+                             block_ids=blocks, query_blocks=blocks, cu_seqlens=cu_t.int(), max_seqlen=int(lens.max()))
+        logits = self.model(ids[None], ctx).view(R, out.shape[1], -1)
+        if R > n:
+            ci = rows[n:]
+            scale = rv.cfg_scale[ci]
+            cond, uncond_logits = logits[ci], logits[n:]
+            logits = logits[:n].index_copy(0, ci, uncond_logits + (scale[:, None, None] + 1) * (cond - uncond_logits))
         return logits
 
     def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot]) -> torch.Tensor:
@@ -248,14 +337,18 @@ class DenoiseBatch:
                         (rows[0], rows[0] + len(rows)) if contiguous else None,
                         next(iter(starts)) if aligned else None)
         opened = rv.offsets.clamp(min=0) + (rv.start - rv.window_start)[:, None]  # the block's columns
-        blocks = block_ids(self.context, rv.prompt_len, self.block) if self.block is not None else None
+        blocks = (block_ids(self.context, rv.prompt_len, self.block, align=self.align)
+                  if self.block is not None else None)
         return self.model(ids, ForwardContext(positions=positions, seqlens=rv.key_len, cache=view,
                                               output_positions=opened, block_ids=blocks))
 
     @torch.inference_mode()
     def step(self) -> list[SlotStep]:
         """One denoising step for every request in the batch; finished requests are freed."""
-        active = [i for i, s in enumerate(self.slots) if s is not None]
+        for i, s in enumerate(self.slots):
+            if s is not None and s.waits_for is not None and s.waits_for not in self.pool.pending:
+                self._attach_prefix(i, s)  # the block it waited for is in the pool now (or was given up)
+        active = [i for i, s in enumerate(self.slots) if s is not None and s.waits_for is None]
         if not active:
             return []
         full = [i for i in active if self.slots[i].needs_full_forward()]
@@ -319,7 +412,10 @@ class DenoiseBatch:
         for i, s in enumerate(slots):
             row = int(slot_of[i])
             if s.exact:  # this step wrote final keys/values for everything before its block
-                s.kv_valid = int(table[i, c["start"]])
+                start = int(table[i, c["start"]])
+                s.kv_valid = start if self.align == "prompt" else start - start % self.block
+                if s.hashes:
+                    self._pool_blocks(row, s)
             s.masked -= int(counts[i])
             s.steps_done += 1
             s.nfe += 2 if table[i, c["cfg_scale"]] else 1
@@ -329,6 +425,7 @@ class DenoiseBatch:
                 self._open[row, :s.block_bounds()[1]] = True
             done = bool(eos[i]) or s.masked == 0
             if done:
+                self._release(s)
                 self.slots[row] = None
             a = int(ends[i]) - int(counts[i])
             events.append(SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]],

@@ -46,6 +46,22 @@ class RecordView:
         return k, v, self.seqlens
 
 
+class PackedRecordView:
+    """RecordView for packed rows (one row of N tokens): token i's keys/values go to (slots[i], positions[i]).
+    Tokens past len(slots) are unconditional (CFG) copies: not cached."""
+
+    def __init__(self, store: KVStore, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        self.store, self.slots, self.positions = store, slots, positions
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self.store.ensure(k.dtype)
+        n = len(self.slots)  # [1,Hk,N,D] -> [n,Hk,D]: the layout the (slots, layer, :, positions) index takes
+        self.store.k[self.slots, layer, :, self.positions] = k[0, :, :n].transpose(0, 1)
+        self.store.v[self.slots, layer, :, self.positions] = v[0, :, :n].transpose(0, 1)
+        return k, v, None
+
+
 class ReadView:
     """A cached forward of a query window: row b's fresh keys/values belong at `positions[b]`
     (absolute canvas positions; the scratch position for padding columns). Each layer writes them

@@ -57,7 +57,8 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
     if len(plist) != len(prompts):
         raise ValueError(f"params: {len(plist)} given for {len(prompts)} prompts")
     cfg = model_config(model)
-    plans = [plan(p, len(pr), cfg.block_size, cfg.denoise_block) for p, pr in zip(plist, prompts, strict=True)]
+    plans = [plan(p, len(pr), cfg.block_size, cfg.denoise_block, cfg.block_align == "absolute")
+             for p, pr in zip(plist, prompts, strict=True)]
     batch = DenoiseBatch(model, mask_id, capacity=min(max_batch or len(prompts), len(prompts)) or 1,
                          eos_id=eos_id)
     results: list[GenerationResult | None] = [None] * len(prompts)
