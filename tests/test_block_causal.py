@@ -164,7 +164,7 @@ def test_prefix_pool_reuses_shared_prompt_blocks_exactly() -> None:
             columns.append(sum(windows))
             for ev in batch.step():
                 if ev.done:
-                    out[ev.handle] = ev.canvas
+                    out[ev.handle] = ev.canvas.tolist()
         return [out[i] for i in range(4)], batch, columns
 
     without, _, cols_without = run(0, together=True)

@@ -230,8 +230,9 @@ class DenoiseBatch:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def _row_values(self, rows: list[int], slots: list[_Slot]) -> tuple[RowValues, np.ndarray, np.ndarray]:
-        """(device values, host table [n, FIELDS + block length + max_tokens], open offsets [n, P])."""
+    def _row_values(self, rows: list[int], slots: list[_Slot]) -> RowValues:
+        """The step's values on the device, with their host table (FIELDS, then the block's length and
+        max_tokens per row) and open offsets for the bookkeeping after it."""
         for r, s in zip(rows, slots, strict=True):
             if s.fresh:  # joined since the last step: a masked canvas, its first block all open
                 s.fresh = False
@@ -248,7 +249,7 @@ class DenoiseBatch:
         offsets = np.where(np.arange(P) < counts[:, None], order, -1)
         table[:, COLUMN["commits"]] = rules.schedule_count(counts, table[:, COLUMN["steps_left"]])
         positions = np.where(offsets >= 0, table[:, COLUMN["start"], None] + offsets, self.context)
-        return RowValues.build(table, offsets, positions, self.device), table, offsets
+        return RowValues.build(table, offsets, positions, self.device)
 
     def _full_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
         """Whole-canvas forward for these rows; logits at the open positions of each row's block [n, P, V]."""
@@ -356,7 +357,7 @@ class DenoiseBatch:
         rows = full + cached
         slots = [self.slots[r] for r in rows]
         n, nf = len(rows), len(full)
-        rv, table, offsets = self._row_values(rows, slots)  # the step's one host-to-device copy
+        rv = self._row_values(rows, slots)  # the step's one host-to-device copy
         # logits only where a block still has masks: committed positions need none
         parts = []
         if full:
@@ -366,11 +367,11 @@ class DenoiseBatch:
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         logits = logits.float()  # fp32 once: argmax and softmax on bf16 are several times slower on CPU
         logits[..., self.mask_id] = float("-inf")  # the mask is never a prediction
-        return self._commit(logits, rv, table, offsets, slots)
+        return self._commit(logits, rv, slots)
 
-    def _commit(self, logits: torch.Tensor, rv: RowValues, table: np.ndarray, offsets: np.ndarray,
-                slots: list[_Slot]) -> list[SlotStep]:
+    def _commit(self, logits: torch.Tensor, rv: RowValues, slots: list[_Slot]) -> list[SlotStep]:
         """The commit rule on the device, its result copied to the host once, then the host bookkeeping."""
+        table = rv.table
         # the open offsets are exactly the block's masked positions; padding columns read and write the
         # canvas's scratch column (no boolean indexing, a device sync, and no duplicates in the canvas)
         in_block, pos = rv.offsets >= 0, rv.positions
@@ -385,7 +386,7 @@ class DenoiseBatch:
         select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold, rv.commits)
         committed = torch.where(select, tokens, -1)
         self.canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, self.mask_id))
-        return self._advance(table, offsets, committed.cpu().numpy(), slots)  # the step's one device-to-host copy
+        return self._advance(table, rv.host_offsets, committed.cpu().numpy(), slots)  # the one device-to-host copy
 
     def _advance(self, table: np.ndarray, offsets: np.ndarray, committed: np.ndarray,
                  slots: list[_Slot]) -> list[SlotStep]:

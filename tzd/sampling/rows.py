@@ -55,6 +55,8 @@ class RowValues:
     cfg_scale: torch.Tensor
     offsets: torch.Tensor  # [rows, P]: block offsets still masked, ascending; -1 pads a row's tail
     positions: torch.Tensor  # [rows, P]: their canvas positions; the scratch column for the padding
+    table: np.ndarray  # the host table it was built from (the step's bookkeeping reads it)
+    host_offsets: np.ndarray  # `offsets` on the host
 
     @classmethod
     def build(cls, table: np.ndarray, offsets: np.ndarray, positions: np.ndarray,
@@ -76,6 +78,7 @@ class RowValues:
         for name, col in zip(FLOAT_FIELDS, t[b:F].view(torch.float64).float().unbind(0), strict=True):
             setattr(self, name, col)
         self.offsets, self.positions = t[F:F + P].T, t[F + P:].T
+        self.table, self.host_offsets = table, offsets
         return self
 
     def rows(self, start: int, stop: int) -> RowValues:
@@ -83,6 +86,6 @@ class RowValues:
         if start == 0 and stop == len(self.slot):
             return self
         part = RowValues()
-        for name in (*FIELDS, "offsets", "positions"):
+        for name in (*FIELDS, "offsets", "positions", "table", "host_offsets"):
             setattr(part, name, getattr(self, name)[start:stop])
         return part
