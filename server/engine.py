@@ -289,7 +289,7 @@ class Engine:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
         pool = self.batch.pool
-        if pool is not None:  # read between steps: the worker thread updates it only inside one
+        if pool is not None:  # plain ints the step thread bumps: a read mid-step lags one step at most
             queries, hits = pool.stats.queries, pool.stats.hits
             self.metrics.prefix_queries.inc(queries - self._pool_counted[0])
             self.metrics.prefix_hits.inc(hits - self._pool_counted[1])
