@@ -16,6 +16,7 @@ from types import ModuleType
 
 import torch
 
+from kernels import invariant as batch_invariant
 from kernels import reference
 from kernels.reference import rope_cache
 
@@ -65,11 +66,15 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
               scale: float | None = None, causal: bool = False, q_blocks: torch.Tensor | None = None,
-              k_blocks: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+              k_blocks: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+              invariant: bool = False) -> torch.Tensor:
     """Attention on q [B,H,T,D], k/v [B,Hk,S,D] (GQA when Hk divides H); keys >= seqlens[b] masked.
 
     Block-causal with q_blocks [B,T] / k_blocks [B,S] (query i sees key j iff k_blocks[b,j] <=
     q_blocks[b,i]); `mask` [B,1,T,S] for any other layout (the torch reference only).
+
+    `invariant`: a row's output independent of the rest of its batch (its padding, the longest row,
+    the mask or not): the Triton kernel with one fixed tile where it applies, else kernels.invariant.
 
     The Triton path is forward only: with gradients enabled and any input requiring grad, this
     runs the torch reference (SDPA) for forward and backward.
@@ -79,5 +84,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.
         triton_attention = _triton()[1]
         if (q.shape[-1] in triton_attention.SUPPORTED_HEAD_DIMS and q.dtype == k.dtype == v.dtype
                 and q.dtype in triton_attention.SUPPORTED_DTYPES):
-            return triton_attention.attention(q, k, v, seqlens, scale)
+            return triton_attention.attention(q, k, v, seqlens, scale, invariant=invariant)
+    if invariant:
+        return batch_invariant.attention(q, k, v, seqlens, scale, causal, q_blocks, k_blocks, mask)
     return reference.attention(q, k, v, seqlens, scale, causal, q_blocks, k_blocks, mask)

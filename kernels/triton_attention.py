@@ -42,6 +42,11 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w) for m, n, s, w in shapes]
 
 
+# The batch-invariant mode's one tile: every query length gets it (an FA2-style H100 tile that fits
+# head dims up to 128).
+INVARIANT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Query tiles taller than the (bucketed) query length only waste work: drop them."""
     fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, named_args["T_BUCKET"])]
@@ -137,10 +142,13 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
-              scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float | None = None, out: torch.Tensor | None = None, invariant: bool = False) -> torch.Tensor:
     """Bidirectional softmax(q k^T * scale) v over q [B,H,T,D], k/v [B,Hk,S,D]; keys >= seqlens[b] masked.
 
-    Forward only (no autograd). fp32 inputs use full-precision (IEEE) dots, not TF32.
+    Forward only (no autograd). fp32 inputs use full-precision (IEEE) dots, not TF32. `invariant`:
+    one fixed tile (INVARIANT_CONFIG) instead of the autotuned one of the query-length bucket. A row
+    already reduces over its own keys only (tiles past seqlens[b] are skipped), so with one BLOCK_N
+    its keys are folded in the same tiles and order whatever the batch's longest row.
     """
     _check(q, k, v)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
@@ -161,12 +169,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.
     # The interpreter's bf16 dot is wrong (numpy has no bf16): do the dots in fp32 there.
     dot_f32 = _INTERPRET and q.dtype == torch.bfloat16
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd[grid](
+    kernel = _attn_fwd
+    fixed = {}
+    if invariant and not _INTERPRET:  # the interpreter has one config already
+        kernel, fixed = _attn_fwd.fn, INVARIANT_CONFIG
+    kernel[grid](
         q, k, v, out, seqlens if seqlens is not None else q, scale * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, T, S, H // Hk, triton.next_power_of_2(T),
         HEAD_DIM=D, HAS_SEQLENS=seqlens is not None, DOT_F32=dot_f32,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **fixed,
     )
     return out

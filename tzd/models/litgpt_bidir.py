@@ -48,6 +48,7 @@ class BidirectionalSelfAttention(CausalSelfAttention):
     def __init__(self, config: Config, block_idx: int, causal: bool) -> None:
         super().__init__(config, block_idx)
         self.causal = causal
+        self.batch_invariant = False  # set by tzd.models.invariant.set_batch_invariant
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: ForwardContext | None = None, input_pos: torch.Tensor | None = None,
@@ -69,7 +70,7 @@ class BidirectionalSelfAttention(CausalSelfAttention):
             y = self._softcapped(q, k, v, seqlens, scale, ctx)
         else:
             y = kernels.attention(q, k, v, seqlens=seqlens, scale=scale, causal=self.causal,
-                                  **ctx.mask_args(k.shape[2]))
+                                  invariant=self.batch_invariant, **ctx.mask_args(k.shape[2]))
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

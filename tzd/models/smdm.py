@@ -29,6 +29,7 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.wqkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.batch_invariant = False  # set by tzd.models.invariant.set_batch_invariant
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -39,7 +40,8 @@ class Attention(nn.Module):
         seqlens = ctx.seqlens
         if ctx.cache is not None:
             k, v, seqlens = ctx.cache.attend(self.layer, k, v)
-        y = kernels.attention(q, k, v, seqlens=seqlens, causal=self.cfg.causal, **ctx.mask_args(k.shape[2]))
+        y = kernels.attention(q, k, v, seqlens=seqlens, causal=self.cfg.causal, invariant=self.batch_invariant,
+                              **ctx.mask_args(k.shape[2]))
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
