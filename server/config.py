@@ -56,6 +56,12 @@ class ServerOptions(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers stored "
                             "in bf16, the rest fp32), float32, bfloat16, float16")
+    deterministic: Literal["on", "off"] = Field(
+        "off", description="on: batch-invariant kernels, so a request's tokens (at temperature 0, or for a given "
+                           "seed) are the same whatever it is batched with (fixed GEMM row tiles, attention over "
+                           "fixed key chunks); off (default): the libraries' fastest kernels, where a near-tie can "
+                           "flip with the batch's shape in bf16 (the invariant path costs about DETCOST of "
+                           "tokens/s at batch 16 on CPU: bench/invariance.py)")
     max_batch_size: Positive = Field(16, description="requests denoised together in one step")
     max_queue: Positive = Field(256, description="requests waiting for a slot before 429")
     max_tokens_limit: Positive = Field(256, description="largest max_tokens a request may ask for")
