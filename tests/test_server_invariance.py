@@ -25,17 +25,17 @@ CACHES = ("none", "prefix", "dual")
 
 
 def mixed_requests(n: int = 16, seed: int = 1) -> list[dict]:
-    """n /generate bodies: prompts of 1-50 words of the README, every param mixed, temperature 0."""
+    """n /generate bodies: prompts of 1-40 words of the README, every param mixed, temperature 0."""
     rng = random.Random(seed)
     words = (ROOT / "README.md").read_text().split()
     bodies = []
     for i in range(n):
-        k = rng.randint(1, 50)
+        k = rng.randint(1, 40)
         start = rng.randint(0, len(words) - k)
-        max_tokens = rng.choice([8, 16, 24, 32])
+        max_tokens = rng.choice([8, 12, 16, 24])
         block = rng.choice([b for b in (4, 8, 16, 32) if b <= max_tokens])
         bodies.append({"prompt": " ".join(words[start:start + k]), "max_tokens": max_tokens,
-                       "block_length": block, "steps": rng.randint(-(-max_tokens // block), max_tokens),
+                       "block_length": block, "steps": rng.randint(-(-max_tokens // block), min(max_tokens, 8)),
                        "threshold": rng.choice([None, 0.9]), "cache": CACHES[i % 3], "temperature": 0.0})
     return bodies
 
@@ -72,17 +72,17 @@ def test_concurrent_text_is_byte_identical_to_alone(module: str, tmp_path: Path)
     srv.cmd[2] = module
     with srv:
         together, alone = concurrent_vs_alone(srv)
-        log = srv.log()
+        log = srv.log_path.read_text()
     if module != "server":
-        assert "autocast-bfloat16" in log, log  # the precision a CPU with bf16 units serves in
-    assert "deterministic on" in log, log
-    assert _differing(together, alone) == [], f"{len(_differing(together, alone))}/16 differ:\n{log}"
+        assert "autocast-bfloat16" in log, log[:3000]  # the precision a CPU with bf16 units serves in
+    assert "deterministic on" in log, log[:3000]
+    assert _differing(together, alone) == [], f"{len(_differing(together, alone))}/16 differ:\n{log[-3000:]}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on a GPU)")
 def test_concurrent_text_is_byte_identical_to_alone_cuda(tmp_path: Path) -> None:
     with ServerProcess(CHECKPOINT, "--device", "cuda", "--deterministic", "on", log_dir=tmp_path) as srv:
         together, alone = concurrent_vs_alone(srv)
-        log = srv.log()
-    assert "bfloat16" in log and "deterministic on" in log, log
-    assert _differing(together, alone) == [], f"{len(_differing(together, alone))}/16 differ:\n{log}"
+        log = srv.log_path.read_text()
+    assert "bfloat16" in log and "deterministic on" in log, log[:3000]
+    assert _differing(together, alone) == [], f"{len(_differing(together, alone))}/16 differ:\n{log[-3000:]}"
