@@ -57,11 +57,12 @@ class ServerOptions(BaseModel):
         "auto", description="auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers stored "
                             "in bf16, the rest fp32), float32, bfloat16, float16")
     deterministic: Literal["on", "off"] = Field(
-        "off", description="on: batch-invariant kernels, so a request's tokens (at temperature 0, or for a given "
-                           "seed) are the same whatever it is batched with (fixed GEMM row tiles, attention over "
-                           "fixed key chunks); off (default): the libraries' fastest kernels, where a near-tie can "
-                           "flip with the batch's shape in bf16 (the invariant path costs about DETCOST of "
-                           "tokens/s at batch 16 on CPU: bench/invariance.py)")
+        "off", description="on: batch-invariant kernels (GEMMs over fixed row tiles, attention over fixed key "
+                           "chunks), so a request's tokens at temperature 0 or for a given seed are the same "
+                           "whatever it is batched with; off (default): the libraries' fastest kernels, whose "
+                           "last bits follow the batch's shape, so a near-tie can flip under load (4 of 16 mixed "
+                           "requests in bf16). Off by default because on costs 36% of tokens/s at batch 16 on "
+                           "CPU in fp32 and 26% in bf16 autocast (bench/results/invariance.json)")
     max_batch_size: Positive = Field(16, description="requests denoised together in one step")
     max_queue: Positive = Field(256, description="requests waiting for a slot before 429")
     max_tokens_limit: Positive = Field(256, description="largest max_tokens a request may ask for")

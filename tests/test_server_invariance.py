@@ -65,7 +65,7 @@ def _differing(together: list[str], alone: list[str]) -> list[int]:
     return [i for i, (a, b) in enumerate(zip(together, alone, strict=True)) if a.encode() != b.encode()]
 
 
-@pytest.mark.parametrize("module", ["server", "tests.bf16_cpu_server"], ids=["cpu-default", "cpu-bf16-units"])
+@pytest.mark.parametrize("module", ["server", "tests.bf16_cpu_server"], ids=["on_cpu_default", "on_cpu_bf16_units"])
 def test_concurrent_text_is_byte_identical_to_alone(module: str, tmp_path: Path) -> None:
     srv = ServerProcess(CHECKPOINT, "--device", "cpu", "--deterministic", "on", "--threads", "1",
                         log_dir=tmp_path)
