@@ -4,11 +4,12 @@ A batched step flattens B rows of T columns into B*T GEMM rows and pads every ro
 longest keys. The libraries pick their GEMM and attention kernels (and so the order in which a
 dot product is summed) from those shapes, so the same request can get other logits, in the last
 bits, alone than beside others; at temperature 0 a flipped near-tie then changes the text.
-Measured on the default model (CPU, bf16 autocast, torch 2.13): 4 of 16 mixed requests differed.
-The per-op probe (bench/invariance.py) found the attention to be the cause there (SDPA's key split
-and tails follow the padded key length; 44 keys padded to 48 already change a row), and fp32
-GEMMs that follow the row count (MKL's small-M path: M <= 3 differs from M >= 4); other CPUs and
-cuBLAS choose GEMM kernels by M as well.
+Measured on the default model (2-core AVX2 CPU without bf16 units, torch 2.13): in bf16 autocast
+4 of 16 mixed requests got another text at batch 16 than alone. The per-op probe (python -m
+bench.invariance) finds the attention to be the first op that differs, in bf16 and in fp32 alike
+(SDPA's exp-sum tail and key split follow the padded key length: 44 keys padded to 48 already
+change a row); the linear layers on that CPU kept rows equal in bf16 but not in fp32 for M <= 3
+(MKL's small-M path), and CPUs with bf16 units (oneDNN) and cuBLAS choose GEMM kernels by M.
 
 `set_batch_invariant(model)` makes every per-row reduction independent of the batch:
 - each nn.Linear runs its rows in fixed tiles of ROW_TILE (the last tile padded), so every GEMM
