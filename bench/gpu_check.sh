@@ -6,7 +6,9 @@
 #   2. the sampler benchmark on CUDA (bench/sampler.py --device cuda): speed and quality per config,
 #      then an LLaDA-8B-shaped model's speed and MFU (bench/family_speed.py)
 #   3. the kernel tests on CUDA, compiled (not interpreted): tests/test_kernels*.py, one fixed tile config
-#      (TZD_AUTOTUNE=0; autotuned, they took about 130 s on an H200, most of it compiling and autotuning)
+#      (TZD_AUTOTUNE=0; autotuned, they took about 130 s on an H200, most of it compiling and autotuning),
+#      the one-sync test, and batch invariance on CUDA: the attention kernels' rows alone vs batched, and
+#      the server at concurrency 16 vs alone (--deterministic on)
 #   4. the serving benchmark against `python -m server --device cuda` (bench/serve.py)
 #   5. the kernel benchmark: bench/kernels.py (table + JSON)
 # Usage: bench/gpu_check.sh OUT_DIR [CHECKPOINT_DIR]   (default checkpoint: models/shakespeare-small)
@@ -137,7 +139,9 @@ step llada8b 150 "$PY" -m bench.family_speed --device cuda --out "$OUT/llada8b.j
 
 # TZD_AUTOTUNE=0: the kernels run one fixed tile config (no compile-and-time search per test shape, which
 # took most of this step); the autotuned kernels are checked against SDPA by the kernel benchmark below
-step tests 180 env TZD_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_varlen.py tests/test_kernels_model.py tests/test_sampling_cuda.py \
+step tests 220 env TZD_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_varlen.py \
+    tests/test_kernels_model.py tests/test_sampling_cuda.py \
+    tests/test_invariance.py tests/test_server_invariance.py -k "not on_cpu_default and not on_cpu_bf16_units" \
     --junitxml "$OUT/tests.xml"
 
 step serve 100 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --concurrency 1,4,16,32 --repeats 1 \

@@ -16,6 +16,7 @@ from types import ModuleType
 
 import torch
 
+from kernels import invariant as batch_invariant
 from kernels import reference
 from kernels.reference import rope_cache
 
@@ -74,12 +75,16 @@ def _kernel_takes(module: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
               scale: float | None = None, causal: bool = False, q_blocks: torch.Tensor | None = None,
-              k_blocks: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+              k_blocks: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+              invariant: bool = False) -> torch.Tensor:
     """Attention on q [B,H,T,D], k/v [B,Hk,S,D] (GQA when Hk divides H); keys >= seqlens[b] masked.
 
     Block-causal with q_blocks [B,T] / k_blocks [B,S] (query i sees key j iff k_blocks[b,j] <=
     q_blocks[b,i]; the Triton kernel needs k_blocks non-decreasing along S, as block layouts are);
     `mask` [B,1,T,S] for any other layout (the torch reference only).
+
+    `invariant`: a row's output independent of the rest of its batch (its padding, the longest row,
+    the mask or not): the Triton kernel with one fixed tile where it applies, else kernels.invariant.
 
     The Triton path is forward only: with gradients enabled and any input requiring grad, this
     runs the torch reference (SDPA) for forward and backward.
@@ -89,13 +94,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.
     if not causal and mask is None and not _needs_grad(q, k, v) and _use_triton(q):
         triton_attention = _triton()[1]
         if _kernel_takes(triton_attention, q, k, v):
-            return triton_attention.attention(q, k, v, seqlens, scale, q_blocks=q_blocks, k_blocks=k_blocks)
+            return triton_attention.attention(q, k, v, seqlens, scale, q_blocks=q_blocks, k_blocks=k_blocks,
+                                              invariant=invariant)
+    if invariant:
+        return batch_invariant.attention(q, k, v, seqlens, scale, causal, q_blocks, k_blocks, mask)
     return reference.attention(q, k, v, seqlens, scale, causal, q_blocks, k_blocks, mask)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float | None = None,
-                     q_blocks: torch.Tensor | None = None, k_blocks: torch.Tensor | None = None) -> torch.Tensor:
+                     q_blocks: torch.Tensor | None = None, k_blocks: torch.Tensor | None = None,
+                     invariant: bool = False) -> torch.Tensor:
     """Packed attention (flash-attn's varlen layout): q [Nq,H,D], k/v [Nk,Hk,D] -> [Nq,H,D].
 
     Row b's queries are q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] and its keys/values the same slice of k/v
@@ -103,8 +112,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     counts (ints, so the Triton path needs no device sync). Bidirectional within each row, or
     block-causal with per-token block ids q_blocks [Nq] / k_blocks [Nk] (ids >= 0, non-decreasing
     along each row's keys). A query that sees no key gets zeros. Forward only on the Triton path, as
-    `attention`; the torch reference (padded SDPA) takes gradients.
+    `attention`; the torch reference (padded SDPA) takes gradients. `invariant` (deterministic mode):
+    the reference over kernels.invariant's attention, on every device.
     """
+    if invariant:
+        return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                          q_blocks, k_blocks, attend=batch_invariant.attention)
     if not _needs_grad(q, k, v) and _use_triton(q):
         triton_varlen = _triton()[2]
         if _kernel_takes(triton_varlen, q, k, v):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +123,12 @@ def _scatter_rows(x: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, B: in
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float | None = None,
-                     q_blocks: torch.Tensor | None = None, k_blocks: torch.Tensor | None = None) -> torch.Tensor:
+                     q_blocks: torch.Tensor | None = None, k_blocks: torch.Tensor | None = None,
+                     attend: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Packed attention over q [Nq,H,D], k/v [Nk,Hk,D] (rows cu_seqlens[b]:cu_seqlens[b+1]) -> [Nq,H,D].
+
+    `attend` runs each padded group (default: this module's `attention`; the batch-invariant one in
+    deterministic mode, so that a row's result does not follow its group's padding).
 
     Bidirectional within each row, or block-causal with per-token ids q_blocks [Nq] / k_blocks [Nk]. A
     query with no key gets zeros. No loop over rows: the rows are sorted by length into at most
@@ -177,6 +182,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if q_blocks is not None:  # padded ids are 0: padded keys are masked by seqlens, padded queries dropped
             blocks = {"q_blocks": _scatter_rows(q_blocks[tq].long(), gq[tq], offs_q[tq], G, Lq),
                       "k_blocks": _scatter_rows(k_blocks[tk].long(), gk[tk], offs_k[tk], G, Lk)}
-        res = attention(qp, kp, vp, lens_k[members], scale, **blocks)  # [G,H,Lq,D]
+        res = (attend or attention)(qp, kp, vp, lens_k[members], scale, **blocks)  # [G,H,Lq,D]
         out = out.index_put((tq,), res.transpose(1, 2)[gq[tq], offs_q[tq]])
     return out

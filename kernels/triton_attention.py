@@ -63,6 +63,11 @@ def tile_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w) for m, n, s, w in TILE_SHAPES]
 
 
+# The batch-invariant mode's one tile: every query length gets it (an FA2-style H100 tile that fits
+# head dims up to 128).
+INVARIANT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
 def prune_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Query tiles taller than the (bucketed) query length only waste work: drop them. Tiles under 64
     rows are tried only for short queries: on long ones they lose and would only add autotuning time."""
@@ -186,13 +191,15 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None = None,
               scale: float | None = None, out: torch.Tensor | None = None, q_blocks: torch.Tensor | None = None,
-              k_blocks: torch.Tensor | None = None) -> torch.Tensor:
+              k_blocks: torch.Tensor | None = None, invariant: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v over q [B,H,T,D], k/v [B,Hk,S,D]; keys >= seqlens[b] masked.
 
     Bidirectional, or block-causal with q_blocks [B,T] / k_blocks [B,S] (either may be [1,.]): query i
     sees key j iff k_blocks[b,j] <= q_blocks[b,i]; k_blocks must be non-decreasing along S (the kernel
     relies on it and does not check). Forward only (no autograd). fp32 inputs use full-precision (IEEE)
-    dots, not TF32.
+    dots, not TF32. `invariant`: one fixed tile (INVARIANT_CONFIG) instead of the autotuned one of the
+    query-length bucket. A row already reduces over its own keys only (tiles past its limit are skipped),
+    so with one BLOCK_N its keys are folded in the same tiles and order whatever the batch's longest row.
     """
     _check(q, k, v)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
@@ -216,13 +223,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.
     # The interpreter's bf16 dot is wrong (numpy has no bf16): do the dots in fp32 there.
     dot_f32 = INTERPRET and q.dtype == torch.bfloat16
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd[grid](
+    kernel = _attn_fwd
+    fixed = {}
+    if invariant and not INTERPRET:  # the interpreter has one config already
+        kernel, fixed = _attn_fwd.fn, INVARIANT_CONFIG
+    kernel[grid](
         q, k, v, out, seqlens if seqlens is not None else q, klim if klim is not None else q, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         klim.stride(0) if klim is not None else 0,
         H, T, S, H // Hk, triton.next_power_of_2(T),
         HEAD_DIM=D, HAS_SEQLENS=seqlens is not None, HAS_KLIM=klim is not None, DOT_F32=dot_f32,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **fixed,
     )
     return out

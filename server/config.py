@@ -56,6 +56,13 @@ class ServerOptions(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers stored "
                             "in bf16, the rest fp32), float32, bfloat16, float16")
+    deterministic: Literal["on", "off"] = Field(
+        "off", description="on: batch-invariant kernels (GEMMs over fixed row tiles, attention over fixed key "
+                           "chunks), so a request's tokens at temperature 0 or for a given seed are the same "
+                           "whatever it is batched with; off (default): the libraries' fastest kernels, whose "
+                           "last bits follow the batch's shape, so a near-tie can flip under load (4 of 16 mixed "
+                           "requests in bf16). Off by default because on costs 36% of tokens/s at batch 16 on "
+                           "CPU in fp32 and 26% in bf16 autocast (bench/results/invariance.json)")
     max_batch_size: Positive = Field(16, description="requests denoised together in one step")
     max_num_batched_tokens: Positive | None = Field(
         None, description="columns one step may run: a request costs its canvas (prompt + max_tokens); the "

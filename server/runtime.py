@@ -11,6 +11,7 @@ import torch
 
 from tzd.checkpoint import Loaded, load_checkpoint, resolve_device
 from tzd.models import count_params
+from tzd.models.invariant import set_batch_invariant
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,6 +23,7 @@ class Runtime:
     weights_dtype: torch.dtype  # of embeddings and norms; linear layers are stored in autocast_dtype if set
     autocast_dtype: torch.dtype | None  # CPU autocast around every step; None = run in the weights' dtype
     params: int
+    deterministic: bool = False  # the batch-invariant path (tzd.models.invariant): text independent of the load
 
     @property
     def context(self) -> int:
@@ -44,7 +46,7 @@ class Runtime:
     def describe(self) -> str:
         return (f"{self.loaded.path}: {self.params / 1e6:.2f}M params, device {self.device}, dtype {self.dtype_name}, "
                 f"context {self.context}, vocab {self.loaded.model_config.vocab_size}, "
-                f"{torch.get_num_threads()} CPU threads")
+                f"{torch.get_num_threads()} CPU threads, deterministic {'on' if self.deterministic else 'off'}")
 
 
 def cpu_has_bf16() -> bool:
@@ -67,9 +69,11 @@ def choose_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, tor
 
 
 def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
-                 threads: int | None = None, max_model_len: int | None = None) -> Runtime:
+                 threads: int | None = None, max_model_len: int | None = None,
+                 deterministic: bool = False) -> Runtime:
     """Load the checkpoint onto the device in the chosen precision (`threads`: torch's CPU threads;
-    `max_model_len`: the most positions, prompt + generated, one request may use)."""
+    `max_model_len`: the most positions, prompt + generated, one request may use; `deterministic`:
+    the batch-invariant path, so that a request's tokens do not depend on what it is batched with)."""
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -78,7 +82,8 @@ def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "aut
     weights, autocast = choose_precision(dev, dtype)
     # linear layers go straight to the autocast dtype: a public 8B model never exists in fp32 first
     loaded = load_checkpoint(checkpoint, device=dev, dtype=weights, linear_dtype=autocast, max_context=max_model_len)
-    return Runtime(loaded, dev, weights, autocast, count_params(loaded.model))
+    set_batch_invariant(loaded.model, deterministic)
+    return Runtime(loaded, dev, weights, autocast, count_params(loaded.model), deterministic)
 
 
 @contextlib.contextmanager

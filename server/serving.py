@@ -40,7 +40,7 @@ class Serving:
         try:
             log.info("loading %s (device %s, dtype %s)", cfg.checkpoint, cfg.device, cfg.dtype)
             rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype, cfg.threads,
-                                         cfg.max_model_len)
+                                         cfg.max_model_len, cfg.deterministic == "on")
             engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_num_batched_tokens,
                             prefix_pool_bytes=int(cfg.prefix_cache_mb * (1 << 20)))
             await engine.start()
@@ -55,7 +55,7 @@ class Serving:
             "device": str(rt.device), "dtype": rt.dtype_name, "context": str(rt.context),
             "backend": str(rt.loaded.model_config.backend), "max_batch_size": str(cfg.max_batch_size),
             "attention": rt.loaded.model_config.attention,
-            "threads": str(torch.get_num_threads())})
+            "threads": str(torch.get_num_threads()), "deterministic": cfg.deterministic})
         self.runtime, self.engine = rt, engine
         log.info("loaded %s", rt.describe())
         log.info("ready: serving %r, max batch %d, token budget %s, queue %d", cfg.served_name, cfg.max_batch_size,

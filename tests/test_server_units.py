@@ -17,6 +17,7 @@ from server.output import canvas_text, stable_prefix
 from server.runtime import choose_precision, cpu_has_bf16, inference, load_runtime
 from tests.server_utils import ROOT
 from tzd.checkpoint import load_checkpoint
+from tzd.models.invariant import is_batch_invariant
 
 
 def test_flags_override_environment_override_defaults(tmp_path: Path) -> None:
@@ -37,11 +38,14 @@ def test_flags_override_environment_override_defaults(tmp_path: Path) -> None:
     key_file.write_text("# team keys\nk1\n\n k2 \n")
     assert keys(parse_config(["--api-key-file", str(key_file)], {})) == ("k1", "k2")
     assert keys(parse_config([], {"TZD_API_KEY_FILE": str(key_file)})) == ("k1", "k2")
+    assert (cfg.deterministic, parse_config([], {"TZD_DETERMINISTIC": "on"}).deterministic) == ("off", "on")
+    assert parse_config(["--deterministic", "off"], {"TZD_DETERMINISTIC": "on"}).deterministic == "off"
 
 
 @pytest.mark.parametrize(("argv", "env", "text"), [
     (["--port", "0"], {}, "--port"), (["--dtype", "fp8"], {}, "--dtype"), ([], {"TZD_MAX_QUEUE": "many"}, "TZD_MAX_QUEUE"),
     ([], {"TZD_DEVICE": "tpu"}, "TZD_DEVICE"), (["--api-key-file", "/nonexistent/keys"], {}, "--api-key-file"),
+    (["--deterministic", "yes"], {}, "--deterministic"),
 ])
 def test_bad_flags_exit_with_a_usage_error(argv: list[str], env: dict, text: str,
                                            capsys: pytest.CaptureFixture) -> None:
@@ -55,6 +59,12 @@ def test_stable_prefix_holds_back_partial_stop_strings_and_characters() -> None:
     assert stable_prefix("Hello w", ["xyz"]) == "Hello w"
     assert stable_prefix("abc\ufffd", []) == "abc"
     assert stable_prefix("a EN", ["END!", "NX"]) == "a "  # the longest tail that may begin a stop string
+
+
+def test_deterministic_runtime_runs_the_batch_invariant_path(tiny_checkpoint: Path) -> None:
+    on, off = load_runtime(tiny_checkpoint, "cpu", "float32", deterministic=True), load_runtime(tiny_checkpoint, "cpu")
+    assert is_batch_invariant(on.loaded.model) and not is_batch_invariant(off.loaded.model)
+    assert "deterministic on" in on.describe() and "deterministic off" in off.describe()
 
 
 def test_canvas_text_shows_each_masked_position(tiny_checkpoint: Path) -> None:

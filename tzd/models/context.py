@@ -90,14 +90,15 @@ class ForwardContext:
         return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None,
-                  scale: float | None = None, causal: bool = False) -> torch.Tensor:
+                  scale: float | None = None, causal: bool = False, invariant: bool = False) -> torch.Tensor:
         """A layer's attention under this context: q [B,H,T,D], k/v [B,Hk,S,D] -> [B,H,T,D]; packed rows
-        (B = 1) go through kernels.varlen_attention, so each row costs its own tokens."""
+        (B = 1) go through kernels.varlen_attention, so each row costs its own tokens. `invariant`: the
+        batch-invariant kernels (the server's --deterministic on)."""
         if self.cu_seqlens is None:
-            return kernels.attention(q, k, v, seqlens=seqlens, scale=scale, causal=causal,
+            return kernels.attention(q, k, v, seqlens=seqlens, scale=scale, causal=causal, invariant=invariant,
                                      **self.mask_args(k.shape[2]))
         blocks = {name: t[0] for name, t in self.mask_args(k.shape[2]).items()}  # [N] per token
         y = kernels.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                      self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen, scale,
-                                     **blocks)
+                                     invariant=invariant, **blocks)
         return y.transpose(0, 1)[None]

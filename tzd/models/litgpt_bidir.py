@@ -48,6 +48,7 @@ class BidirectionalSelfAttention(CausalSelfAttention):
     def __init__(self, config: Config, block_idx: int, causal: bool) -> None:
         super().__init__(config, block_idx)
         self.causal = causal
+        self.batch_invariant = False  # set by tzd.models.invariant.set_batch_invariant
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: ForwardContext | None = None, input_pos: torch.Tensor | None = None,
@@ -68,7 +69,7 @@ class BidirectionalSelfAttention(CausalSelfAttention):
         if cfg.attention_logit_softcapping is not None:
             y = self._softcapped(q, k, v, seqlens, scale, ctx)
         else:
-            y = ctx.attention(q, k, v, seqlens, scale=scale, causal=self.causal)
+            y = ctx.attention(q, k, v, seqlens, scale=scale, causal=self.causal, invariant=self.batch_invariant)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -32,6 +32,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # per head, before RoPE (Qwen3 layout: SDAR)
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.batch_invariant = False  # set by tzd.models.invariant.set_batch_invariant
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -45,7 +46,7 @@ class Attention(nn.Module):
         seqlens = ctx.seqlens
         if ctx.cache is not None:
             k, v, seqlens = ctx.cache.attend(self.layer, k, v)
-        y = ctx.attention(q, k, v, seqlens, causal=self.cfg.causal)
+        y = ctx.attention(q, k, v, seqlens, causal=self.cfg.causal, invariant=self.batch_invariant)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
