@@ -34,6 +34,12 @@ from tzd.models.context import ForwardContext
 EPS = 1e-3
 
 
+def _draw_device(ids: torch.Tensor, generator: torch.Generator | None) -> torch.device:
+    """Where the noise is drawn: on the generator's device (the trainer's step generators live on the
+    CPU, so a step draws the same noise on any accelerator), else beside the ids."""
+    return generator.device if generator is not None else ids.device
+
+
 def forward_process(ids: torch.Tensor, mask_id: int, eps: float = EPS,
                     generator: torch.Generator | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,9 +48,10 @@ def forward_process(ids: torch.Tensor, mask_id: int, eps: float = EPS,
     Returns (noisy ids, boolean mask of masked positions, p per position [B,T]).
     """
     B, T = ids.shape
-    t = torch.rand(B, device=ids.device, generator=generator)
+    dev = _draw_device(ids, generator)
+    t = torch.rand(B, device=dev, generator=generator).to(ids.device)
     p = ((1 - eps) * t + eps)[:, None].expand(B, T)
-    masked = torch.rand(B, T, device=ids.device, generator=generator) < p
+    masked = torch.rand(B, T, device=dev, generator=generator).to(ids.device) < p
     return torch.where(masked, torch.full_like(ids, mask_id), ids), masked, p
 
 
@@ -64,12 +71,13 @@ def block_forward_process(ids: torch.Tensor, mask_id: int, block: int, eps: floa
     is masked with its block's p = (1-eps)*t + eps. The draws have shapes independent of P, so a seed
     always gives the same noise."""
     B, T = ids.shape
-    prompt_len = torch.randint(0, T, (B,), device=ids.device, generator=generator)
+    dev = _draw_device(ids, generator)
+    prompt_len = torch.randint(0, T, (B,), device=dev, generator=generator).to(ids.device)
     blocks = block_ids(T, prompt_len, block)
     # at most ceil(P/block) + ceil((T-P)/block) <= T // block + 2 blocks per row
-    t = torch.rand(B, T // block + 2, device=ids.device, generator=generator)
+    t = torch.rand(B, T // block + 2, device=dev, generator=generator).to(ids.device)
     p = ((1 - eps) * t + eps).gather(1, blocks)
-    masked = torch.rand(B, T, device=ids.device, generator=generator) < p
+    masked = torch.rand(B, T, device=dev, generator=generator).to(ids.device) < p
     return BlockNoise(torch.where(masked, torch.full_like(ids, mask_id), ids), masked, p, blocks)
 
 
