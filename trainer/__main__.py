@@ -31,14 +31,26 @@ def main(argv: list[str] | None = None) -> int:
 
         last = train(cfg)
     except SideTaskError as e:
+        _leave_process_group()
         print(f"checkpoint: {e.checkpoint}")
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SIDE_TASK_FAILED
     except (ConfigError, DataError, CheckpointError, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    _leave_process_group()
     print(f"checkpoint: {last}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the distributed process group (DDP/FSDP runs) while the interpreter is fully alive: left to
+    interpreter shutdown, gloo's worker threads can still hold tensors and the process dies with SIGABRT
+    ("terminate called without an active exception") after its checkpoint is written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
