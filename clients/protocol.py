@@ -121,6 +121,8 @@ class Health(BaseModel):
     max_batch_size: int | None = None  # slots in the running batch (the server's --max-batch-size)
     max_num_batched_tokens: int | None = None  # columns one step may run (--max-num-batched-tokens; null: no budget)
     attention: Literal["bidirectional", "block_causal"] | None = None  # the served model's (None while loading)
+    kv_cache_pages: int | None = None  # pages of the paged KV cache (None while loading)
+    kv_cache_usage: float | None = None  # the fraction of them running requests hold
 
 
 class TextPart(BaseModel):

@@ -69,6 +69,14 @@ class ServerOptions(BaseModel):
                           "first in line waits until it fits (unset: only --max-batch-size limits a step). A "
                           "request larger than the whole budget runs alone, once nothing else runs")
     max_queue: Positive = Field(256, description="requests waiting for a slot before 429")
+    kv_cache_memory: str | None = Field(
+        None, description="memory of the paged KV cache: GiB (e.g. 2 or 0.25), or a percentage of the free "
+                          "device memory (e.g. 40%: CUDA's free memory after the model; available RAM on CPU). "
+                          "A request that uses the cache holds the pages of its canvas while it runs; one that "
+                          "cannot get them waits, one larger than the whole cache is refused (400). Unset: "
+                          "enough pages for every slot to hold a whole context (on CUDA at most half the free "
+                          "memory)")
+    kv_page_size: Positive = Field(16, description="positions per KV page")
     prefix_cache_mb: float = Field(256.0, ge=0, description="MiB of prompt blocks' keys/values kept for reuse "
                                                             "across requests (block-causal models; 0 = off)")
     max_tokens_limit: Positive = Field(256, description="largest max_tokens a request may ask for")
@@ -100,6 +108,19 @@ class ServerOptions(BaseModel):
         if v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v):
             return v
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _kv_memory(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            number = float(v.strip().removesuffix("%"))
+        except ValueError:
+            number = -1.0
+        if not number > 0 or (v.strip().endswith("%") and number > 100):
+            raise ValueError(f"must be GiB (a positive number) or a percentage in (0, 100] like 40%, got {v!r}")
+        return v.strip()
 
     @field_validator("checkpoint")
     @classmethod

@@ -22,13 +22,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from clients.protocol import SamplingParams
-from server.errors import Unavailable
+from server.errors import InvalidRequest, Unavailable
 from server.metrics import Metrics
 from server.output import Update
 from server.request import CANCELLED, Failure, Request, RequestGroup
-from server.runtime import Runtime, inference
+from server.runtime import Runtime, inference, kv_cache_bytes
 from server.scheduler import Scheduler
-from tzd.sampling import DenoiseBatch, SlotStep, plan
+from tzd.sampling import DenoiseBatch, RequestPlan, SlotStep, plan
+from tzd.sampling.batch import compute_dtype, kv_shape
+from tzd.sampling.kv_pages import PagedKVStore
 
 log = logging.getLogger("tzd.server")
 
@@ -53,13 +55,19 @@ class Engine:
     """Owns the model; requests enter through `submit` and leave through their group's queue."""
 
     def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int, max_queue: int,
-                 max_batched_tokens: int | None = None, prefix_pool_bytes: int = 0) -> None:
+                 max_batched_tokens: int | None = None, prefix_pool_bytes: int = 0,
+                 kv_cache_memory: str | None = None, kv_page_size: int = 16) -> None:
         self.runtime, self.metrics = runtime, metrics
-        tok = runtime.loaded.tokenizer
-        self.batch = DenoiseBatch(runtime.loaded.model, runtime.loaded.mask_id, capacity=max_batch_size,
-                                  eos_id=tok.eos_ids, prefix_pool_bytes=prefix_pool_bytes)
+        tok, model = runtime.loaded.tokenizer, runtime.loaded.model
+        kv_dtype = compute_dtype(model)
+        dense = max_batch_size * -(-runtime.context // kv_page_size) * \
+            PagedKVStore.page_bytes(*kv_shape(runtime.loaded.model_config), kv_page_size, kv_dtype)
+        self.batch = DenoiseBatch(model, runtime.loaded.mask_id, capacity=max_batch_size, eos_id=tok.eos_ids,
+                                  prefix_pool_bytes=prefix_pool_bytes, kv_page_size=kv_page_size, kv_dtype=kv_dtype,
+                                  kv_cache_bytes=kv_cache_bytes(kv_cache_memory, runtime.device, dense))
         self._pool_counted = (0, 0)  # the prefix pool's (queries, hits) already in the metrics
-        self.scheduler = Scheduler(max_batch_size, max_queue, max_batched_tokens)
+        self.scheduler = Scheduler(max_batch_size, max_queue, max_batched_tokens, self.batch.kv.num_pages,
+                                   lambda r: self.batch.pages_for(r.plan))
         self.state: State = "ready"
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-step")
         self._output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-output")  # in order: one thread
@@ -285,9 +293,19 @@ class Engine:
                 req.group.queue.put_nowait((req, Failure(message)))
         self._gauges()
 
+    def check_fits(self, plan: RequestPlan) -> None:
+        """InvalidRequest when `plan` needs more KV pages than the whole cache holds (it could never run)."""
+        kv, need = self.batch.kv, self.batch.pages_for(plan)
+        if need > kv.num_pages:
+            raise InvalidRequest("max_tokens", f"max_tokens: prompt + max_tokens = {plan.total_len} positions need "
+                                               f"{need} KV pages of {kv.page_size}, but this server's KV cache "
+                                               f"(--kv-cache-memory) holds {kv.num_pages}; ask for fewer tokens "
+                                               "or cache=none")
+
     def _gauges(self) -> None:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_usage.set(self.scheduler.running_pages / max(self.batch.kv.num_pages, 1))
         pool = self.batch.pool
         if pool is not None:  # plain ints the step thread bumps: a read mid-step lags one step at most
             queries, hits = pool.stats.queries, pool.stats.hits

@@ -32,6 +32,8 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.running = Gauge("tzd_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("tzd_requests_waiting", "Requests waiting for a slot", registry=r)
+        self.kv_usage = Gauge("tzd_kv_cache_usage", "Fraction of the KV cache's pages held by running requests",
+                              registry=r)
         self.batch_size = Histogram("tzd_batch_size", "Requests in each denoising step", buckets=BATCH_BUCKETS,
                                     registry=r)
         self.step_duration = Histogram("tzd_step_duration_seconds", "Wall time of one batched denoising step",

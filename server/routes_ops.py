@@ -19,9 +19,12 @@ def _health(serving: Serving) -> Health:
     engine = serving.engine
     running, waiting = (len(engine.scheduler.running), len(engine.scheduler.waiting)) if engine else (0, 0)
     attention = serving.runtime.loaded.model_config.attention if serving.runtime else None
+    pages = engine.batch.kv.num_pages if engine else None
+    usage = engine.scheduler.running_pages / max(pages, 1) if engine else None
     return Health(status=serving.status, model=serving.config.served_name,  # type: ignore[arg-type]
                   running=running, waiting=waiting, max_batch_size=serving.config.max_batch_size,
-                  max_num_batched_tokens=serving.config.max_num_batched_tokens, attention=attention)
+                  max_num_batched_tokens=serving.config.max_num_batched_tokens, attention=attention,
+                  kv_cache_pages=pages, kv_cache_usage=usage)
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})

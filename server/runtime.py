@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,3 +92,21 @@ def inference(runtime: Runtime) -> Iterator[None]:
     """inference_mode + the runtime's autocast: what every step (and the offline baseline) runs under."""
     with torch.inference_mode(), runtime.autocast():
         yield
+
+
+def kv_cache_bytes(memory: str | None, device: torch.device, dense_bytes: int) -> int:
+    """Bytes for the paged KV cache from --kv-cache-memory: GiB ("2", "0.25") or a percentage of the free
+    device memory ("40%"); None: `dense_bytes` (every slot a whole context), on CUDA at most half the
+    free memory. (GiB and a fraction told apart by magnitude would make a cache under 1 GiB unaskable.)"""
+    if memory is None:
+        return min(dense_bytes, free_memory(device) // 2) if device.type == "cuda" else dense_bytes
+    if memory.endswith("%"):
+        return int(float(memory[:-1]) / 100 * free_memory(device))
+    return int(float(memory) * (1 << 30))
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on `device`: CUDA's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -1,17 +1,19 @@
 """Admission: a bounded waiting queue and the running set, reshuffled at every step boundary.
 
-A request runs when it is first in line (lowest `priority`, then arrival) and both budgets have room:
-a slot (--max-batch-size) and the columns one step runs (--max-num-batched-tokens; a request costs its
-canvas, prompt + max_tokens, the columns of its full forward). The first in line that does not fit
-waits, and so does everyone behind it: a large request is never starved by smaller ones. A request
-larger than the whole token budget runs alone, once nothing else runs.
+A request runs when it is first in line (lowest `priority`, then arrival) and every budget has room:
+a slot (--max-batch-size), the columns one step runs (--max-num-batched-tokens; a request costs its
+canvas, prompt + max_tokens, the columns of its full forward) and the free pages of the KV cache (a
+request that uses the cache holds its canvas's pages while it runs). The first in line that does not
+fit waits, and so does everyone behind it: a large request is never starved by smaller ones. A request
+larger than the whole token budget runs alone, once nothing else runs; one larger than the whole KV
+cache is refused before it is queued (server/serving.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from server.errors import QueueFull
 from server.request import Request
@@ -23,11 +25,15 @@ class Scheduler:
     """Priority-then-FIFO admission into at most `max_running` slots and `max_tokens` columns (None: no
     token budget); at most `max_waiting` requests wait."""
 
-    def __init__(self, max_running: int, max_waiting: int, max_tokens: int | None = None) -> None:
+    def __init__(self, max_running: int, max_waiting: int, max_tokens: int | None = None,
+                 max_pages: int | None = None, pages: Callable[[Request], int] | None = None) -> None:
+        """`max_pages`: the KV cache's pages (None: pages never limit), `pages(req)` those a request holds."""
         self.max_running, self.max_waiting, self.max_tokens = max_running, max_waiting, max_tokens
+        self.max_pages, self.pages = max_pages, pages
+        self.running_pages = 0
         self.waiting: list[Request] = []  # in admission order: sorted by (priority, arrival)
         self._keys: list[tuple[int, int]] = []  # the sort keys of `waiting`, for bisect
-        self.running: dict[Request, int] = {}  # insertion-ordered: request -> the columns it costs
+        self.running: dict[Request, tuple[int, int]] = {}  # insertion-ordered: request -> (columns, pages)
         self.running_tokens = 0
         self._arrivals = itertools.count()
 
@@ -59,8 +65,13 @@ class Scheduler:
         if req in self.waiting:
             self._unqueue(req)
 
+    def page_cost(self, req: Request) -> int:
+        return self.pages(req) if self.pages is not None else 0
+
     def _fits(self, req: Request) -> bool:
         if len(self.running) >= self.max_running:
+            return False
+        if self.max_pages is not None and self.running_pages + self.page_cost(req) > self.max_pages:
             return False
         if self.max_tokens is None or not self.running:  # alone it always runs, however large
             return True
@@ -75,8 +86,9 @@ class Scheduler:
         while self.waiting and self._fits(self.waiting[0]):
             req = self.waiting.pop(0)
             del self._keys[0]
-            self.running[req] = cost = self.cost(req)
-            self.running_tokens += cost
+            self.running[req] = cost = (self.cost(req), self.page_cost(req))
+            self.running_tokens += cost[0]
+            self.running_pages += cost[1]
             admit.append(req)
         return evict, admit
 
@@ -94,7 +106,8 @@ class Scheduler:
         """`req` no longer runs (finished, failed, evicted); idempotent."""
         cost = self.running.pop(req, None)
         if cost is not None:
-            self.running_tokens -= cost
+            self.running_tokens -= cost[0]
+            self.running_pages -= cost[1]
 
     def drain_all(self) -> list[Request]:
         """Every request still here (waiting or running), removed: for shutdown or a dead engine."""
@@ -102,5 +115,5 @@ class Scheduler:
         self.running.clear()
         self.waiting.clear()
         self._keys.clear()
-        self.running_tokens = 0
+        self.running_tokens = self.running_pages = 0
         return everyone

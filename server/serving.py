@@ -18,6 +18,7 @@ from server.output import RequestOutput, StreamMode
 from server.prepare import ChatPrompt, prepare, render_chat
 from server.request import RequestGroup
 from server.runtime import Runtime, load_runtime
+from tzd.sampling.batch import compute_dtype
 
 log = logging.getLogger("tzd.server")
 
@@ -42,7 +43,8 @@ class Serving:
             rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype, cfg.threads,
                                          cfg.max_model_len, cfg.deterministic == "on")
             engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_num_batched_tokens,
-                            prefix_pool_bytes=int(cfg.prefix_cache_mb * (1 << 20)))
+                            prefix_pool_bytes=int(cfg.prefix_cache_mb * (1 << 20)),
+                            kv_cache_memory=cfg.kv_cache_memory, kv_page_size=cfg.kv_page_size)
             await engine.start()
         except Exception as e:  # noqa: BLE001 - reported through /health and on_fatal
             self.failure = f"{type(e).__name__}: {e}"
@@ -58,8 +60,10 @@ class Serving:
             "threads": str(torch.get_num_threads()), "deterministic": cfg.deterministic})
         self.runtime, self.engine = rt, engine
         log.info("loaded %s", rt.describe())
-        log.info("ready: serving %r, max batch %d, token budget %s, queue %d", cfg.served_name, cfg.max_batch_size,
-                 cfg.max_num_batched_tokens or "none", cfg.max_queue)
+        kv = engine.batch.kv
+        log.info("ready: serving %r, max batch %d, token budget %s, queue %d, KV cache %d pages of %d positions "
+                 "(%.2f GiB)", cfg.served_name, cfg.max_batch_size, cfg.max_num_batched_tokens or "none",
+                 cfg.max_queue, kv.num_pages, kv.page_size, kv.capacity_bytes(compute_dtype(rt.loaded.model)) / (1 << 30))
 
     @property
     def status(self) -> str:
@@ -93,6 +97,8 @@ class Serving:
         for prompt, p in zip(prompts, params, strict=True):
             ids, plan = prepare(tok, prompt, p, rt.context, mc.vocab_size, self.config.max_tokens_limit,
                                 int(mc.logit_shift), mc.denoise_block, mc.block_align == "absolute")
+            if self.engine is not None:
+                self.engine.check_fits(plan)
             req = group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
             req.priority = p.priority
             limits = [t for t in (timeout, self.config.request_timeout) if t is not None]

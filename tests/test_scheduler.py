@@ -1,6 +1,7 @@
 """Token-budget scheduling: admission by slots and by the columns a step runs, priorities (lower first, ties
 in arrival order), a request that does not fit waits, one larger than the budget runs alone; and the same
-through the real server (--max-num-batched-tokens, the `priority` field on every route)."""
+by free KV pages; and the same through the real server (--max-num-batched-tokens, --kv-cache-memory, the
+`priority` field on every route)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from clients.protocol import SamplingParams
 from server.request import Request, RequestGroup
 from server.scheduler import QueueFull, Scheduler
-from tests.server_utils import ServerProcess, sse_events
+from tests.server_utils import ServerProcess, metrics, sse_events
 from tzd.sampling import plan
 
 
@@ -95,6 +96,40 @@ def test_cancel_and_expire_keep_the_queue_ordered() -> None:
     assert s.expire(1.0) == ([], [c]) and s.running_tokens == 0
 
 
+def pages(r: Request) -> int:
+    """A 16-position page per started 16 columns of canvas (what DenoiseBatch.pages_for counts with the cache)."""
+    return -(-r.plan.total_len // 16)
+
+
+def test_admission_by_kv_pages() -> None:
+    """Pages bind like tokens: the first in line waits for free pages (and so does everyone behind it),
+    priorities still order the line, and finishing gives the pages back."""
+    s = Scheduler(max_running=8, max_waiting=16, max_pages=10, pages=pages)
+    a, b, c, d = req(64), req(64), req(48), req(16)  # 4, 4, 3, 1 pages
+    s.submit([a, b, c, d])
+    assert admitted(s) == [a, b] and s.running_pages == 8  # c needs 3 of the 2 left; d waits behind it
+    s.finish(a)
+    assert admitted(s) == [c, d] and s.running_pages == 8
+    urgent, later = req(64, priority=-1), req(16, priority=0)
+    s.submit([later, urgent])
+    assert admitted(s) == []  # urgent (4 pages) is first in line though submitted last; 2 are free
+    s.finish(b)
+    assert admitted(s) == [urgent, later] and s.running_pages == 9
+    for r in (c, d, urgent, later):
+        s.finish(r)
+    assert s.running_pages == 0
+
+
+def test_request_larger_than_free_pages_waits_then_runs() -> None:
+    s = Scheduler(max_running=8, max_waiting=16, max_pages=6, pages=pages)
+    small, big = req(32), req(96)  # 2 and 6 pages: big takes the whole cache
+    s.submit([small, big])
+    assert admitted(s) == [small]
+    assert admitted(s) == []  # 4 free: big waits
+    s.finish(small)
+    assert admitted(s) == [big] and s.running_pages == 6
+
+
 @pytest.fixture(scope="module")
 def srv(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     with ServerProcess(tiny_checkpoint, "--dtype", "float32", "--max-batch-size", "4",
@@ -128,3 +163,30 @@ def test_server_token_budget_and_priority(srv: ServerProcess) -> None:
             assert r.json()["error"]["param"] == "priority", r.text
     spec = httpx.get(f"{srv.url}/openapi.json", timeout=30).json()
     assert json.dumps(spec).count('"priority"') >= 3  # in each request schema
+
+
+def test_server_kv_pages_bound_admission(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--kv-cache-memory of 4 pages (16 positions each, 16 KiB apiece for the tiny model in fp32): cached
+    requests of 3 pages run one at a time, all succeed with the tokens each gets alone (batch-invariant
+    kernels, so only the paging could change them); one needing 5 pages is refused naming max_tokens, and
+    the same request without the cache runs."""
+    page = 2 * 2 * 16 * 4 * 16 * 4
+    gib = f"{4.5 * page / (1 << 30):.10f}"
+    with ServerProcess(tiny_checkpoint, "--dtype", "float32", "--max-batch-size", "4", "--deterministic", "on",
+                       "--kv-cache-memory", gib, log_dir=tmp_path) as srv:
+        health = httpx.get(f"{srv.url}/health", timeout=10).json()
+        assert health["kv_cache_pages"] == 4 and health["kv_cache_usage"] == 0.0
+        bodies = [{"prompt": [5 + i] * 8, "max_tokens": 40, "steps": 20, "block_length": 8, "cache": "dual",
+                   "seed": i} for i in range(4)]
+        alone = [httpx.post(f"{srv.url}/generate", json=b, timeout=120).json()["tokens"] for b in bodies]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{srv.url}/generate", json=b, timeout=120), bodies))
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        assert [a.json()["tokens"] for a in answers] == alone
+        big = {"prompt": [5] * 8, "max_tokens": 64, "cache": "dual"}
+        r = httpx.post(f"{srv.url}/generate", json=big, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+        assert "5 KV pages" in r.json()["error"]["message"]
+        r = httpx.post(f"{srv.url}/generate", json={**big, "cache": "none"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert metrics(srv.url)["tzd_kv_cache_usage"] == 0.0

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tzd.models import ForwardContext, model_config
+from tzd.models import ForwardContext, ModelConfig, model_config
 from tzd.models.blocks import block_ids, token_block_ids
 from tzd.sampling import rules
-from tzd.sampling.cache import KVStore, PackedRecordView, ReadView, RecordView
+from tzd.sampling.cache import PackedRecordView, ReadView, RecordView
+from tzd.sampling.kv_pages import PagedKVStore
 from tzd.sampling.params import RequestPlan
 from tzd.sampling.prefix_pool import PrefixPool, block_hashes
 from tzd.sampling.rows import COLUMN, FIELDS, RowValues, float_bits, upload
@@ -127,11 +128,34 @@ class _Slot:
         return self.block_step == 0 and not self.exact  # the approximate cache records at a block's start
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's keys come in: its linear layers' (stored in the autocast dtype where one is used)."""
+    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    return linear.weight.dtype if linear is not None else next(model.parameters()).dtype
+
+
+def kv_shape(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim): what one cached position holds."""
+    return cfg.n_layer, cfg.n_kv_head, cfg.head_dim
+
+
+def kv_store(cfg: ModelConfig, capacity: int, device: torch.device, budget_bytes: int | None, page_size: int,
+             dtype: torch.dtype) -> PagedKVStore:
+    """The paged KV store for a batch: `budget_bytes` of pages (None: enough for every slot to hold a
+    whole context, the dense store's worth, so that pages never limit admission)."""
+    page = PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype)
+    per_context = -(-cfg.block_size // page_size)
+    pages = capacity * per_context if budget_bytes is None else int(budget_bytes // page)
+    return PagedKVStore(capacity, *kv_shape(cfg), cfg.block_size, page_size, pages, device)
+
+
 class DenoiseBatch:
     """Up to `capacity` requests denoised together on `model`."""
 
     def __init__(self, model: nn.Module, mask_id: int, capacity: int, eos_id: int | Sequence[int] | None = None,
-                 device: torch.device | str | None = None, prefix_pool_bytes: int = 0) -> None:
+                 device: torch.device | str | None = None, prefix_pool_bytes: int = 0,
+                 kv_cache_bytes: int | None = None, kv_page_size: int = 16,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.cfg = model_config(model)
         self.mask_id, self.capacity = mask_id, capacity
@@ -149,8 +173,8 @@ class DenoiseBatch:
         self._open = np.zeros((capacity, self.context), dtype=bool)
         self._gen = np.full((capacity, self.context), mask_id, dtype=np.int64)
         self._eos_host = np.array(self.eos_ids, dtype=np.int64)
-        self.kv = KVStore(capacity, self.cfg.n_layer, self.cfg.n_kv_head, self.context, self.cfg.head_dim,
-                          self.device)
+        self.kv = kv_store(self.cfg, capacity, self.device, kv_cache_bytes, kv_page_size,
+                           kv_dtype or compute_dtype(model))
         # prompt blocks shared across requests: block-causal models only (a bidirectional prompt's keys
         # depend on everything after them)
         self.pool = PrefixPool(prefix_pool_bytes, self.block) if self.block and prefix_pool_bytes > 0 else None
@@ -161,6 +185,14 @@ class DenoiseBatch:
     @property
     def free_slots(self) -> int:
         return self.capacity - len(self)
+
+    def pages_for(self, plan: RequestPlan) -> int:
+        """KV pages a request holds while it runs: its whole canvas when it uses the cache, else none."""
+        return self.kv.pages_for(plan.total_len) if plan.params.cache != "none" else 0
+
+    def fits(self, plan: RequestPlan) -> bool:
+        """A free slot and enough free KV pages for `plan` now."""
+        return self.free_slots > 0 and self.pages_for(plan) <= self.kv.free_pages
 
     @torch.inference_mode()
     def add(self, prompt: list[int], plan: RequestPlan, handle: Any = None) -> int:
@@ -174,7 +206,12 @@ class DenoiseBatch:
                                                                   len(prompt) % self.block > 0)):
             raise ValueError(f"block_length {plan.block_length}: this block-causal model denoises blocks of "
                              f"{self.block} aligned to its {self.align!r} layout (plan it with model_block)")
-        slot = self.slots.index(None)  # raises ValueError when full: callers check free_slots
+        need = self.pages_for(plan)
+        if need > self.kv.num_pages:
+            raise ValueError(f"prompt + max_tokens = {plan.total_len} needs {need} KV pages of "
+                             f"{self.kv.page_size}; the whole cache has {self.kv.num_pages}")
+        slot = self.slots.index(None)  # raises ValueError when full: callers check fits()
+        self.kv.allocate(slot, plan.total_len if need else 0)  # MemoryError when too few pages are free
         row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
         row[:len(prompt)] = prompt
         self.canvas[slot] = upload(row, self.device)
@@ -193,11 +230,9 @@ class DenoiseBatch:
         N = self.block
         if found:
             self.kv.ensure(found[0][0].dtype)
-            k = torch.stack([e[0] for e in found], dim=2)  # [layers, Hk, blocks, N, D]
-            v = torch.stack([e[1] for e in found], dim=2)
-            L, Hk, n, _, D = k.shape
-            self.kv.k[slot, :, :, :n * N] = k.reshape(L, Hk, n * N, D)
-            self.kv.v[slot, :, :, :n * N] = v.reshape(L, Hk, n * N, D)
+            k = torch.cat([e[0] for e in found], dim=2)  # [layers, Hk, blocks x N, D]
+            v = torch.cat([e[1] for e in found], dim=2)
+            self.kv.scatter(slot, 0, k, v)
         s.kv_valid = s.pooled = len(found)
         s.kv_valid *= N
         missing = s.hashes[len(found):]
@@ -211,11 +246,14 @@ class DenoiseBatch:
         done = min(s.kv_valid // self.block, len(s.hashes))
         N = self.block
         for j in range(s.pooled, done):
-            self.pool.put(s.hashes[j], self.kv.k[slot, :, :, j * N:(j + 1) * N], self.kv.v[slot, :, :, j * N:(j + 1) * N])
+            self.pool.put(s.hashes[j], *self.kv.gather(slot, slice(j * N, (j + 1) * N)))
         s.pooled = max(s.pooled, done)
 
-    def _release(self, s: _Slot) -> None:
-        """A request leaving before it computed its prompt blocks: others must not wait for them."""
+    def _release(self, slot: int, s: _Slot) -> None:
+        """A request leaves: its KV pages go back to the pool; if it had not computed its prompt blocks
+        yet, others must not wait for them."""
+        self.kv.release(slot)
+        self.slots[slot] = None
         if self.pool is not None and s.waits_for is None:
             self.pool.pending.difference_update(s.hashes[s.pooled:])
 
@@ -223,8 +261,7 @@ class DenoiseBatch:
         """Drop a request (cancelled); True if it was here."""
         for i, s in enumerate(self.slots):
             if s is not None and s.handle is handle:
-                self._release(s)
-                self.slots[i] = None
+                self._release(i, s)
                 return True
         return False
 
@@ -277,7 +314,7 @@ class DenoiseBatch:
         if all(s.plan.total_len == L for s in slots):
             seqlens = None  # no padding: attention takes its unmasked fast path
         record = any(s.cache_mode and not s.exact for s in slots)
-        cache = RecordView(self.kv, rv.slot, seqlens) if record else None
+        cache = RecordView(self.kv, rv.slot, seqlens, L) if record else None
         logits = self.model(ids, ForwardContext(seqlens=seqlens, cache=cache, output_positions=pos,
                                                 block_ids=blocks))
         if cfg_rows:
@@ -319,12 +356,10 @@ class DenoiseBatch:
             logits = logits[:n].index_copy(0, ci, uncond_logits + (scale[:, None, None] + 1) * (cond - uncond_logits))
         return logits
 
-    def _cached_logits(self, rv: RowValues, rows: list[int], slots: list[_Slot]) -> torch.Tensor:
+    def _cached_logits(self, rv: RowValues, slots: list[_Slot]) -> torch.Tensor:
         """Forward of each row's query window only (_Slot.window), keys from the cache."""
         windows = [s.window(self.shift) for s in slots]
-        q_lens = [w[1] for w in windows]
-        starts = {w[0] for w in windows}
-        Q = max(q_lens)
+        Q = max(w[1] for w in windows)
         offs = torch.arange(Q, device=self.device)
         positions = (rv.window_start[:, None] + offs).clamp(max=self.context - 1)
         ids = self.canvas[rv.slot[:, None], positions]
@@ -332,11 +367,8 @@ class DenoiseBatch:
         kv_positions = torch.where(offs[None, :] < rv.query_len[:, None], positions, self.kv.scratch)
         lengths = [w[2] for w in windows]
         keys = max(lengths)
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        aligned = len(starts) == 1 and min(q_lens) == Q  # one window start, no padding columns
         view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.key_len,
-                        (rows[0], rows[0] + len(rows)) if contiguous else None,
-                        next(iter(starts)) if aligned else None)
+                        rv.table[:, COLUMN["slot"]])
         opened = rv.offsets.clamp(min=0) + (rv.start - rv.window_start)[:, None]  # the block's columns
         blocks = (block_ids(self.context, rv.prompt_len, self.block, align=self.align)
                   if self.block is not None else None)
@@ -363,7 +395,7 @@ class DenoiseBatch:
         if full:
             parts.append(self._full_logits(rv.rows(0, nf), slots[:nf]))
         if cached:
-            parts.append(self._cached_logits(rv.rows(nf, n), cached, slots[nf:]))
+            parts.append(self._cached_logits(rv.rows(nf, n), slots[nf:]))
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         logits = logits.float()  # fp32 once: argmax and softmax on bf16 are several times slower on CPU
         logits[..., self.mask_id] = float("-inf")  # the mask is never a prediction
@@ -426,8 +458,7 @@ class DenoiseBatch:
                 self._open[row, :s.block_bounds()[1]] = True
             done = bool(eos[i]) or s.masked == 0
             if done:
-                self._release(s)
-                self.slots[row] = None
+                self._release(row, s)
             a = int(ends[i]) - int(counts[i])
             events.append(SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]],
                                    s.masked, canvas[i, :s.plan.max_tokens], s.nfe, done,

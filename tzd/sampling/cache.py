@@ -1,48 +1,36 @@
-"""Block KV cache (Fast-dLLM prefix and dual cache, approximate).
+"""The KV cache's views of one forward: what each attention layer writes to and reads from the paged store.
 
-At a block's first step a full forward records every layer's keys/values for the whole canvas.
-Inside the block, a cached forward runs only the query window (prefix: the block and everything
-after it; dual: the block alone), writes the window's fresh keys/values over the recorded ones and
-attends to the whole recorded canvas. Keys keep their absolute layout, so the key length
-of a row is simply its canvas length.
+Approximate cache (Fast-dLLM prefix and dual, bidirectional models): at a block's first step a full
+forward records every layer's keys/values for the whole canvas (RecordView, PackedRecordView); inside
+the block, a cached forward runs only the query window (prefix: the block and everything after it; dual:
+the block alone), writes the window's fresh keys/values over the recorded ones and attends to the whole
+recorded canvas (ReadView). Exact cache (block-causal models): the window starts at the first position
+whose keys are not final yet and attends to the keys up to its block's end. Keys keep their absolute
+canvas positions; the store (kv_pages.py) maps them to pages. Every view computes its flat indices once
+per forward: the layers only index with them.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-
-class KVStore:
-    """Keys/values per slot: [slots, layers, Hk, context + 1, D] each, allocated on first use.
-
-    Position `context` is scratch: the padding columns of a query window write there, never read."""
-
-    def __init__(self, slots: int, layers: int, kv_heads: int, context: int, head_dim: int,
-                 device: torch.device) -> None:
-        self.scratch = context
-        self.shape = (slots, layers, kv_heads, context + 1, head_dim)
-        self.device = device
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def ensure(self, dtype: torch.dtype) -> None:
-        if self.k is None or self.k.dtype != dtype:
-            self.k = torch.zeros(self.shape, dtype=dtype, device=self.device)
-            self.v = torch.zeros(self.shape, dtype=dtype, device=self.device)
+from tzd.sampling.kv_pages import PagedKVStore
 
 
 class RecordView:
-    """A full forward that also records the keys/values of `slots` (rows of the batch, in order)."""
+    """A padded full forward of T columns that also records the keys/values of `slots` (rows of the
+    batch, in order; rows past them are unconditional CFG copies, not cached)."""
 
-    def __init__(self, store: KVStore, slots: torch.Tensor, seqlens: torch.Tensor) -> None:
-        self.store, self.slots, self.seqlens = store, slots, seqlens
+    def __init__(self, store: PagedKVStore, slots: torch.Tensor, seqlens: torch.Tensor | None, columns: int) -> None:
+        self.store, self.seqlens = store, seqlens
+        self.index = store.flat(slots, torch.arange(columns, device=slots.device).expand(len(slots), -1))
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self.store.ensure(k.dtype)
-        n, T = len(self.slots), k.shape[2]  # rows past n are unconditional (CFG) copies: not cached
-        self.store.k[self.slots, layer, :, :T] = k[:n]
-        self.store.v[self.slots, layer, :, :T] = v[:n]
+        n = self.index.shape[0]
+        self.store.write(layer, self.index, k[:n], v[:n])
         return k, v, self.seqlens
 
 
@@ -50,49 +38,39 @@ class PackedRecordView:
     """RecordView for packed rows (one row of N tokens): token i's keys/values go to (slots[i], positions[i]).
     Tokens past len(slots) are unconditional (CFG) copies: not cached."""
 
-    def __init__(self, store: KVStore, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        self.store, self.slots, self.positions = store, slots, positions
+    def __init__(self, store: PagedKVStore, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        self.store = store
+        self.index = store.flat(slots, positions)  # [n]
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self.store.ensure(k.dtype)
-        n = len(self.slots)  # [1,Hk,N,D] -> [n,Hk,D]: the layout the (slots, layer, :, positions) index takes
-        self.store.k[self.slots, layer, :, self.positions] = k[0, :, :n].transpose(0, 1)
-        self.store.v[self.slots, layer, :, self.positions] = v[0, :, :n].transpose(0, 1)
+        n = len(self.index)  # [1,Hk,N,D] -> [Hk,n,D]
+        self.store.write(layer, self.index, k[0, :, :n], v[0, :, :n])
         return k, v, None
 
 
 class ReadView:
-    """A cached forward of a query window: row b's fresh keys/values belong at `positions[b]`
-    (absolute canvas positions; the scratch position for padding columns). Each layer writes them
-    into the store, then attends to the stored canvas [0, S). Writing in place is safe: a request's
-    window is the same at every step of a block, and the next block starts with a full forward
-    that records everything again."""
+    """A cached forward of a query window: row b's fresh keys/values belong at `positions[b]` (absolute
+    canvas positions; the store's scratch position for padding columns). Each layer writes them into the
+    store, then attends to the stored canvas [0, keys) (`seqlens` masks a row's keys past its own length).
+    Writing in place is safe: a request's window is the same at every step of a block, and the next block
+    starts by recording (approximate) or by writing the keys that became final (exact)."""
 
-    def __init__(self, store: KVStore, slots: torch.Tensor, positions: torch.Tensor, keys: int,
-                 seqlens: torch.Tensor | None, slot_range: tuple[int, int] | None = None,
-                 window_start: int | None = None) -> None:
-        self.store, self.positions, self.S, self.seqlens = store, positions, keys, seqlens
-        self.rows = slots[:, None].expand_as(positions)
-        # consecutive slots are read as a view (no copy); others by advanced indexing
-        self.read_index = slice(*slot_range) if slot_range is not None else slots
-        # consecutive slots whose windows all start at `window_start`, without padding columns, are
-        # written by slicing too (a plain copy instead of an index_put)
-        self.write_window = None
-        if slot_range is not None and window_start is not None:
-            self.write_window = (slice(*slot_range), slice(window_start, window_start + positions.shape[1]))
+    def __init__(self, store: PagedKVStore, slots: torch.Tensor, positions: torch.Tensor, keys: int,
+                 seqlens: torch.Tensor | None, host_slots: np.ndarray) -> None:
+        self.store, self.seqlens, self.keys = store, seqlens, keys
+        self.write_index = store.flat(slots, positions)  # [B, Q]
+        self.strided = store.strided_rows(host_slots, keys)  # rows in consecutive pages: read as a view
+        self.read_index = None if self.strided else \
+            store.flat(slots, torch.arange(keys, device=slots.device).expand(len(slots), -1))
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self.store.ensure(k.dtype)  # the exact cache's first forward is a window (the prompt and block 0)
-        store_k, store_v = self.store.k, self.store.v
-        if self.write_window is not None:
-            rows, cols = self.write_window
-            store_k[rows, layer, :, cols] = k
-            store_v[rows, layer, :, cols] = v
-        else:  # [B,Hk,Q,D] -> [B,Q,Hk,D]: the layout the (rows, layer, :, positions) index produces
-            store_k[self.rows, layer, :, self.positions] = k.transpose(1, 2).to(store_k.dtype)
-            store_v[self.rows, layer, :, self.positions] = v.transpose(1, 2).to(store_v.dtype)
-        k_all = store_k[self.read_index, layer, :, :self.S]
-        v_all = store_v[self.read_index, layer, :, :self.S]
+        self.store.write(layer, self.write_index, k, v)
+        if self.strided is not None:
+            k_all, v_all = self.store.read_strided(layer, len(self.write_index), *self.strided, self.keys)
+        else:
+            k_all, v_all = self.store.read(layer, self.read_index)
         return k_all.to(k.dtype), v_all.to(v.dtype), self.seqlens

@@ -47,11 +47,13 @@ def finish(canvas: Sequence[int] | np.ndarray, finish_reason: str, eos_id: int |
 def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
              mask_id: int, on_step: Callable[[int, SlotStep], None] | None = None,
              eos_id: int | Sequence[int] | None = None,
-             tokenizer=None, max_batch: int | None = None) -> list[GenerationResult]:
+             tokenizer=None, max_batch: int | None = None,
+             kv_cache_bytes: int | None = None) -> list[GenerationResult]:
     """Generate for every prompt; `on_step(i, event)` sees each step of prompt i.
 
-    Prompts are admitted as slots free up (at most `max_batch` at once, default all). With a
-    `tokenizer`, stop strings are applied and results carry text.
+    Prompts are admitted in order as slots and KV pages free up (at most `max_batch` at once, default
+    all; `kv_cache_bytes` of KV pages, default enough for every slot). With a `tokenizer`, stop strings
+    are applied and results carry text.
     """
     plist = params if isinstance(params, list) else [params] * len(prompts)
     if len(plist) != len(prompts):
@@ -60,12 +62,12 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
     plans = [plan(p, len(pr), cfg.block_size, cfg.denoise_block, cfg.block_align == "absolute")
              for p, pr in zip(plist, prompts, strict=True)]
     batch = DenoiseBatch(model, mask_id, capacity=min(max_batch or len(prompts), len(prompts)) or 1,
-                         eos_id=eos_id)
+                         eos_id=eos_id, kv_cache_bytes=kv_cache_bytes)
     results: list[GenerationResult | None] = [None] * len(prompts)
     waiting = list(range(len(prompts)))
     decode = tokenizer.decode if tokenizer is not None else None
     while waiting or len(batch):
-        while waiting and batch.free_slots:
+        while waiting and batch.fits(plans[waiting[0]]):
             i = waiting.pop(0)
             batch.add(prompts[i], plans[i], handle=i)
         for ev in batch.step():
