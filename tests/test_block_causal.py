@@ -8,6 +8,7 @@ import torch
 from kernels import reference
 from tzd.models import ForwardContext, ModelConfig, build_model
 from tzd.models.blocks import block_ids, two_stream_mask
+from tzd.sampling.step_plan import plan_step
 
 BACKENDS = ["smdm", "litgpt"]
 
@@ -198,14 +199,14 @@ def test_packed_rows_equal_padded_rows(block_causal: bool) -> None:
     for n, p in zip((5, 11, 30), params, strict=True):
         prompt = torch.randint(0, 96, (n,), generator=g).tolist()
         batch.add(prompt, plan(p, n, 96, block), handle=n)
-    slots = [s for s in batch.slots if s is not None]
-    rv = batch._row_values(list(range(3)), slots)
+    step = plan_step(batch.table, [0, 1, 2], batch.shift, batch.context, batch.device)
+    rv, slots = step.values, step.slots  # every row through both whole-canvas paths (a cached one too)
     with torch.inference_mode():
-        packed = batch._packed_logits(rv, slots)
+        packed = batch.runner.packed_logits(rv, slots)
         recorded = None if block_causal else batch.kv.gather(1, slice(0, 35))[0]  # a block-causal cache is exact: no record
         if recorded is not None:
             batch.kv.k.zero_()
-        padded = batch._padded_logits(rv, slots)
+        padded = batch.runner.padded_logits(rv, slots)
     assert packed.shape == padded.shape and packed.shape[0] == 3
     assert torch.allclose(packed, padded, atol=1e-4)  # padding past a row's length is masked: same logits
     if recorded is not None:

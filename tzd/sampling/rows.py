@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 # Field order is the table's column order: the step's own values first, then the request's fixed ones
-# (_Slot.row), the integers before the flag before the floats so that each kind converts in one op.
+# (slot.Slot.row), the integers before the flag before the floats so that each kind converts in one op.
 INT_FIELDS = ("slot", "start", "window_start", "key_len", "query_len", "steps_done", "steps_left", "commits",
               "total_len", "prompt_len", "seed", "top_k")
 BOOL_FIELDS = ("random_remask",)

@@ -1,0 +1,51 @@
+"""The output processor: one step's committed tokens (copied to the host once) into each request's
+progress and its SlotStep event.
+
+Vectorised over rows: the open offsets and the canvas copy, the EOS check; then per request its
+counters, the next block when this one is done, and the event. Freeing a finished slot (its KV pages,
+the prefix pool's bookkeeping) is the batch's: it owns those.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tzd.sampling.rows import COLUMN
+from tzd.sampling.slot import MAX_TOKENS, SlotStep, SlotTable
+from tzd.sampling.step_plan import StepPlan
+
+
+def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np.ndarray) -> list[SlotStep]:
+    """Events of `step` in its row order; `committed` [rows, P] as sample() returned it, on the host."""
+    c, host, offsets, slots = COLUMN, step.values.table, step.values.host_offsets, step.slots
+    slot_of = host[:, c["slot"]]
+    ri, ci = np.nonzero(committed >= 0)  # row-major: each row's commits in ascending offsets
+    off = offsets[ri, ci]
+    positions = (host[:, c["start"]] - host[:, c["prompt_len"]])[ri] + off  # from the first generated token
+    tokens = committed[ri, ci]
+    table.open[slot_of[ri], off] = False
+    table.gen[slot_of[ri], positions] = tokens
+    counts = np.bincount(ri, minlength=len(slots))
+    ends = np.cumsum(counts)
+    G = int(host[:, MAX_TOKENS].max())
+    canvas = table.gen[slot_of, :G]  # a copy: the events' canvases (mask ids past a row's max_tokens)
+    eos = np.zeros(len(slots), dtype=bool)
+    if len(eos_ids):  # an EOS inside the fully committed left part ends the request
+        is_mask = canvas == table.mask_id
+        first_mask = np.where(is_mask.any(axis=1), is_mask.argmax(axis=1), G)
+        eos = (np.isin(canvas, eos_ids) & (np.arange(G) < first_mask[:, None])).any(axis=1)
+    events = []
+    for i, s in enumerate(slots):
+        s.masked -= int(counts[i])
+        s.steps_done += 1
+        s.nfe += 2 if host[i, c["cfg_scale"]] else 1
+        s.block_step += 1
+        if s.masked and s.block_done():
+            s.block, s.block_step = s.block + 1, 0
+            table.open[int(slot_of[i]), :s.block_bounds()[1]] = True
+        done = bool(eos[i]) or s.masked == 0
+        a = int(ends[i]) - int(counts[i])
+        events.append(SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]],
+                               s.masked, canvas[i, :s.plan.max_tokens], s.nfe, done,
+                               ("stop" if eos[i] else "length") if done else None))
+    return events

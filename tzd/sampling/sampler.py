@@ -1,0 +1,34 @@
+"""The sampler: today's commit rules (rules.py) applied to one step's logits, on the device.
+
+Per row: a token for every open position (argmax, or a seeded Gumbel-max draw after top-k/top-p), its
+confidence (or seeded random remasking), then the positions the schedule (or a threshold) commits. The
+committed tokens go into the device canvas; the result stays on the device until the output processor
+copies it to the host: the step's one sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tzd.sampling import rules
+from tzd.sampling.rows import COLUMN, RowValues, float_bits
+
+
+def sample(logits: torch.Tensor, rv: RowValues, canvas: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Commit this step's tokens into `canvas`; returns [rows, P] the committed id per open offset, -1 where
+    none (padding offsets included)."""
+    table = rv.table
+    # the open offsets are exactly the block's masked positions; padding columns read and write the
+    # canvas's scratch column (no boolean indexing, a device sync, and no duplicates in the canvas)
+    in_block, pos = rv.offsets >= 0, rv.positions
+    c = COLUMN  # flags from the host table: positive float64 bits order as the floats do
+    sampling = bool(table[:, c["temperature"]].any())
+    filtering = bool(table[:, c["top_k"]].any() or (table[:, c["top_p"]] < float_bits(1.0)).any())
+    any_random = bool(table[:, c["random_remask"]].any())
+    any_threshold = bool(table[:, c["threshold"]].any())
+    tokens = rules.choose_tokens(logits, rv.temperature, rv.top_k, rv.top_p, rv.seed, rv.steps_done, pos,
+                                 sampling, filtering)
+    conf = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, pos, any_random)
+    select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold, rv.commits)
+    canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, mask_id))
+    return torch.where(select, tokens, -1)

@@ -1,0 +1,151 @@
+"""One request's denoising state in the batch (Slot), and what one step did to it (SlotStep).
+
+A Slot holds everything the sampler keeps for a request between steps: its plan, where it is (block,
+steps taken, positions still masked, forward passes), its KV-cache progress (the exact cache's final
+prefix, its prompt blocks in the prefix pool) and the host rows of the step table it contributes. The
+batch's host arrays (open offsets and the canvas copy, slots.SlotTable) are indexed by the slot's row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tzd.sampling.params import RequestPlan
+from tzd.sampling.rows import FIELDS, float_bits
+
+CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
+LENGTH, MAX_TOKENS = len(FIELDS), len(FIELDS) + 1  # host-only columns of Slot.row
+
+
+def eos_set(eos: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The ids that end a generation: one id, several (an instruct model's end-of-turn and end-of-text), or none."""
+    if eos is None:
+        return ()
+    return (int(eos),) if isinstance(eos, int) else tuple(dict.fromkeys(int(e) for e in eos))
+
+
+@dataclass(slots=True)
+class SlotStep:
+    """What one step did to one request. Positions count from the first generated token.
+
+    The arrays are the step's own (views of arrays no later step writes): a consumer may keep them or
+    read them on another thread while the batch runs its next step."""
+
+    handle: Any
+    step: int
+    steps: int
+    positions: np.ndarray  # [k] int64: the positions this step committed, ascending
+    tokens: np.ndarray  # [k] int64: the token ids committed there
+    masked: int
+    canvas: np.ndarray  # [max_tokens] int64: the generated region, mask ids where still masked
+    nfe: int
+    done: bool
+    finish_reason: str | None = None  # "length" | "stop" (EOS) once done
+
+    @property
+    def committed(self) -> np.ndarray:
+        """[k, 2] rows of (position, token id)."""
+        return np.stack([self.positions, self.tokens], axis=1)
+
+
+@dataclass
+class Slot:
+    handle: Any
+    plan: RequestPlan
+    block: int = 0  # index of the current block
+    block_step: int = 0  # steps taken inside it
+    masked: int = 0
+    steps_done: int = 0
+    nfe: int = 0
+    fresh: bool = True  # not yet seen by a step: its host rows (open offsets, canvas copy) are set then
+    exact: bool = False  # a block-causal model's exact cache (any cache mode but none)
+    kv_valid: int = 0  # exact cache: the store holds final keys/values for canvas positions [0, kv_valid)
+    hashes: list[bytes] = field(default_factory=list)  # prefix pool: the prompt's full blocks
+    pooled: int = 0  # leading prompt blocks already in the pool (found there, or put there by this request)
+    waits_for: bytes | None = None  # a block another request is computing now: this one starts after it
+    _fixed: tuple[int, ...] | None = field(default=None, repr=False)  # the plan's part of `row`
+
+    def block_bounds(self) -> tuple[int, int]:
+        """(start, length) of the current block in canvas coordinates."""
+        p = self.plan
+        start = p.block_start(self.block)
+        length = p.first_block if self.block == 0 and p.first_block else p.block_length
+        return p.prompt_len + start, min(length, p.max_tokens - start)
+
+    def row(self, slot: int, shift: int) -> tuple[int, ...]:
+        """This request's values for one step in rows.FIELDS order (floats as their float64 bits), then
+        two host-only columns: the current block's length and max_tokens."""
+        start, length = self.block_bounds()
+        first, cols, keys = self.window(shift)
+        if self._fixed is None:  # the plan never changes: its part of the row is computed once
+            p, sp = self.plan, self.plan.params
+            self._fixed = (p.total_len, p.prompt_len, p.seed, sp.top_k, int(sp.remasking == "random"),
+                           float_bits(sp.temperature), float_bits(sp.top_p), float_bits(sp.threshold or 0.0),
+                           float_bits(sp.cfg_scale))
+        return (slot, start, first, keys, cols, self.steps_done, max(self.block_budget() - self.block_step, 1),
+                0, *self._fixed, length, self.plan.max_tokens)  # 0: `commits`, set by _row_values
+
+    def block_budget(self) -> int:
+        """Steps for the current block: steps // blocks, the first steps % blocks one more, <= its length."""
+        p = self.plan
+        base, extra = divmod(p.steps, p.num_blocks)
+        return min(base + (1 if self.block < extra else 0), self.block_bounds()[1])
+
+    @property
+    def cache_mode(self) -> int:
+        return CACHE_MODES[self.plan.params.cache]
+
+    def window(self, shift: int = 0) -> tuple[int, int, int]:
+        """(first column, columns, keys) of a cached forward. Approximate cache: prefix runs the block and
+        everything after it, dual the block, against the whole canvas. Exact cache: from the first position
+        whose keys are not final yet (the prompt at first, the block just finished at a block's first step)
+        to the current block's end, against the keys up to there. `shift` columns more on the left for
+        models whose logits at i come from the output at i-1."""
+        start, length = self.block_bounds()
+        if self.exact:
+            first = max(0, min(self.kv_valid, start - shift))
+            return first, start + length - first, start + length
+        return start - shift, (self.plan.total_len - start if self.cache_mode == 1 else length) + shift, \
+            self.plan.total_len
+
+    def block_done(self) -> bool:
+        """Every position of the current block is committed (and so is every earlier block)."""
+        start, length = self.block_bounds()
+        committed_before = start - self.plan.prompt_len
+        return self.plan.max_tokens - self.masked >= committed_before + length
+
+    def needs_full_forward(self) -> bool:
+        if self.cache_mode == 0 or self.plan.params.cfg_scale > 0:
+            return True
+        return self.block_step == 0 and not self.exact  # the approximate cache records at a block's start
+
+
+class SlotTable:
+    """The batch's slots and their host state, updated vectorised after each step: which offsets of a
+    slot's current block are still masked (`open`), and a copy of its generated region (`gen`: the
+    events' canvases, the EOS check)."""
+
+    def __init__(self, capacity: int, context: int, mask_id: int) -> None:
+        self.mask_id = mask_id
+        self.slots: list[Slot | None] = [None] * capacity
+        self.open = np.zeros((capacity, context), dtype=bool)
+        self.gen = np.full((capacity, context), mask_id, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def free_row(self) -> int:
+        """The first free row; ValueError when every slot is taken."""
+        return self.slots.index(None)
+
+    def start(self, row: int) -> None:
+        """A slot's first step: a masked canvas, its first block all open."""
+        s = self.slots[row]
+        s.fresh = False
+        self.gen[row] = self.mask_id
+        self.open[row] = False
+        self.open[row, :s.block_bounds()[1]] = True
