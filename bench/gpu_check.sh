@@ -7,9 +7,10 @@
 #      then an LLaDA-8B-shaped model's speed and MFU (bench/family_speed.py)
 #   3. the kernel tests on CUDA, compiled (not interpreted): tests/test_kernels*.py, one fixed tile config
 #      (TZD_AUTOTUNE=0; autotuned, they took about 130 s on an H200, most of it compiling and autotuning),
-#      the one-sync test, and batch invariance on CUDA: the attention kernels' rows alone vs batched, and
+#      the one-sync test, CUDA graphs' tokens against eager, the paged KV store, and batch invariance on CUDA: the attention kernels' rows alone vs batched, and
 #      the server at concurrency 16 vs alone (--deterministic on)
-#   4. the serving benchmark against `python -m server --device cuda` (bench/serve.py)
+#   4. the serving benchmark against `python -m server --device cuda` (bench/serve.py); then with the dual
+#      cache, eager and with --cuda-graphs on
 #   5. the kernel benchmark: bench/kernels.py (table + JSON)
 # Usage: bench/gpu_check.sh OUT_DIR [CHECKPOINT_DIR]   (default checkpoint: models/shakespeare-small)
 # Everything lands in OUT_DIR; summary.txt lists each step's exit status. Each step gets a share of
@@ -140,12 +141,19 @@ step llada8b 150 "$PY" -m bench.family_speed --device cuda --out "$OUT/llada8b.j
 # TZD_AUTOTUNE=0: the kernels run one fixed tile config (no compile-and-time search per test shape, which
 # took most of this step); the autotuned kernels are checked against SDPA by the kernel benchmark below
 step tests 220 env TZD_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_varlen.py \
-    tests/test_kernels_model.py tests/test_sampling_cuda.py \
+    tests/test_kernels_model.py tests/test_sampling_cuda.py tests/test_cuda_graphs.py tests/test_kv_pages.py \
     tests/test_invariance.py tests/test_server_invariance.py -k "not on_cpu_default and not on_cpu_bf16_units" \
     --junitxml "$OUT/tests.xml"
 
 step serve 100 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --concurrency 1,4,16,32 --repeats 1 \
     --out "$OUT/serve_gpu.json" --png "$OUT/serve_gpu.png"
+
+# the dual cache through the server, eager and with --cuda-graphs on (the captured cached step)
+step serve_dual 60 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --concurrency 1,16 --repeats 1 \
+    --cache dual --no-offline --out "$OUT/serve_gpu_dual.json" --png "$OUT/serve_gpu_dual.png"
+step serve_graphs 60 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --concurrency 1,16 --repeats 1 \
+    --cache dual --no-offline --server-args "--cuda-graphs on" --out "$OUT/serve_gpu_graphs.json" \
+    --png "$OUT/serve_gpu_graphs.png"
 
 QUICK=()
 ((DEADLINE - SECONDS < 200)) && QUICK=(--quick)  # fewer shapes when the steps before ran long

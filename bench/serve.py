@@ -198,11 +198,11 @@ class Offline:
 
 # ---- server process ------------------------------------------------------------------------------
 
-def start_server(checkpoint: Path, port: int, max_batch: int, device: str, dtype: str, threads: int | None
-                 ) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, max_batch: int, device: str, dtype: str, threads: int | None,
+                 extra: list[str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port),
            "--max-batch-size", str(max_batch), "--max-queue", "4096", "--device", device, "--dtype", dtype,
-           "--log-level", "warning", *(["--threads", str(threads)] if threads else [])]
+           "--log-level", "warning", *(["--threads", str(threads)] if threads else []), *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -285,6 +285,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", default="64,64", help="min,max prompt length in tokens (fixed by default, as "
                     "vLLM's random dataset: mixed lengths also measure the sampler's padding to the longest row)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default="none", choices=["none", "prefix", "dual"], help="every request's cache")
+    ap.add_argument("--server-args", default="", help="more server flags, one string (e.g. '--cuda-graphs on')")
     ap.add_argument("--no-offline", action="store_true", help="skip the sampler's offline baseline")
     ap.add_argument("--repeats", type=int, default=3, help="server c16 / offline b16 pairs (the ratio is their median)")
     ap.add_argument("--out", default="bench/results/serve.json")
@@ -301,13 +303,15 @@ def main() -> int:
     counts = {c: args.num_requests or max(16, 4 * c) for c in levels_c}
     lo, hi = (int(x) for x in args.prompt_tokens.split(","))
     prompts = held_out_prompts(tok, max(counts.values()), lo, hi, args.seed)
-    params = {"max_tokens": args.max_tokens, "steps": args.steps, "block_length": args.block_length}
+    params = {"max_tokens": args.max_tokens, "steps": args.steps, "block_length": args.block_length,
+              "cache": args.cache}
     bodies = [{"prompt": p, **params, "seed": i, "stream": True} for i, p in enumerate(prompts)]
 
     proc = None
     url = args.url
     if url is None:
-        proc = start_server(checkpoint, args.port, max(levels_c), args.device, args.dtype, args.threads)
+        proc = start_server(checkpoint, args.port, max(levels_c), args.device, args.dtype, args.threads,
+                            args.server_args.split())
         url = f"http://127.0.0.1:{args.port}"
     info = next((s.labels for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
                  for s in fam.samples if s.name == "tzd_model_info"), {})

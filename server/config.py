@@ -77,6 +77,10 @@ class ServerOptions(BaseModel):
                           "enough pages for every slot to hold a whole context (on CUDA at most half the free "
                           "memory)")
     kv_page_size: Positive = Field(16, description="positions per KV page")
+    cuda_graphs: Literal["on", "off"] = Field(
+        "off", description="on: replay the cached step inside a block (cache prefix or dual) from CUDA graphs "
+                           "captured per shape bucket (rows x window x keys), tokens identical to eager; CUDA "
+                           "only. Off by default until measured on a GPU (bench/gpu_check.sh)")
     prefix_cache_mb: float = Field(256.0, ge=0, description="MiB of prompt blocks' keys/values kept for reuse "
                                                             "across requests (block-causal models; 0 = off)")
     max_tokens_limit: Positive = Field(256, description="largest max_tokens a request may ask for")

@@ -56,7 +56,7 @@ class Engine:
 
     def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int, max_queue: int,
                  max_batched_tokens: int | None = None, prefix_pool_bytes: int = 0,
-                 kv_cache_memory: str | None = None, kv_page_size: int = 16) -> None:
+                 kv_cache_memory: str | None = None, kv_page_size: int = 16, cuda_graphs: bool = False) -> None:
         self.runtime, self.metrics = runtime, metrics
         tok, model = runtime.loaded.tokenizer, runtime.loaded.model
         kv_dtype = compute_dtype(model)
@@ -64,7 +64,8 @@ class Engine:
             PagedKVStore.page_bytes(*kv_shape(runtime.loaded.model_config), kv_page_size, kv_dtype)
         self.batch = DenoiseBatch(model, runtime.loaded.mask_id, capacity=max_batch_size, eos_id=tok.eos_ids,
                                   prefix_pool_bytes=prefix_pool_bytes, kv_page_size=kv_page_size, kv_dtype=kv_dtype,
-                                  kv_cache_bytes=kv_cache_bytes(kv_cache_memory, runtime.device, dense))
+                                  kv_cache_bytes=kv_cache_bytes(kv_cache_memory, runtime.device, dense),
+                                  cuda_graphs=cuda_graphs)
         self._pool_counted = (0, 0)  # the prefix pool's (queries, hits) already in the metrics
         self.scheduler = Scheduler(max_batch_size, max_queue, max_batched_tokens, self.batch.kv.num_pages,
                                    lambda r: self.batch.pages_for(r.plan))

@@ -44,7 +44,8 @@ class Serving:
                                          cfg.max_model_len, cfg.deterministic == "on")
             engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_num_batched_tokens,
                             prefix_pool_bytes=int(cfg.prefix_cache_mb * (1 << 20)),
-                            kv_cache_memory=cfg.kv_cache_memory, kv_page_size=cfg.kv_page_size)
+                            kv_cache_memory=cfg.kv_cache_memory, kv_page_size=cfg.kv_page_size,
+                            cuda_graphs=cfg.cuda_graphs == "on")
             await engine.start()
         except Exception as e:  # noqa: BLE001 - reported through /health and on_fatal
             self.failure = f"{type(e).__name__}: {e}"
@@ -57,7 +58,8 @@ class Serving:
             "device": str(rt.device), "dtype": rt.dtype_name, "context": str(rt.context),
             "backend": str(rt.loaded.model_config.backend), "max_batch_size": str(cfg.max_batch_size),
             "attention": rt.loaded.model_config.attention,
-            "threads": str(torch.get_num_threads()), "deterministic": cfg.deterministic})
+            "threads": str(torch.get_num_threads()), "deterministic": cfg.deterministic,
+            "cuda_graphs": cfg.cuda_graphs, "kv_cache_pages": str(engine.batch.kv.num_pages)})
         self.runtime, self.engine = rt, engine
         log.info("loaded %s", rt.describe())
         kv = engine.batch.kv

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from tzd.models import ModelConfig, model_config
+from tzd.sampling.cuda_graphs import WindowGraphs
 from tzd.sampling.kv_pages import PagedKVStore
 from tzd.sampling.model_runner import ModelRunner
 from tzd.sampling.output import process
@@ -55,12 +56,12 @@ def kv_store(cfg: ModelConfig, capacity: int, device: torch.device, budget_bytes
 
 class DenoiseBatch:
     """Up to `capacity` requests denoised together on `model`, their keys/values in `kv_cache_bytes` of
-    pages (None: every slot a whole context)."""
+    pages (None: every slot a whole context); `cuda_graphs`: replay the cached step from CUDA graphs."""
 
     def __init__(self, model: nn.Module, mask_id: int, capacity: int, eos_id: int | Sequence[int] | None = None,
                  device: torch.device | str | None = None, prefix_pool_bytes: int = 0,
                  kv_cache_bytes: int | None = None, kv_page_size: int = 16,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, cuda_graphs: bool = False) -> None:
         self.model = model
         self.cfg = model_config(model)
         self.mask_id, self.capacity = mask_id, capacity
@@ -77,6 +78,8 @@ class DenoiseBatch:
         self.kv = kv_store(self.cfg, capacity, self.device, kv_cache_bytes, kv_page_size,
                            kv_dtype or compute_dtype(model))
         self.runner = ModelRunner(model, self.cfg, self.canvas, self.kv, mask_id)
+        if cuda_graphs:  # the cached step inside a block, captured per shape bucket (CUDA only)
+            self.runner.graphs = WindowGraphs(model, self.kv, mask_id, self.context, self.block is not None)
         # prompt blocks shared across requests: block-causal models only (a bidirectional prompt's keys
         # depend on everything after them)
         self.pool = PrefixPool(prefix_pool_bytes, self.block) if self.block and prefix_pool_bytes > 0 else None

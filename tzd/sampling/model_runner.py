@@ -2,7 +2,8 @@
 
 Two kinds of forward: rows that need the whole canvas (packed one after another when their lengths
 differ, so a mixed batch costs the tokens it holds; padded to one length otherwise), and rows served
-from the paged KV cache, which run only their query window (Slot.window) against the cached keys.
+from the paged KV cache, which run only their query window (Slot.window) against the cached keys
+(replayed from a CUDA graph where one is captured for the shape: cuda_graphs.py).
 Classifier-free guidance runs each guided row's unconditional copy (prompt masked) in the same forward.
 """
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 from tzd.models import ForwardContext, ModelConfig
 from tzd.models.blocks import block_ids, token_block_ids
 from tzd.sampling.cache import PackedRecordView, ReadView, RecordView
+from tzd.sampling.cuda_graphs import WindowGraphs
 from tzd.sampling.kv_pages import PagedKVStore
 from tzd.sampling.rows import COLUMN, RowValues, upload
 from tzd.sampling.slot import Slot
@@ -33,6 +35,7 @@ class ModelRunner:
         self.block = cfg.denoise_block  # a block-causal model's blocks; None = bidirectional
         self.align = cfg.block_align
         self.shift = int(cfg.logit_shift)  # a cached window starts one column left of its block
+        self.graphs: WindowGraphs | None = None  # captured cached forwards (DenoiseBatch's cuda_graphs)
 
     def logits(self, step: StepPlan) -> torch.Tensor:
         """fp32 logits [rows, P, V] at each row's open block offsets, in the plan's row order; the mask
@@ -126,10 +129,16 @@ class ModelRunner:
         kv_positions = torch.where(offs[None, :] < rv.query_len[:, None], positions, self.kv.scratch)
         lengths = [w[2] for w in windows]
         keys = max(lengths)
-        view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.key_len,
-                        rv.table[:, COLUMN["slot"]])
         opened = rv.offsets.clamp(min=0) + (rv.start - rv.window_start)[:, None]  # the block's columns
         blocks = (block_ids(self.context, rv.prompt_len, self.block, align=self.align)
                   if self.block is not None else None)
+        if self.graphs is not None:
+            keys_index = self.kv.flat(rv.slot, torch.arange(keys, device=self.device).expand(len(slots), -1))
+            logits = self.graphs.run(ids, positions, self.kv.flat(rv.slot, kv_positions), keys_index, rv.key_len,
+                                     blocks, opened)
+            if logits is not None:
+                return logits
+        view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.key_len,
+                        rv.table[:, COLUMN["slot"]])
         return self.model(ids, ForwardContext(positions=positions, seqlens=rv.key_len, cache=view,
                                               output_positions=opened, block_ids=blocks))
