@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-from kernels.block_limits import token_rows
 
 
 def rope_cache(seq_len: int, rotary_dim: int, base: float = 10000.0,
@@ -116,11 +116,6 @@ def check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q
 LENGTH_GROUPS = 4  # varlen_attention's reference pads rows within this many groups of similar lengths
 
 
-def _scatter_rows(x: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, B: int, L: int) -> torch.Tensor:
-    """Packed [N, ...] -> padded [B, L, ...] (zeros past each row's length)."""
-    return x.new_zeros((B, L, *x.shape[1:])).index_put((rows, offs), x)
-
-
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float | None = None,
                      q_blocks: torch.Tensor | None = None, k_blocks: torch.Tensor | None = None,
@@ -140,48 +135,94 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     wins only on tiny totals (4 rows of 16-64, 151 tokens: 0.8 against 1.2 ms), where both are cheap.
     """
     check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_blocks, k_blocks)
-    B = cu_seqlens_q.shape[0] - 1
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
-    for field, cu, n in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
-        if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu.diff() < 0).any()):
+    plan = _varlen_plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    H, D = q.shape[1], q.shape[2]
+    parts = []
+    for g in plan.groups:
+        qp = q[g.q_map].view(g.rows, g.Lq, H, D).transpose(1, 2)
+        kp = k[g.k_map].view(g.rows, g.Lk, *k.shape[1:]).transpose(1, 2)
+        vp = v[g.k_map].view(g.rows, g.Lk, *v.shape[1:]).transpose(1, 2)
+        blocks = {}
+        if q_blocks is not None:  # padded keys are masked by seqlens, padded queries dropped
+            blocks = {"q_blocks": q_blocks[g.q_map].view(g.rows, g.Lq).long(),
+                      "k_blocks": k_blocks[g.k_map].view(g.rows, g.Lk).long()}
+        res = (attend or attention)(qp, kp, vp, g.lens_k, scale, **blocks)  # [G,H,Lq,D]
+        parts.append(res.transpose(1, 2).reshape(g.rows * g.Lq, H, D)[g.out_index])
+    if not parts:
+        return q.new_zeros(q.shape)
+    return torch.cat(parts)[plan.inverse] if len(parts) > 1 else parts[0][plan.inverse]
+
+
+@dataclass
+class _Group:
+    rows: int  # rows in the group
+    Lq: int  # their longest query and key counts: the padded shape
+    Lk: int
+    q_map: torch.Tensor  # [rows * Lq]: the packed query token of each padded slot (token 0 for padding)
+    k_map: torch.Tensor  # [rows * Lk]
+    lens_k: torch.Tensor  # [rows]: key counts (seqlens of the padded attention)
+    out_index: torch.Tensor  # the padded slot of each of the group's query tokens, in token order
+
+
+@dataclass
+class _VarlenPlan:
+    groups: list[_Group]
+    inverse: torch.Tensor  # [Nq]: where each query token's output is in the groups' concatenated outputs
+
+
+def _spans(starts: np.ndarray, lens: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """(padded slot, packed token) of every token of rows starting at `starts` with `lens` tokens, row j
+    padded to L slots: slot j * L + t holds token starts[j] + t."""
+    within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    return np.repeat(np.arange(len(lens)), lens) * L + within, np.repeat(starts, lens) + within
+
+
+_last_plan: tuple[tuple, torch.Tensor, torch.Tensor, _VarlenPlan] | None = None
+
+
+def _varlen_plan(cu_q: torch.Tensor, cu_k: torch.Tensor, nq: int, nk: int, max_q: int, max_k: int) -> _VarlenPlan:
+    """The grouping of varlen_attention, computed once per forward (every layer passes the same
+    cu_seqlens: the last plan is kept, checked against a copy of their values) and validated then."""
+    global _last_plan
+    key = (id(cu_q), id(cu_k), nq, nk, max_q, max_k)
+    if _last_plan is not None and _last_plan[0] == key and torch.equal(_last_plan[1], cu_q) \
+            and torch.equal(_last_plan[2], cu_k):
+        return _last_plan[3]
+    cq, ck = cu_q.cpu().long().numpy(), cu_k.cpu().long().numpy()  # one read-back per forward, not per layer
+    for field, cu, n in (("cu_seqlens_q", cq, nq), ("cu_seqlens_k", ck, nk)):
+        if cu[0] != 0 or cu[-1] != n or (np.diff(cu) < 0).any():
             raise ValueError(f"varlen_attention: {field} must rise from 0 to {n} (the packed tokens); got "
                              f"{cu.tolist()}")
-    lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
-    if int(lens_q.max()) > max_seqlen_q or int(lens_k.max()) > max_seqlen_k:
-        raise ValueError(f"varlen_attention: a row is longer than max_seqlen_q={max_seqlen_q} / "
-                         f"max_seqlen_k={max_seqlen_k} (longest: {int(lens_q.max())} / {int(lens_k.max())})")
-    rows_q, rows_k = token_rows(cu_seqlens_q, q.shape[0]), token_rows(cu_seqlens_k, k.shape[0])
-    offs_q = torch.arange(q.shape[0], device=q.device) - cu_seqlens_q[rows_q]
-    offs_k = torch.arange(k.shape[0], device=k.device) - cu_seqlens_k[rows_k]
+    lens_q, lens_k = np.diff(cq), np.diff(ck)
+    if lens_q.max(initial=0) > max_q or lens_k.max(initial=0) > max_k:
+        raise ValueError(f"varlen_attention: a row is longer than max_seqlen_q={max_q} / max_seqlen_k={max_k} "
+                         f"(longest: {lens_q.max(initial=0)} / {lens_k.max(initial=0)})")
     # Rows grouped by length (at most LENGTH_GROUPS groups of consecutive lengths, each padded to its own
     # longest): padding every row to the batch's longest made attention cost rows x longest^2, twice
     # what 16 rows of 80-320 tokens hold (CPU, fp32, 4 heads of 64: 40 ms a layer against 19 for the
     # same tokens in equal rows). A loop over a few groups, never over rows.
-    by_len = torch.argsort(lens_k.cpu(), stable=True).tolist()
+    B = len(lens_q)
+    by_len = np.argsort(lens_k, kind="stable")
     n_groups = min(LENGTH_GROUPS, B)
-    out = q.new_zeros(q.shape)
-    for g in range(n_groups):
-        members = by_len[g * B // n_groups:(g + 1) * B // n_groups]
-        if not members:
+    device = cu_q.device
+    groups, order = [], []
+    for gi in range(n_groups):
+        members = by_len[gi * B // n_groups:(gi + 1) * B // n_groups]
+        if not len(members) or not lens_q[members].sum():
             continue
-        index = torch.full((B,), -1, dtype=torch.long)
-        index[members] = torch.arange(len(members))
-        index = index.to(q.device)
-        gq, gk = index[rows_q], index[rows_k]
-        tq, tk = torch.nonzero(gq >= 0).squeeze(1), torch.nonzero(gk >= 0).squeeze(1)
-        if len(tq) == 0:
-            continue
-        Lq = max(int(lens_q[members].max()), 1)
-        Lk = max(int(lens_k[members].max()), 1)
-        G = len(members)
-        qp = _scatter_rows(q[tq], gq[tq], offs_q[tq], G, Lq).transpose(1, 2)
-        kp = _scatter_rows(k[tk], gk[tk], offs_k[tk], G, Lk).transpose(1, 2)
-        vp = _scatter_rows(v[tk], gk[tk], offs_k[tk], G, Lk).transpose(1, 2)
-        blocks = {}
-        if q_blocks is not None:  # padded ids are 0: padded keys are masked by seqlens, padded queries dropped
-            blocks = {"q_blocks": _scatter_rows(q_blocks[tq].long(), gq[tq], offs_q[tq], G, Lq),
-                      "k_blocks": _scatter_rows(k_blocks[tk].long(), gk[tk], offs_k[tk], G, Lk)}
-        res = (attend or attention)(qp, kp, vp, lens_k[members], scale, **blocks)  # [G,H,Lq,D]
-        out = out.index_put((tq,), res.transpose(1, 2)[gq[tq], offs_q[tq]])
-    return out
+        G, Lq, Lk = len(members), max(int(lens_q[members].max()), 1), max(int(lens_k[members].max()), 1)
+        q_map, k_map = np.zeros(G * Lq, dtype=np.int64), np.zeros(G * Lk, dtype=np.int64)
+        q_slots, q_tokens = _spans(cq[members], lens_q[members], Lq)
+        k_slots, k_tokens = _spans(ck[members], lens_k[members], Lk)
+        q_map[q_slots], k_map[k_slots] = q_tokens, k_tokens
+        order.append(q_tokens)
+        groups.append(_Group(G, Lq, Lk, torch.from_numpy(q_map).to(device), torch.from_numpy(k_map).to(device),
+                             torch.from_numpy(lens_k[members].copy()).to(device), torch.from_numpy(q_slots).to(device)))
+    inverse = np.empty(nq, dtype=np.int64)
+    if order:
+        inverse[np.concatenate(order)] = np.arange(nq)
+    plan = _VarlenPlan(groups, torch.from_numpy(inverse).to(device))
+    _last_plan = (key, cu_q.clone(), cu_k.clone(), plan)
+    return plan
