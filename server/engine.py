@@ -29,8 +29,7 @@ from server.request import CANCELLED, Failure, Request, RequestGroup
 from server.runtime import Runtime, inference, kv_cache_bytes
 from server.scheduler import Scheduler
 from tzd.sampling import DenoiseBatch, RequestPlan, SlotStep, plan
-from tzd.sampling.batch import compute_dtype, kv_shape
-from tzd.sampling.kv_pages import PagedKVStore
+from tzd.sampling.batch import compute_dtype, dense_kv_bytes
 
 log = logging.getLogger("tzd.server")
 
@@ -60,8 +59,7 @@ class Engine:
         self.runtime, self.metrics = runtime, metrics
         tok, model = runtime.loaded.tokenizer, runtime.loaded.model
         kv_dtype = compute_dtype(model)
-        dense = max_batch_size * -(-runtime.context // kv_page_size) * \
-            PagedKVStore.page_bytes(*kv_shape(runtime.loaded.model_config), kv_page_size, kv_dtype)
+        dense = dense_kv_bytes(runtime.loaded.model_config, max_batch_size, kv_page_size, kv_dtype)
         self.batch = DenoiseBatch(model, runtime.loaded.mask_id, capacity=max_batch_size, eos_id=tok.eos_ids,
                                   prefix_pool_bytes=prefix_pool_bytes, kv_page_size=kv_page_size, kv_dtype=kv_dtype,
                                   kv_cache_bytes=kv_cache_bytes(kv_cache_memory, runtime.device, dense),
@@ -294,6 +292,11 @@ class Engine:
                 req.group.queue.put_nowait((req, Failure(message)))
         self._gauges()
 
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV pages the running requests hold (the scheduler's count: it admits by it)."""
+        return self.scheduler.running_pages / max(self.batch.kv.num_pages, 1)
+
     def check_fits(self, plan: RequestPlan) -> None:
         """InvalidRequest when `plan` needs more KV pages than the whole cache holds (it could never run)."""
         kv, need = self.batch.kv, self.batch.pages_for(plan)
@@ -306,7 +309,7 @@ class Engine:
     def _gauges(self) -> None:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_usage.set(self.scheduler.running_pages / max(self.batch.kv.num_pages, 1))
+        self.metrics.kv_usage.set(self.kv_usage)
         pool = self.batch.pool
         if pool is not None:  # plain ints the step thread bumps: a read mid-step lags one step at most
             queries, hits = pool.stats.queries, pool.stats.hits

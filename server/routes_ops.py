@@ -19,8 +19,7 @@ def _health(serving: Serving) -> Health:
     engine = serving.engine
     running, waiting = (len(engine.scheduler.running), len(engine.scheduler.waiting)) if engine else (0, 0)
     attention = serving.runtime.loaded.model_config.attention if serving.runtime else None
-    pages = engine.batch.kv.num_pages if engine else None
-    usage = engine.scheduler.running_pages / max(pages, 1) if engine else None
+    pages, usage = (engine.batch.kv.num_pages, engine.kv_usage) if engine else (None, None)
     return Health(status=serving.status, model=serving.config.served_name,  # type: ignore[arg-type]
                   running=running, waiting=waiting, max_batch_size=serving.config.max_batch_size,
                   max_num_batched_tokens=serving.config.max_num_batched_tokens, attention=attention,

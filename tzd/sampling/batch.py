@@ -30,7 +30,7 @@ from tzd.sampling.sampler import sample
 from tzd.sampling.slot import Slot, SlotStep, SlotTable, eos_set
 from tzd.sampling.step_plan import StepPlan, plan_step
 
-__all__ = ["DenoiseBatch", "SlotStep", "compute_dtype", "eos_set", "kv_shape", "kv_store"]
+__all__ = ["DenoiseBatch", "SlotStep", "compute_dtype", "dense_kv_bytes", "eos_set", "kv_shape", "kv_store"]
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
@@ -44,13 +44,18 @@ def kv_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     return cfg.n_layer, cfg.n_kv_head, cfg.head_dim
 
 
+def dense_kv_bytes(cfg: ModelConfig, capacity: int, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes of pages for every slot to hold a whole context: what a dense store would reserve."""
+    return capacity * -(-cfg.block_size // page_size) * PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype)
+
+
 def kv_store(cfg: ModelConfig, capacity: int, device: torch.device, budget_bytes: int | None, page_size: int,
              dtype: torch.dtype) -> PagedKVStore:
-    """The paged KV store for a batch: `budget_bytes` of pages (None: enough for every slot to hold a
-    whole context, the dense store's worth, so that pages never limit admission)."""
-    page = PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype)
-    per_context = -(-cfg.block_size // page_size)
-    pages = capacity * per_context if budget_bytes is None else int(budget_bytes // page)
+    """The paged KV store for a batch: `budget_bytes` of pages (None: dense_kv_bytes, so that pages never
+    limit admission)."""
+    if budget_bytes is None:
+        budget_bytes = dense_kv_bytes(cfg, capacity, page_size, dtype)
+    pages = int(budget_bytes // PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype))
     return PagedKVStore(capacity, *kv_shape(cfg), cfg.block_size, page_size, pages, device)
 
 
