@@ -57,13 +57,25 @@ class ReadView:
     Writing in place is safe: a request's window is the same at every step of a block, and the next block
     starts by recording (approximate) or by writing the keys that became final (exact)."""
 
-    def __init__(self, store: PagedKVStore, slots: torch.Tensor, positions: torch.Tensor, keys: int,
-                 seqlens: torch.Tensor | None, host_slots: np.ndarray) -> None:
-        self.store, self.seqlens, self.keys = store, seqlens, keys
-        self.write_index = store.flat(slots, positions)  # [B, Q]
-        self.strided = store.strided_rows(host_slots, keys)  # rows in consecutive pages: read as a view
-        self.read_index = None if self.strided else \
-            store.flat(slots, torch.arange(keys, device=slots.device).expand(len(slots), -1))
+    def __init__(self, store: PagedKVStore, write_index: torch.Tensor, seqlens: torch.Tensor | None,
+                 read_index: torch.Tensor | None = None, strided: tuple[int, int] | None = None,
+                 keys: int | None = None) -> None:
+        """`write_index` [B, Q]: the window's flat store indices; the keys are read at `read_index` [B, S],
+        or as a strided view (PagedKVStore.strided_rows) of `keys` keys."""
+        self.store, self.seqlens, self.write_index = store, seqlens, write_index
+        self.read_index, self.strided = read_index, strided
+        self.keys = keys if keys is not None else read_index.shape[1]
+
+    @classmethod
+    def of_rows(cls, store: PagedKVStore, slots: torch.Tensor, write_index: torch.Tensor, keys: int,
+                seqlens: torch.Tensor | None, host_slots: np.ndarray) -> ReadView:
+        """The view for rows `slots` (`host_slots` on the host) reading keys [0, keys): a strided view
+        where their pages are consecutive, else a gather."""
+        strided = store.strided_rows(host_slots, keys)
+        if strided is not None:
+            return cls(store, write_index, seqlens, strided=strided, keys=keys)
+        return cls(store, write_index, seqlens, store.flat(slots, torch.arange(keys, device=slots.device)
+                                                           .expand(len(slots), -1)))
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from tzd.models import ForwardContext
+from tzd.sampling.cache import ReadView
 from tzd.sampling.kv_pages import PagedKVStore
 
 log = logging.getLogger("tzd.sampling")
@@ -32,21 +33,6 @@ log = logging.getLogger("tzd.sampling")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 KEY_BUCKET = 64
 MAX_GRAPHS = 64
-
-
-class _StaticWindow:
-    """The KV cache view of a captured forward: its indices are static buffers."""
-
-    def __init__(self, store: PagedKVStore, write_index: torch.Tensor, read_index: torch.Tensor,
-                 seqlens: torch.Tensor) -> None:
-        self.store, self.write_index, self.read_index, self.seqlens = store, write_index, read_index, seqlens
-
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.store.ensure(k.dtype)  # a no-op once allocated: it is, before any capture (the warm-up ran)
-        self.store.write(layer, self.write_index, k, v)
-        k_all, v_all = self.store.read(layer, self.read_index)
-        return k_all.to(k.dtype), v_all.to(v.dtype), self.seqlens
 
 
 @dataclass
@@ -137,7 +123,7 @@ class WindowGraphs:
             b.blocks[:B] = blocks
 
     def _forward(self, b: _Bucket) -> torch.Tensor:
-        view = _StaticWindow(self.store, b.write_index, b.read_index, b.seqlens)
+        view = ReadView(self.store, b.write_index, b.seqlens, b.read_index)  # always a gather: static indices
         return self.model(b.ids, ForwardContext(positions=b.positions, seqlens=b.seqlens, cache=view,
                                                 block_ids=b.blocks))
 

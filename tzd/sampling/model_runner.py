@@ -132,13 +132,13 @@ class ModelRunner:
         opened = rv.offsets.clamp(min=0) + (rv.start - rv.window_start)[:, None]  # the block's columns
         blocks = (block_ids(self.context, rv.prompt_len, self.block, align=self.align)
                   if self.block is not None else None)
+        write_index = self.kv.flat(rv.slot, kv_positions)
         if self.graphs is not None:
             keys_index = self.kv.flat(rv.slot, torch.arange(keys, device=self.device).expand(len(slots), -1))
-            logits = self.graphs.run(ids, positions, self.kv.flat(rv.slot, kv_positions), keys_index, rv.key_len,
-                                     blocks, opened)
+            logits = self.graphs.run(ids, positions, write_index, keys_index, rv.key_len, blocks, opened)
             if logits is not None:
                 return logits
-        view = ReadView(self.kv, rv.slot, kv_positions, keys, None if min(lengths) == keys else rv.key_len,
-                        rv.table[:, COLUMN["slot"]])
+        view = ReadView.of_rows(self.kv, rv.slot, write_index, keys, None if min(lengths) == keys else rv.key_len,
+                                rv.table[:, COLUMN["slot"]])
         return self.model(ids, ForwardContext(positions=positions, seqlens=rv.key_len, cache=view,
                                               output_positions=opened, block_ids=blocks))
