@@ -108,9 +108,49 @@ async def one(client: AsyncTZDClient, i: int, streamed: bool, params: dict) -> R
     return rec
 
 
+class LoopWatch:
+    """When this client's own event loop ran late: [start, end] of every wake-up of a 5 ms ticker that came
+    over `stall` seconds after the one before.
+
+    On the shared 2-core machine the client process itself can be descheduled (a replica booting torch, the
+    other replica's step threads); while it is, the step events pile up in its socket and are then read in
+    one burst, exactly as if a proxy had buffered them. A stream whose span holds such a stall says nothing
+    about the proxy, so the step-by-step check leaves it out (and reports it).
+    """
+
+    def __init__(self, stall: float = 0.05, tick: float = 0.005) -> None:
+        self.stall, self.tick = stall, tick
+        self.stalls: list[tuple[float, float]] = []
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        last = now()
+        while True:
+            await asyncio.sleep(self.tick)
+            t = now()
+            if t - last > self.stall:
+                self.stalls.append((last, t))
+            last = t
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def worst_within(self, start: float, end: float) -> float:
+        """The longest stall overlapping [start, end] (0 when none)."""
+        return max((min(b, end) - max(a, start) for a, b in self.stalls if a < end and b > start), default=0.0)
+
+
 async def load(url: str, api_key: str | None, n: int, concurrency: int, params: dict,
-               on_progress=None) -> tuple[list[Record], float]:  # noqa: ANN001
-    """n requests (every second one streamed) with `concurrency` in flight; (records, wall seconds)."""
+               on_progress=None, watch: LoopWatch | None = None) -> tuple[list[Record], float]:  # noqa: ANN001
+    """n requests (every second one streamed) with `concurrency` in flight; (records, wall seconds).
+
+    With `watch`, the client's own loop stalls are recorded while the requests run.
+    """
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
@@ -127,7 +167,13 @@ async def load(url: str, api_key: str | None, n: int, concurrency: int, params: 
                     on_progress(len(records))
 
         t0 = now()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if watch is not None:
+            watch.start()
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            if watch is not None:
+                await watch.stop()
         return sorted(records, key=lambda r: r.index), now() - t0
 
 
@@ -319,7 +365,8 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
 
     lb_before = lb_stats(args.lb_stats)
     task = asyncio.create_task(stop_and_start())
-    records, wall = await load(args.lb, args.api_key, args.requests, args.concurrency, params, progress)
+    watch = LoopWatch()
+    records, wall = await load(args.lb, args.api_key, args.requests, args.concurrency, params, progress, watch)
     await task
     lb_after = lb_stats(args.lb_stats)
     for key, field in (("lb_retries", "wretr"), ("lb_redispatches", "wredis")):
@@ -339,13 +386,28 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
     if not chaos["a_requests"] > 0 or not chaos["b_requests_before_sigterm"] > 0:
         problems.append(f"not both replicas served: A {chaos['a_requests']}, B {chaos['b_requests_before_sigterm']}")
     streams = [r for r in records if r.streamed and r.error is None]
-    bursty = [r for r in streams if not stepwise(r)]
+
+    def client_stalled(r: Record) -> bool:
+        """This client's loop stalled long enough, while r ran, to have compressed its events by itself."""
+        if not r.step_times or r.server_total is None or r.server_first_step is None:
+            return False
+        missing = 0.5 * (r.server_total - r.server_first_step) - (r.end - r.step_times[0])
+        return watch.worst_within(r.start, r.end) >= missing
+
+    unjudged = [r for r in streams if not stepwise(r) and client_stalled(r)]
+    bursty = [r for r in streams if not stepwise(r) and not client_stalled(r)]
+    if len(unjudged) > len(streams) // 4:
+        problems.append(f"this client stalled during {len(unjudged)} of {len(streams)} streams (longest stall "
+                        f"{1000 * max(b - a for a, b in watch.stalls):.0f} ms): too few left to judge the proxy")
     if not streams or bursty:
         detail = ""
         if bursty:
             r = bursty[0]
             detail = (f", e.g. request {r.index}: {1000 * (r.end - r.step_times[0]):.0f} ms from its first step event"
                       f" to its end at the client, {1000 * (r.server_total - r.server_first_step):.0f} ms at the server"
+                      f" (this client's loop stalled {1000 * watch.worst_within(r.start, r.end):.0f} ms at most"
+                      f" meanwhile; {1000 * (r.step_times[0] - events.get('sigterm', r.step_times[0])):+.0f} ms"
+                      f" from SIGTERM to its first step event)"
                       if r.step_times and r.server_total is not None and r.server_first_step is not None
                       else f", e.g. request {r.index}: no step events or no server timings")
         problems.append(f"{len(bursty)} of {len(streams)} streams did not arrive step by step{detail}")
@@ -368,7 +430,11 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
     ratios = [(r.end - r.step_times[0]) / (r.server_total - r.server_first_step) for r in streams
               if r.server_total and r.server_first_step is not None and r.server_total > r.server_first_step]
     result = {"summary": summary(records, wall), "chaos": chaos, "latency_by_phase": phases,
-              "streams": {"count": len(streams), "stepwise": len(streams) - len(bursty),
+              "streams": {"count": len(streams), "stepwise": len(streams) - len(bursty) - len(unjudged),
+                          "not_judged_client_stalled": len(unjudged),
+                          "client_loop_stalls": len(watch.stalls),
+                          "client_loop_stall_max_ms": round(1000 * max((b - a for a, b in watch.stalls),
+                                                                       default=0.0), 1),
                           "first_step_to_done_over_server_span_min": round(min(ratios, default=0), 3),
                           "first_step_before_done": sum(r.step_times[0] < r.end for r in streams)}}
     return result, problems
@@ -448,8 +514,9 @@ async def main_async(args: argparse.Namespace) -> int:
               f"replica; the draining replica left "
               f"the rotation {c['left_rotation_after_sigterm_s']} s after SIGTERM; "
               f"replica requests A {c['a_requests']:.0f}, B {c['b_requests_before_sigterm']:.0f} before SIGTERM "
-              f"and {c['b_requests_after_restart']:.0f} after the restart; all {res['streams']['count']} "
-              f"streams step by step")
+              f"and {c['b_requests_after_restart']:.0f} after the restart; {res['streams']['stepwise']} of "
+              f"{res['streams']['count']} streams step by step, {res['streams']['not_judged_client_stalled']} "
+              f"not judged (this client's loop stalled {res['streams']['client_loop_stall_max_ms']} ms at most)")
     out = {"params": {**params, "concurrency": args.concurrency, "requests": args.requests}, "resilience": res}
     if args.measure_requests:
         out["measure"] = await measure(args, params)

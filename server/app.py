@@ -44,5 +44,6 @@ def create_app(config: ServerConfig, on_fatal: Callable[[BaseException], None] |
     openapi.install(app, config.max_tokens_limit)
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, metrics=serving.metrics)
-    app.add_middleware(RequestContext, metrics=serving.metrics)  # outermost: ids, counts and logs 413s too
+    # outermost: ids, counts and logs 413s too; closes keep-alive connections once draining
+    app.add_middleware(RequestContext, metrics=serving.metrics, closing=lambda: serving.status == "draining")
     return app

@@ -87,10 +87,15 @@ def outcome_of(status: int, stream_outcome: str | None, finish_reasons: list[str
 
 class RequestContext:
     """Outermost: gives every HTTP request an id (X-Request-Id, echoed on the answer), counts it in
-    tzd_requests_total{endpoint, status} and logs one access line when its answer has been sent."""
+    tzd_requests_total{endpoint, status} and logs one access line when its answer has been sent.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    While `closing()` is true (the server drains after SIGTERM) every answer carries `Connection: close`:
+    a keep-alive connection left idle to a replica that is about to exit is where a load balancer sends its
+    next request just as the socket closes, and that request then gets no answer at all.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, closing: Callable[[], bool] = lambda: False) -> None:
+        self.app, self.metrics, self.closing = app, metrics, closing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,7 +111,11 @@ class RequestContext:
             if msg["type"] == "http.response.start":
                 status["code"], status["started"] = msg["status"], True
                 headers = [(k, v) for k, v in msg.get("headers", ()) if k.lower() != REQUEST_ID_HEADER]
-                msg = {**msg, "headers": [*headers, id_header]}
+                headers.append(id_header)
+                if self.closing():
+                    headers = [(k, v) for k, v in headers if k.lower() != b"connection"]
+                    headers.append((b"connection", b"close"))
+                msg = {**msg, "headers": headers}
             await send(msg)
 
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -60,6 +61,11 @@ class Serving:
             "attention": rt.loaded.model_config.attention,
             "threads": str(torch.get_num_threads()), "deterministic": cfg.deterministic,
             "cuda_graphs": cfg.cuda_graphs, "kv_cache_pages": str(engine.batch.kv.num_pages)})
+        # The imports and the load leave some 350k long-lived objects that every later full collection
+        # would walk again, pausing all threads, the steps and the streams, for 140 ms here (measured on
+        # the default model, 2-core CPU). Frozen, they are skipped; as vLLM does after its start-up.
+        gc.collect()
+        gc.freeze()
         self.runtime, self.engine = rt, engine
         log.info("loaded %s", rt.describe())
         kv = engine.batch.kv
@@ -117,3 +123,4 @@ class Serving:
     async def close(self) -> None:
         if self.engine is not None:
             await self.engine.stop()
+        gc.unfreeze()  # the interpreter's last collections free them at exit (bindings warn of leaks otherwise)

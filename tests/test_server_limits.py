@@ -131,11 +131,16 @@ def test_sigterm_drains_then_exits_0(srv: ServerProcess, long: dict) -> None:
     threads.append(threading.Thread(target=queued))
     threads[1].start()
     assert wait_for(lambda: running(srv.url) == (1, 1))
+    assert "connection" not in httpx.get(f"{srv.url}/health").headers  # keep-alive while serving
     srv.terminate()
     assert wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 503, timeout=5)
-    assert httpx.get(f"{srv.url}/health").json()["status"] == "draining"
+    h = httpx.get(f"{srv.url}/health")
+    # draining: every answer closes its connection, so no idle keep-alive one is left for a load balancer
+    # to send its next request on as the process exits
+    assert h.json()["status"] == "draining" and h.headers["connection"] == "close"
     r = httpx.post(f"{srv.url}/generate", json={"prompt": "x", "max_tokens": 2}, headers=AUTH)
     assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+    assert r.headers["connection"] == "close"
     for t in threads:
         t.join(timeout=60)
     assert results["stream"][-1] == "done" and results["queued"] == 200  # in-flight work finished
