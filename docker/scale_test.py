@@ -11,7 +11,8 @@ Uses the SDK (AsyncTZDClient, with its retries on 503 and refused connections) a
    SIGTERM, exited 0, became healthy again and rejoined the rotation (LB retries reported); every stream
    arrived step by step through the proxy (the span from its first step event to its `done` event is at
    least half the span the server measured between its first step and its end; a buffering proxy
-   delivers them all at once).
+   delivers them all at once). A stream whose burst a stall of this client's own event loop explains by
+   itself is left out and counted; more than a quarter left out fails too.
 2. measurement (printed and written to --out, never asserted: this machine's cores are shared): the first
    replica at --concurrency, half of the requests direct (its published port) and half at the same time
    through a second LB whose only backend is that replica (--lb-one), each half from its own client
@@ -114,8 +115,8 @@ class LoopWatch:
 
     On the shared 2-core machine the client process itself can be descheduled (a replica booting torch, the
     other replica's step threads); while it is, the step events pile up in its socket and are then read in
-    one burst, exactly as if a proxy had buffered them. A stream whose span holds such a stall says nothing
-    about the proxy, so the step-by-step check leaves it out (and reports it).
+    one burst, exactly as if a proxy had buffered them. A stream whose missing spread such a stall explains
+    says nothing about the proxy, so the step-by-step check leaves it out (and reports it).
     """
 
     def __init__(self, stall: float = 0.05, tick: float = 0.005) -> None:
