@@ -30,6 +30,9 @@ def off_only(*values: object) -> dict[str, object]:
     return {"enum": list(values)}
 
 
+DEFAULT_BLOCK_LENGTH = 32  # LLaDA's; a block-diffusion model's own block replaces it (tzd.sampling.plan)
+
+
 class SamplingParams(BaseModel):
     """How to denoise one request. Checks here need no model; `tzd.sampling.plan` adds the context checks."""
 
@@ -39,8 +42,8 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(64, ge=1, description="number of tokens to generate (the canvas length)")
     steps: int | None = Field(None, ge=1, description="denoising steps (upper bound with threshold); "
                                                       "None = max_tokens")
-    block_length: int | None = Field(None, ge=1, description="semi-autoregressive block length; "
-                                                             "None = min(32, max_tokens)")
+    block_length: int | None = Field(None, ge=1, description="semi-autoregressive block length; None = "
+                                     f"min({DEFAULT_BLOCK_LENGTH}, max_tokens), or a block-diffusion model's block")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -72,7 +75,7 @@ class SamplingParams(BaseModel):
         return self.steps if self.steps is not None else self.max_tokens
 
     def resolved_block_length(self) -> int:
-        return self.block_length if self.block_length is not None else min(32, self.max_tokens)
+        return self.block_length if self.block_length is not None else min(DEFAULT_BLOCK_LENGTH, self.max_tokens)
 
 
 # ---- shared pieces --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from trainer.samples import (
 from trainer.side_tasks import SideTasks
 from trainer.strategy import is_sharded
 from tzd.diffusion import evaluate, training_loss
+from tzd.tasks.score import baseline_params, score_task
 
 __all__ = ["lr_at", "step_generator", "train", "train_step"]
 
@@ -64,9 +65,11 @@ def train_step(run: Run) -> StepResult:
     loss_sum = 0.0
     for micro in range(t.grad_accum):
         g = step_generator(t.seed, step, fabric.global_rank, micro)
-        ids = run.train_windows.sample(t.batch_size, g).to(fabric.device)
+        batch = run.train_windows.sample(t.batch_size, g)
+        ids, prompt_len = batch if isinstance(batch, tuple) else (batch, None)
         with fabric.no_backward_sync(model, enabled=micro < t.grad_accum - 1):
-            loss = training_loss(model, ids, run.tokenizer.mask_id, run.model_cfg, generator=g)
+            loss = training_loss(model, ids.to(fabric.device), run.tokenizer.mask_id, run.model_cfg, generator=g,
+                                 prompt_len=prompt_len)
             fabric.backward(loss / t.grad_accum)
         loss_sum += loss.detach()
     grad_norm = fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip) if t.grad_clip else None
@@ -109,11 +112,33 @@ def log_step(run: Run, result: StepResult, tok_s: float, bar: tqdm) -> None:
     run.fabric.log_dict(metrics, step=run.state["step"])
 
 
+def to_device(batch: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor | tuple:
+    return tuple(b.to(device) for b in batch) if isinstance(batch, tuple) else batch.to(device)
+
+
 def run_eval(run: Run) -> dict[str, float]:
-    res = evaluate(run.model, [b.to(run.fabric.device) for b in run.val_batches], run.tokenizer.mask_id,
+    res = evaluate(run.model, [to_device(b, run.fabric.device) for b in run.val_batches], run.tokenizer.mask_id,
                    run.model_cfg, draws=1 if run.model_cfg.causal else int(run.cfg.training.eval_draws))
-    return {run.main_metric: res.nats_per_token, "val_nats_per_char": res.nats_per_token / run.chars_per_token,
-            "val_ppl_bound": res.perplexity_bound}
+    metrics = {run.main_metric: res.nats_per_token, "val_ppl_bound": res.perplexity_bound}
+    if run.task is None:
+        metrics["val_nats_per_char"] = res.nats_per_token / run.chars_per_token
+    else:
+        metrics["val_accuracy"] = task_accuracy(run)
+    return metrics
+
+
+def task_accuracy(run: Run) -> float:
+    """Exact-match accuracy of the LLaDA baseline sampler on data.accuracy_examples validation examples."""
+    n = int(run.cfg.data.accuracy_examples)
+    if not n or not run.fabric.is_global_zero and not is_sharded(run.fabric.strategy):
+        return float("nan")
+    was_training = run.model.training
+    run.model.eval()
+    with run.fabric.autocast():
+        score = score_task(run.model, run.tokenizer, run.task, run.val_examples[:n],
+                           baseline_params(run.task, model_block=run.model_cfg.denoise_block), batch_size=n)
+    run.model.train(was_training)
+    return score.accuracy
 
 
 def validate(run: Run, side: SideTasks, bar: tqdm) -> dict[str, float] | None:
@@ -150,9 +175,10 @@ def make_sample_plan(run: Run) -> SamplePlan | None:
     t = run.cfg.training
     if not t.sample_every or run.model_cfg.causal:
         return None
+    prompts = sample_prompts(run.corpus.val) if run.task is None else run.corpus.val[:2]
+    tokens = int(t.sample_tokens) if run.task is None else run.task.max_tokens
     try:
-        plan = plan_samples(sample_prompts(run.corpus.val), run.tokenizer, int(t.sample_tokens),
-                            run.model_cfg.block_size)
+        plan = plan_samples(prompts, run.tokenizer, tokens, run.model_cfg.block_size)
     except NoRoomForSamples as e:
         run.fabric.print(f"samples skipped: {e}")
         return None

@@ -14,8 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.checkpointing import resolve_resume, restore_state
 from trainer.data import Corpus, TokenWindows, encode_documents, load_corpus
 from trainer.strategy import make_strategy
+from trainer.task_data import TaskRows, encode_rows, load_task, task_corpus
 from tzd.checkpoint import CheckpointError
 from tzd.models import ModelConfig, build_model, count_params
+from tzd.tasks import Task, TaskExample
 from tzd.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -31,13 +33,15 @@ class Run:
     tok_path: Path
     tokenizer: Tokenizer
     model_cfg: ModelConfig
-    train_windows: TokenWindows
-    val_batches: list[torch.Tensor]
+    train_windows: TokenWindows | TaskRows  # random text windows, or a task's rows (data=task)
+    val_batches: list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]
     chars_per_token: float  # of the validation split: turns nats/token into nats/char
     model: torch.nn.Module  # as set up by Fabric
     optimizer: torch.optim.Optimizer
     n_params: int
     state: dict[str, Any]  # progress (step, tokens_seen, wall_time_s, best_val): saved and resumed
+    task: Task | None = None  # data=task: the task, whose validation examples are also scored
+    val_examples: list[TaskExample] | None = None
 
     @property
     def main_metric(self) -> str:
@@ -119,7 +123,11 @@ def setup_run(cfg: DictConfig) -> Run:
     t = cfg.training
     out_dir = Path(cfg.out_dir)
     resume_from = resolve_resume(cfg, out_dir)
-    corpus = load_corpus(cfg.data)
+    task = load_task(cfg.data) if cfg.data.name == "task" else None
+    if task is not None:
+        corpus, train_examples, val_examples = task_corpus(task, cfg.data)
+    else:
+        corpus, val_examples = load_corpus(cfg.data), None
     if t.num_threads:
         torch.set_num_threads(int(t.num_threads))
     precision = resolve_precision(str(t.precision), str(t.accelerator))
@@ -127,9 +135,21 @@ def setup_run(cfg: DictConfig) -> Run:
     tok_path, tokenizer = load_tokenizer(cfg, corpus, out_dir, resume_from, fabric)
 
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model), vocab_size=tokenizer.vocab_size)
-    train_windows = TokenWindows(encode_documents(tokenizer, corpus.train), model_cfg.block_size, "train")
-    val_windows = TokenWindows(encode_documents(tokenizer, corpus.val), model_cfg.block_size, "validation")
-    val_chars = sum(len(d) for d in corpus.val) + len(corpus.val)  # +1 per document for its EOS
+    if task is not None:
+        train_windows = encode_rows(tokenizer, train_examples, task.max_tokens, model_cfg.block_size)
+        val_rows = encode_rows(tokenizer, val_examples, task.max_tokens, model_cfg.block_size)
+        val_batches = val_rows.grid(t.batch_size, t.eval_batches)
+        texts = [e.prompt + e.target for e in val_examples]
+        chars_per_token = sum(map(len, texts)) / max(1, sum(map(len, tokenizer.encode_batch(texts))))
+        val_tokens = int(val_rows.ids.numel())
+    else:
+        train_windows = TokenWindows(encode_documents(tokenizer, corpus.train), model_cfg.block_size, "train")
+        val_windows = TokenWindows(encode_documents(tokenizer, corpus.val), model_cfg.block_size, "validation")
+        val_chars = sum(len(d) for d in corpus.val) + len(corpus.val)  # +1 per document for its EOS
+        val_batches = val_windows.grid(t.batch_size, t.eval_batches)
+        chars_per_token = val_chars / len(val_windows.tokens)
+        val_tokens = len(val_windows.tokens)
+    train_tokens = int(train_windows.ids.numel()) if task is not None else len(train_windows.tokens)
 
     fabric.seed_everything(int(t.seed), verbose=False)  # the same initial weights on every run and rank
     with fabric.init_module():
@@ -139,15 +159,14 @@ def setup_run(cfg: DictConfig) -> Run:
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(make_optimizer(model, t))
     run = Run(cfg=cfg, out_dir=out_dir, fabric=fabric, precision=precision, corpus=corpus, tok_path=tok_path,
-              tokenizer=tokenizer, model_cfg=model_cfg, train_windows=train_windows,
-              val_batches=val_windows.grid(t.batch_size, t.eval_batches),
-              chars_per_token=val_chars / len(val_windows.tokens), model=model, optimizer=optimizer,
-              n_params=n_params,
-              state={"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "best_val": float("inf")})
+              tokenizer=tokenizer, model_cfg=model_cfg, train_windows=train_windows, val_batches=val_batches,
+              chars_per_token=chars_per_token, model=model, optimizer=optimizer, n_params=n_params,
+              state={"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "best_val": float("inf")},
+              task=task, val_examples=val_examples)
     if resume_from is not None:
         restore_state(run, resume_from)
         fabric.print(f"resumed from {resume_from} at step {run.state['step']}")
     fabric.print(f"{model_cfg.backend} model: {run.n_params / 1e6:.2f}M params, causal={model_cfg.causal}, "
                  f"{fabric.world_size} process(es), precision {precision}; {corpus.description}; "
-                 f"{len(train_windows.tokens):,} train tokens, {len(val_windows.tokens):,} val tokens")
+                 f"{train_tokens:,} train tokens, {val_tokens:,} val tokens")
     return run

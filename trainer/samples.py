@@ -72,7 +72,9 @@ def generate_samples(model: torch.nn.Module, tokenizer: Tokenizer, plan: SampleP
     n = plan.max_tokens
     rows = []
     for temperature in TEMPERATURES:
-        params = SamplingParams(max_tokens=n, steps=n, block_length=min(32, n), temperature=temperature, seed=step)
+        # block_length left to the sampler's own default (clients.protocol.DEFAULT_BLOCK_LENGTH, or a block-causal
+        # model's own block, the only one it can denoise: tzd.sampling.params.plan)
+        params = SamplingParams(max_tokens=n, steps=n, temperature=temperature, seed=step)
         results = generate(model, plan.prompt_ids, params, mask_id=tokenizer.mask_id)
         for prompt, res in zip(plan.prompts, results, strict=True):
             rows.append({"step": step, "temperature": temperature, "prompt": prompt, "max_tokens": n,

@@ -99,6 +99,27 @@ def block_diffusion_loss(model: nn.Module, ids: torch.Tensor, mask_id: int, bloc
     return diffusion_loss(two_stream_logits(model, ids, d.noisy, d.blocks), ids, d.masked, d.p)
 
 
+def sft_forward_process(ids: torch.Tensor, prompt_len: torch.Tensor, mask_id: int, eps: float = EPS,
+                        generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """forward_process over the response only (LLaDA's SFT): positions < prompt_len[b] are never masked."""
+    noisy, masked, p = forward_process(ids, mask_id, eps=eps, generator=generator)
+    response = torch.arange(ids.shape[1], device=ids.device)[None] >= prompt_len.to(ids.device)[:, None]
+    masked = masked & response
+    return torch.where(masked, noisy, ids), masked, p
+
+
+def sft_loss(model: nn.Module, ids: torch.Tensor, prompt_len: torch.Tensor, mask_id: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """LLaDA's SFT objective: the NELBO of the response given the clean prompt, in nats per response
+    token (the sum of CE / p over masked response positions, divided by the number of response tokens)."""
+    noisy, masked, p = sft_forward_process(ids, prompt_len, mask_id, generator=generator)
+    logits = model(noisy)
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
+    response_tokens = (ids.shape[1] - prompt_len.to(ids.device)).sum().clamp(min=1)
+    return (ce / p[masked]).sum() / response_tokens
+
+
 def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
                    p: torch.Tensor) -> torch.Tensor:
     """Sum over masked positions of CE / p, divided by B*L: an unbiased NELBO estimate in nats/token."""
@@ -112,9 +133,15 @@ def autoregressive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def training_loss(model: nn.Module, ids: torch.Tensor, mask_id: int, cfg: ModelConfig,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, prompt_len: torch.Tensor | None = None) -> torch.Tensor:
     """The loss a training step minimises: NLL for the causal judge, the NELBO for diffusion models
-    (block diffusion's for block-causal ones)."""
+    (block diffusion's for block-causal ones); with `prompt_len` (task rows: prompt then response) the
+    NELBO of the response given the prompt (bidirectional models only)."""
+    if prompt_len is not None:
+        if cfg.causal or cfg.block_causal:
+            raise ValueError("task rows (data=task) train bidirectional diffusion models only: set "
+                             "model.causal=false and model.attention=bidirectional")
+        return sft_loss(model, ids, prompt_len, mask_id, generator=generator)
     if cfg.causal:
         return autoregressive_loss(model(ids), ids)
     if cfg.block_causal:
@@ -134,22 +161,28 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], mask_id: int, cfg: ModelConfig,
+def evaluate(model: nn.Module, batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+             mask_id: int, cfg: ModelConfig,
              seed: int = 1234, draws: int = 1) -> EvalResult:
     """Mean validation loss with a fixed-seed generator, so a checkpoint always gets the same number.
 
     For diffusion models this is the NELBO bound (the block-diffusion one for block-causal models)
-    averaged over `draws` maskings of each batch.
+    averaged over `draws` maskings of each batch. A batch may be (ids, prompt_len): task rows, whose
+    figure is the response's NELBO per response token.
     """
     causal = cfg.causal
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i, ids in enumerate(batches):
+    for i, batch in enumerate(batches):
+        ids, prompt_len = batch if isinstance(batch, tuple) else (batch, None)
         for d in range(draws):
             g = torch.Generator(device=ids.device).manual_seed(seed + 1000 * i + d)
-            loss = training_loss(model, ids, mask_id, cfg, generator=g)
-            n = ids.numel() if not causal else ids[:, 1:].numel()
+            loss = training_loss(model, ids, mask_id, cfg, generator=g, prompt_len=prompt_len)
+            if prompt_len is not None:
+                n = int((ids.shape[1] - prompt_len).sum())
+            else:
+                n = ids.numel() if not causal else ids[:, 1:].numel()
             total += float(loss) * n
             count += n
     model.train(was_training)

@@ -1,0 +1,22 @@
+"""Tasks with an exact answer: generated offline and deterministically, scored by exact match.
+
+A task gives train/validation/test examples (disjoint by construction: every problem belongs to one
+split by a hash of its text), the canvas length it is served with, and its scorer. The trainer trains
+on it (`data=task`, `experiment=addition-small`), `bench.accuracy` and the lm-eval task YAML score it.
+"""
+
+from __future__ import annotations
+
+from tzd.tasks.addition import AdditionTask
+from tzd.tasks.base import SPLITS, Task, TaskExample
+
+TASKS: dict[str, type[Task]] = {"addition": AdditionTask}
+
+__all__ = ["SPLITS", "TASKS", "Task", "TaskExample", "get_task"]
+
+
+def get_task(name: str, **options: int) -> Task:
+    """The task called `name`; `options` are its generator's knobs (e.g. max_digits for addition)."""
+    if name not in TASKS:
+        raise ValueError(f"task {name!r}: unknown; known tasks: {sorted(TASKS)}")
+    return TASKS[name](**options)
