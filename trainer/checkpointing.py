@@ -89,6 +89,7 @@ def save_run(run: Run, name: str, metrics: dict[str, float]) -> Path:
             "world_size": fabric.world_size, "machine": machine_description(fabric.device),
             "data": run.corpus.description, "chars_per_token_val": round(run.chars_per_token, 4),
             "validation": metrics, "config": OmegaConf.to_container(run.cfg),
+            **({"init_from": run.init_from} if run.init_from else {}),
         },
     }
     path = run.out_dir / name

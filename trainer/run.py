@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.checkpointing import resolve_resume, restore_state
 from trainer.data import Corpus, TokenWindows, encode_documents, load_corpus
+from trainer.init_from import init_source, load_init_weights
 from trainer.strategy import make_strategy
 from trainer.task_data import TaskRows, encode_rows, load_task, task_corpus
 from tzd.checkpoint import CheckpointError
@@ -41,6 +42,7 @@ class Run:
     n_params: int
     state: dict[str, Any]  # progress (step, tokens_seen, wall_time_s, best_val): saved and resumed
     task: Task | None = None  # data=task: the task, whose validation examples are also scored
+    init_from: dict[str, Any] | None = None  # training.init_from: the checkpoint the weights started from
     val_examples: list[TaskExample] | None = None
 
     @property
@@ -103,11 +105,14 @@ def launch_fabric(cfg: DictConfig, out_dir: Path, precision: str) -> L.Fabric:
 
 
 def load_tokenizer(cfg: DictConfig, corpus: Corpus, out_dir: Path, resume_from: Path | None,
-                   fabric: L.Fabric) -> tuple[Path, Tokenizer]:
-    """The resumed tokenizer, a given one, or one trained on the training split by rank 0."""
+                   fabric: L.Fabric, init_from: Path | None = None) -> tuple[Path, Tokenizer]:
+    """The resumed tokenizer, a given one, the init_from checkpoint's, or one trained on the training split
+    by rank 0."""
     tok_path = out_dir / "tokenizer.model"
     if resume_from is not None:
         tok_path = resume_from / "tokenizer.model"
+    elif init_from is not None and not cfg.tokenizer.path:
+        tok_path = init_from / "tokenizer.model"
     elif cfg.tokenizer.path:
         tok_path = Path(str(cfg.tokenizer.path))
         if not tok_path.is_file():
@@ -123,6 +128,8 @@ def setup_run(cfg: DictConfig) -> Run:
     t = cfg.training
     out_dir = Path(cfg.out_dir)
     resume_from = resolve_resume(cfg, out_dir)
+    # a resumed run already started from init_from's weights: its own state wins
+    init_from = init_source(str(t.init_from)) if t.get("init_from") and resume_from is None else None
     task = load_task(cfg.data) if cfg.data.name == "task" else None
     if task is not None:
         corpus, train_examples, val_examples = task_corpus(task, cfg.data)
@@ -132,7 +139,7 @@ def setup_run(cfg: DictConfig) -> Run:
         torch.set_num_threads(int(t.num_threads))
     precision = resolve_precision(str(t.precision), str(t.accelerator))
     fabric = launch_fabric(cfg, out_dir, precision)
-    tok_path, tokenizer = load_tokenizer(cfg, corpus, out_dir, resume_from, fabric)
+    tok_path, tokenizer = load_tokenizer(cfg, corpus, out_dir, resume_from, fabric, init_from)
 
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model), vocab_size=tokenizer.vocab_size)
     if task is not None:
@@ -154,6 +161,7 @@ def setup_run(cfg: DictConfig) -> Run:
     fabric.seed_everything(int(t.seed), verbose=False)  # the same initial weights on every run and rank
     with fabric.init_module():
         model = build_model(model_cfg)
+    source = load_init_weights(model, init_from, asdict(model_cfg)) if init_from is not None else None
     n_params = count_params(model)  # on the plain module, before any wrapping or sharding
     # the optimizer after the model is set up: sharding (FSDP) replaces the parameters it must hold
     model = fabric.setup_module(model)
@@ -162,10 +170,13 @@ def setup_run(cfg: DictConfig) -> Run:
               tokenizer=tokenizer, model_cfg=model_cfg, train_windows=train_windows, val_batches=val_batches,
               chars_per_token=chars_per_token, model=model, optimizer=optimizer, n_params=n_params,
               state={"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "best_val": float("inf")},
-              task=task, val_examples=val_examples)
+              task=task, val_examples=val_examples, init_from=source)
     if resume_from is not None:
         restore_state(run, resume_from)
         fabric.print(f"resumed from {resume_from} at step {run.state['step']}")
+    elif source is not None:
+        fabric.print(f"weights from {init_from} ({source['steps']} steps, {source['attention']}); "
+                     "a new optimizer and schedule from step 0")
     fabric.print(f"{model_cfg.backend} model: {run.n_params / 1e6:.2f}M params, causal={model_cfg.causal}, "
                  f"{fabric.world_size} process(es), precision {precision}; {corpus.description}; "
                  f"{train_tokens:,} train tokens, {val_tokens:,} val tokens")
