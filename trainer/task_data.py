@@ -14,11 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from trainer.data import Corpus, DataError
-from tzd.tasks import Task, TaskExample, get_task
+from tzd.tasks import TASK_OPTIONS, Task, TaskExample, get_task
 from tzd.tokenizer import Tokenizer
-
-# the options of data=task that are the task generator's own knobs
-TASK_OPTIONS = ("max_digits", "max_tokens", "seed")
 
 
 def load_task(data: DictConfig) -> Task:

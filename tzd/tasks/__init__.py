@@ -12,7 +12,9 @@ from tzd.tasks.base import SPLITS, Task, TaskExample
 
 TASKS: dict[str, type[Task]] = {"addition": AdditionTask}
 
-__all__ = ["SPLITS", "TASKS", "Task", "TaskExample", "get_task"]
+__all__ = ["SPLITS", "TASKS", "Task", "TaskExample", "get_task", "task_of_checkpoint"]
+
+TASK_OPTIONS = ("max_digits", "max_tokens", "seed")  # the generator knobs a data=task config may set
 
 
 def get_task(name: str, **options: int) -> Task:
@@ -20,3 +22,12 @@ def get_task(name: str, **options: int) -> Task:
     if name not in TASKS:
         raise ValueError(f"task {name!r}: unknown; known tasks: {sorted(TASKS)}")
     return TASKS[name](**options)
+
+
+def task_of_checkpoint(config: dict) -> Task | None:
+    """The task a checkpoint was trained on (its config.json's training.config.data, data=task), with the
+    same generator options, so its test split is the one it never saw; None for a text model."""
+    data = config.get("training", {}).get("config", {}).get("data", {})
+    if data.get("name") != "task":
+        return None
+    return get_task(str(data["task"]), **{k: int(data[k]) for k in TASK_OPTIONS if data.get(k) is not None})

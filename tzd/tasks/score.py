@@ -30,14 +30,23 @@ class TaskScore:
 
 
 def score_task(model: nn.Module, tokenizer: TextTokenizer, task: Task, examples: list[TaskExample],
-               params: SamplingParams, batch_size: int = 16) -> TaskScore:
+               params: SamplingParams, batch_size: int = 16, stop_at_eos: bool = True) -> TaskScore:
     """Generate for every example (at most `batch_size` at once: the batch shape a server runs) and score
-    each completion by the task's exact match."""
+    each completion by the task's exact match.
+
+    `stop_at_eos`: a row ends once its committed left part holds an EOS, as the server's rows do (the
+    tokens are the same: what is right of that EOS is cut anyway); False denoises the whole canvas, as
+    LLaDA's reference loop does, the completion then cut at its first EOS for scoring."""
     prompts = [tokenizer.encode(e.prompt) for e in examples]
     t0 = time.perf_counter()
-    results = generate(model, prompts, params, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_ids,
-                       tokenizer=tokenizer, max_batch=batch_size)
+    results = generate(model, prompts, params, mask_id=tokenizer.mask_id,
+                       eos_id=tokenizer.eos_ids if stop_at_eos else None, tokenizer=tokenizer, max_batch=batch_size)
     seconds = time.perf_counter() - t0
+    if not stop_at_eos:  # cut as a served request is cut (tzd.sampling.generate.finish)
+        eos = set(tokenizer.eos_ids)
+        for r in results:
+            r.tokens = r.tokens[:next((i for i, t in enumerate(r.tokens) if t in eos), len(r.tokens))]
+            r.text = tokenizer.decode(r.tokens)
     texts = [r.text or "" for r in results]
     correct = sum(task.score(t, e) for t, e in zip(texts, examples, strict=True))
     return TaskScore(accuracy=correct / max(1, len(examples)), examples=len(examples), correct=correct,
