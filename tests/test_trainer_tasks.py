@@ -86,3 +86,11 @@ def test_init_from_mismatch_names_the_tensor(tiny_checkpoint: Path, tmp_path: Pa
     proc = run_trainer(*TINY_OVERRIDES, f"training.init_from={tmp_path / 'nowhere'}", "training.max_steps=1",
                        f"out_dir={tmp_path}", check=False)
     assert proc.returncode == 2 and "training.init_from=" in proc.stderr and "not found" in proc.stderr
+
+
+def test_an_experiments_out_dir_wins_over_the_default() -> None:
+    from trainer.config import load_config
+
+    assert load_config(["experiment=addition-small"]).out_dir == "runs/addition-small"
+    assert load_config(["experiment=addition-small", "out_dir=elsewhere"]).out_dir == "elsewhere"
+    assert load_config(["model=litgpt"]).out_dir == "runs/litgpt"
