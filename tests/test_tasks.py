@@ -27,21 +27,25 @@ def test_worked_sums_are_correct_and_fit_the_canvas() -> None:
     rng = random.Random(0)
     for _ in range(2000):
         a, b = rng.randrange(10_000), rng.randrange(10_000)
-        text = worked_sum(a, b)
-        assert text.rsplit("#### ", 1)[1] == str(a + b)
+        text = worked_sum(a, b, 4)
+        assert int(text.rsplit("#### ", 1)[1]) == a + b and len(text.rsplit("#### ", 1)[1]) == 5
         lines = text.splitlines()[:-1]
-        assert len(lines) == max(len(str(a)), len(str(b)))
-    assert worked_sum(95, 7) == "5+7=12\n9+0+1=10\n#### 102"
+        assert len(lines) == 4 and all(len(line) == 8 for line in lines)
+    assert worked_sum(95, 7, 3) == "5+7+0=12\n9+0+1=10\n0+0+1=01\n#### 0102"
+    ex = get_task("addition", max_digits=3).example(95, 7)
+    assert ex.prompt == "095+007\n" and ex.answer == "0102"
+    with pytest.raises(ValueError, match="max_digits=3"):
+        get_task("addition", max_digits=3).example(1000, 1)
     task = get_task("addition", max_digits=4)
     assert max(len(e.target) for e in task.examples("train", 5000)) < task.max_tokens
 
 
 def test_scorer_takes_the_answer_line_only() -> None:
-    task = get_task("addition")
+    task = get_task("addition", max_digits=2)
     ex = task.example(95, 7)
-    assert task.score(ex.target, ex)
+    assert task.score(ex.target, ex) and ex.answer == "102"
     assert task.score("junk\n#### 102\nmore", ex)
-    assert not task.score("5+7=12\n#### 103", ex)
+    assert not task.score("5+7+0=12\n#### 103", ex)
     assert not task.score("102", ex)  # no answer line: wrong, whatever the digits
     assert task.extract_answer("#### 102 ") == "102"
 
