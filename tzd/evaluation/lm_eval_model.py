@@ -42,7 +42,12 @@ class TZDLM(LM):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
         self.opts = parse_model_args(kwargs)
-        self.runtime = load_runtime(self.opts.pretrained, self.opts.device, self.opts.dtype, threads=self.opts.threads,
+        device = self.opts.device or "auto"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes --device cuda:0 when none is given; its hf model falls back likewise
+            log.warning("device %s: CUDA is not available here; running on the CPU", device)
+            device = "cpu"
+        self.runtime = load_runtime(self.opts.pretrained, device, self.opts.dtype, threads=self.opts.threads,
                                     max_model_len=self.opts.max_model_len, deterministic=self.opts.deterministic)
         self.config = self.runtime.loaded.model_config
         if self.config.causal:
