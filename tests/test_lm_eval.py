@@ -107,6 +107,19 @@ def test_max_gen_toks_is_the_canvas_or_the_limit(tiny: Path) -> None:
     assert out == [lm.tok.decode(full.tokens[:4])]
 
 
+def test_task_generation_kwargs_set_sampler_fields_model_args_win(tiny: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ids = make_lm(tiny).tok.encode("ROMEO.\n")
+    lm = make_lm(tiny, "max_tokens=16,block_length=8")  # steps and threshold from the task (or --gen_kwargs)
+    (want,) = direct(tiny, [ids], SamplingParams(max_tokens=16, steps=4, block_length=8, threshold=0.5, seed=1234))
+    with caplog.at_level(logging.WARNING):
+        out = lm.generate_until([gen_request("ROMEO.\n", until=[], steps=4, threshold=0.5, block_length=4,
+                                             repetition_penalty=1.2)])
+    assert out == [want.text]  # block_length 8 (model_args) beat the task's 4
+    assert "repetition_penalty" in caplog.text
+    with pytest.raises(ValueError, match="threshold"):
+        lm.generate_until([gen_request("ROMEO.\n", until=[], threshold=3.0)])
+
+
 def test_model_args_name_what_is_wrong(tiny: Path) -> None:
     with pytest.raises(ValueError, match="unknown argument 'gen_length'"):
         make_lm(tiny, "gen_length=16")
@@ -268,6 +281,22 @@ def test_addition_yaml_scores_with_the_tasks_exact_match() -> None:
     assert kw["until"] == [] and kw["max_gen_toks"] == task.max_tokens and kw["do_sample"] is False
 
 
+def test_tzd_model_on_the_yaml_gives_score_tasks_completions(tiny: Path) -> None:
+    """The YAML through the tzd model with no sampler arguments is bench.accuracy's baseline: the same
+    completions as tzd.tasks.score_task with baseline_params on the same docs."""
+    from tzd.tasks.score import baseline_params, score_task
+
+    lm = make_lm(tiny, "mc_num=4,mc_batch=4", batch_size=4)
+    res = lm_eval.simple_evaluate(model=lm, tasks=["tzd_addition"], limit=4, log_samples=True, task_manager=tasks())
+    task = get_task("addition", max_digits=4, max_tokens=64)
+    examples = task.examples("test", 4)
+    with torch.inference_mode():
+        want = score_task(lm.model, lm.tok, task, examples, baseline_params(task), batch_size=4)
+    got = {s["doc"]["prompt"]: s["resps"][0][0] for s in res["samples"]["tzd_addition"]}
+    assert any(want.completions) and got == {e.prompt: c for e, c in zip(examples, want.completions, strict=True)}
+    assert res["results"]["tzd_addition"]["exact_match,none"] == pytest.approx(want.accuracy)
+
+
 def test_cli_runs_the_tzd_model_on_the_task(tiny: Path, tmp_path: Path) -> None:
     """python -m tzd.evaluation: lm-eval's CLI with --model tzd registered, the YAML from --include_path."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -297,12 +326,13 @@ def test_server_with_local_completions() -> None:
     with ServerProcess(DEFAULT_MODEL, "--deterministic", "on", "--max-batch-size", "4") as srv:
         res = lm_eval.simple_evaluate(
             model="local-completions", model_args=api_args(srv.url, "completions", "shakespeare-small", batch_size=2),
-            tasks=["tzd_addition"], limit=3, log_samples=True,
+            tasks=["tzd_addition"], limit=3, log_samples=True, gen_kwargs="block_length=16,threshold=0.9",
             task_manager=tasks())
         samples = res["samples"]["tzd_addition"]
         assert len(samples) == 3 and "exact_match,none" in res["results"]["tzd_addition"]
-        for s in samples:  # what lm-eval got is what the server answers that prompt alone
-            body = {"prompt": s["doc"]["prompt"], "max_tokens": 64, "temperature": 0, "seed": 1234}
+        for s in samples:  # what lm-eval got is what the server answers that prompt alone, sampler fields included
+            body = {"prompt": s["doc"]["prompt"], "max_tokens": 64, "temperature": 0, "seed": 1234,
+                    "block_length": 16, "threshold": 0.9}
             want = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
             assert s["resps"] == [[want]]
 

@@ -22,13 +22,11 @@ from tqdm import tqdm
 
 from server.runtime import inference, load_runtime
 from tzd.evaluation.elbo import elbo_loglikelihood
-from tzd.evaluation.model_args import DEFAULT_MAX_TOKENS, parse_model_args, sampling_params
+from tzd.evaluation.model_args import DEFAULT_MAX_TOKENS, SAMPLER_FIELDS, parse_model_args, sampling_params
 from tzd.hf.chat import ChatTemplateError
 from tzd.sampling import SamplingParams, generate
 
 log = logging.getLogger(__name__)
-
-TASK_SAMPLING_KEYS = ("temperature", "top_p", "top_k")  # gen_kwargs a task may set, used unless model_args do
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -152,13 +150,14 @@ class TZDLM(LM):
         max_gen_toks where model_args chose a longer canvas; None when the canvas is the limit).
 
         The canvas is model_args' max_tokens, else the task's max_gen_toks, else 256 (lm-eval's default).
-        The task's temperature/top_p/top_k apply where model_args do not set them; do_sample=false means 0."""
+        SamplingParams fields in the task's generation kwargs (or --gen_kwargs) apply where model_args do not
+        set them; do_sample=false means temperature 0."""
         kw = dict(gen_kwargs)
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        max_gen = kw.pop("max_gen_toks", None)
+        max_gen = kw.pop("max_gen_toks", None) or kw.pop("max_tokens", None)
         do_sample = kw.pop("do_sample", None)
-        task = {k: kw.pop(k) for k in TASK_SAMPLING_KEYS if k in kw}
+        task = {k: kw.pop(k) for k in list(kw) if k in SAMPLER_FIELDS}
         if do_sample is False:
             task["temperature"] = 0.0
         elif "temperature" in task:
