@@ -239,9 +239,10 @@ def test_block_diffusion_loglikelihood_is_refused(families: dict[str, Path]) -> 
     assert len(lm.generate_until([gen_request("Hello", until=[])])) == 1
 
 
-def tasks() -> TaskManager:
-    """Our task folder alone (lm-eval's own thousands of YAMLs are not indexed: seconds saved per test)."""
-    return TaskManager(include_path=str(tzd.evaluation.TASKS_DIR), include_defaults=False)
+def tasks(**metadata: object) -> TaskManager:
+    """Our task folder alone (lm-eval's own thousands of YAMLs are not indexed: seconds saved per test);
+    `metadata` as --metadata gives it."""
+    return TaskManager(include_path=str(tzd.evaluation.TASKS_DIR), include_defaults=False, metadata=metadata)
 
 
 # ---- the shipped task's YAML -------------------------------------------------------------------------
@@ -272,9 +273,8 @@ def test_addition_yaml_scores_with_the_tasks_exact_match() -> None:
     task = get_task("addition", max_digits=4, max_tokens=64)
     examples = task.examples("test", 6)
     lm = Scripted({e.prompt: e.target for e in examples})
-    res = lm_eval.simple_evaluate(model=lm, tasks=["tzd_addition"], limit=6,
-                                  task_manager=tasks())
-    assert res["results"]["tzd_addition"]["exact_match,none"] == pytest.approx(0.5)
+    res = lm_eval.simple_evaluate(model=lm, tasks=["tzd_addition"], task_manager=tasks(test_examples=6))
+    assert res["results"]["tzd_addition"]["exact_match,none"] == pytest.approx(0.5) and len(lm.seen) == 6
     # the docs are the task's test split in order, given as the model was trained: the bare prompt
     assert sorted(c for c, _ in lm.seen) == sorted(e.prompt for e in examples)
     _, kw = lm.seen[0]

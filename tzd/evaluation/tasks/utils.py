@@ -10,14 +10,16 @@ from tzd.tasks import TaskExample, get_task
 
 TASK_NAME = "addition"
 DEFAULTS = {"max_digits": 4, "max_tokens": 64}  # models/addition-small's (trainer/conf/experiment/addition-small.yaml)
+# (the canvas, max_tokens, does not change the docs: the YAML's max_gen_toks carries it)
 VALIDATION_EXAMPLES = 64  # few-shot examples come from here
 
 
-def load_splits(max_digits: int = DEFAULTS["max_digits"], max_tokens: int = DEFAULTS["max_tokens"],
-                test_examples: int | None = None, **_metadata: Any) -> dict[str, datasets.Dataset]:
-    """lm-eval's custom_dataset hook: the task's validation and test splits as datasets (the metadata's other
-    keys, such as `version`, are lm-eval's)."""
-    task = get_task(TASK_NAME, max_digits=int(max_digits), max_tokens=int(max_tokens))
+def load_splits(max_digits: int = DEFAULTS["max_digits"], test_examples: int | None = None,
+                **_metadata: Any) -> dict[str, datasets.Dataset]:
+    """lm-eval's custom_dataset hook: the task's validation and test splits as datasets. lm-eval calls it with
+    the task's metadata merged with --metadata and the model_args (pretrained, max_tokens, ...): those other
+    keys are not the task's and are ignored."""
+    task = get_task(TASK_NAME, max_digits=int(max_digits), max_tokens=DEFAULTS["max_tokens"])
     test = task.examples("test", None if test_examples is None else int(test_examples))
     return {"validation": to_dataset(task.examples("validation", VALIDATION_EXAMPLES)), "test": to_dataset(test)}
 
