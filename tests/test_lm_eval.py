@@ -139,10 +139,11 @@ def test_model_args_name_what_is_wrong(tiny: Path) -> None:
 # ---- loglikelihood -----------------------------------------------------------------------------------
 
 def reference_elbo(model: torch.nn.Module, prompt: list[int], target: list[int], mask_id: int, mc_num: int,
-                   mc_batch: int, seed: int) -> float:
+                   mc_batch: int, seed: int, cfg_scale: float = 0.0) -> float:
     """LLaDA's get_log_likelihood written out sample by sample: per batch one k ~ U{1..L}, l_i = k + i*L/b
     wrapped into 1..L, row i masks the l_i target positions with the smallest random keys, loss = L/l_i * the
-    CE summed over them, averaged over the batch and the batches; loglik = -that."""
+    CE summed over them, averaged over the batch and the batches; loglik = -that. With cfg_scale the logits
+    are un + (s + 1) * (cond - un), the unconditional pass seeing the prompt masked (LLaDA's get_logits)."""
     g = torch.Generator().manual_seed(seed)
     n, total = len(target), []
     for _ in range(mc_num // mc_batch):
@@ -155,6 +156,9 @@ def reference_elbo(model: torch.nn.Module, prompt: list[int], target: list[int],
             noisy = prompt + [mask_id if j in masked else t for j, t in enumerate(target)]
             with torch.inference_mode():
                 logits = model(torch.tensor([noisy]))[0].float()
+                if cfg_scale:
+                    un = model(torch.tensor([[mask_id] * len(prompt) + noisy[len(prompt):]]))[0].float()
+                    logits = un + (cfg_scale + 1) * (logits - un)
             ce = sum(float(F.cross_entropy(logits[len(prompt) + j], torch.tensor(target[j]))) for j in masked)
             batch_loss += n / l_i * ce
         total.append(batch_loss / mc_batch)
@@ -178,6 +182,8 @@ def test_loglikelihood_is_llada_elbo_deterministic_and_finite(tiny: Path) -> Non
     assert again[1][0] == ll and all(torch.isfinite(torch.tensor(x)) for x, _ in again)
     other = make_lm(tiny, "mc_num=8,mc_batch=4,check_greedy=false,seed=7").loglikelihood([req])[0][0]
     assert other != ll
+    guided = make_lm(tiny, "mc_num=4,mc_batch=4,check_greedy=false,cfg_scale=1.5").loglikelihood([req])[0][0]
+    assert guided == pytest.approx(reference_elbo(lm.model, prompt, target, lm.tok.mask_id, 4, 4, 1234, 1.5), rel=1e-4)
     # an empty context conditions on the prefix token (BOS)
     assert lm._encode_pair("", "Hi there")[0] == [lm.tok.special.bos]
 

@@ -19,7 +19,20 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-Logits = Callable[[torch.Tensor], torch.Tensor]  # ids [B,T] -> logits [B,T,V] (position i predicts token i)
+# (ids [B,T], first) -> logits [B,T-first,V] of positions first..T-1 (position i predicts token i): only the
+# target's rows of the output head are computed (LLaDA-8B's vocabulary makes the rest gigabytes)
+Logits = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def model_logits(model: torch.nn.Module) -> Logits:
+    """A TZD model (smdm or litgpt) as a Logits function, through its ForwardContext's output_positions."""
+    from tzd.models.context import ForwardContext  # noqa: PLC0415 - keep this module's import light
+
+    def logits(ids: torch.Tensor, first: int) -> torch.Tensor:
+        wanted = torch.arange(first, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        return model(ids, ForwardContext(output_positions=wanted))
+
+    return logits
 
 
 def mask_counts(target_len: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,17 +60,16 @@ def elbo_loglikelihood(logits_fn: Logits, prompt: list[int], target: list[int], 
     if mc_num % mc_batch:
         raise ValueError(f"mc_num: {mc_num} must be a multiple of mc_batch ({mc_batch})")
     n_prompt, n = len(prompt), len(target)
-    seq = torch.tensor(prompt + target, dtype=torch.long)[None].expand(mc_batch, -1)
+    clean = torch.tensor(prompt + target, dtype=torch.long, device=device)[None].expand(mc_batch, -1)
+    answer = clean[:, n_prompt:]
     losses = []
     for _ in range(mc_num // mc_batch):
         counts = mask_counts(n, mc_batch, generator)
-        masked = torch.cat((torch.zeros(mc_batch, n_prompt, dtype=torch.bool), mask_positions(counts, n, generator)),
-                           dim=1)
-        noisy = torch.where(masked, mask_id, seq).to(device)
-        logits = guided_logits(logits_fn, noisy, n_prompt, mask_id, cfg_scale)
-        masked_d = masked.to(device)
-        ce = F.cross_entropy(logits[masked_d].float(), seq.to(device)[masked_d], reduction="none")
-        weights = (n / counts.to(device, torch.float32))[:, None].expand(-1, n_prompt + n)[masked_d]
+        masked = mask_positions(counts, n, generator).to(device)  # [B, n]: of the target only
+        noisy = torch.cat((clean[:, :n_prompt], torch.where(masked, mask_id, answer)), dim=1)
+        logits = guided_logits(logits_fn, noisy, n_prompt, mask_id, cfg_scale)  # [B, n, V]
+        ce = F.cross_entropy(logits[masked].float(), answer[masked], reduction="none")
+        weights = (n / counts.to(device, torch.float32))[:, None].expand(-1, n)[masked]
         losses.append((ce * weights).sum() / mc_batch)
     return -float(torch.stack(losses).mean())
 
@@ -66,8 +78,8 @@ def guided_logits(logits_fn: Logits, ids: torch.Tensor, n_prompt: int, mask_id: 
     """The model's logits, with classifier-free guidance: un + (scale + 1) * (cond - un), the unconditional
     pass seeing the prompt masked."""
     if cfg_scale <= 0:
-        return logits_fn(ids)
+        return logits_fn(ids, n_prompt)
     un = ids.clone()
     un[:, :n_prompt] = mask_id
-    cond, uncond = logits_fn(torch.cat((ids, un))).float().chunk(2)
+    cond, uncond = logits_fn(torch.cat((ids, un)), n_prompt).float().chunk(2)
     return uncond + (cfg_scale + 1) * (cond - uncond)

@@ -21,7 +21,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from server.runtime import inference, load_runtime
-from tzd.evaluation.elbo import elbo_loglikelihood
+from tzd.evaluation.elbo import elbo_loglikelihood, model_logits
 from tzd.evaluation.model_args import DEFAULT_MAX_TOKENS, SAMPLER_FIELDS, parse_model_args, sampling_params
 from tzd.hf.chat import ChatTemplateError
 from tzd.sampling import SamplingParams, generate
@@ -215,7 +215,7 @@ class TZDLM(LM):
         on the requests before it."""
         gen = torch.Generator().manual_seed(int(self.opts.sampler["seed"]))
         with inference(self.runtime):
-            return elbo_loglikelihood(self.model, prompt, target, self.tok.mask_id, self.opts.mc_num,
+            return elbo_loglikelihood(model_logits(self.model), prompt, target, self.tok.mask_id, self.opts.mc_num,
                                       self.opts.mc_batch, gen, self._device,
                                       cfg_scale=float(self.opts.sampler.get("cfg_scale", 0.0)))
 
