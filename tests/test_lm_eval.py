@@ -316,6 +316,7 @@ def test_cli_runs_the_tzd_model_on_the_task(tiny: Path, tmp_path: Path) -> None:
     (results,) = (tmp_path / "out").rglob("results_*.json")
     got = json.loads(results.read_text())
     assert got["results"]["tzd_addition"]["exact_match,none"] == 0.0  # a random model; the plumbing is the test
+    assert got["config"]["model_dtype"] == "float32" and got["config"]["model_context"] == 96
     (samples,) = (tmp_path / "out").rglob("samples_tzd_addition_*.jsonl")
     assert len(samples.read_text().splitlines()) == 3
 

@@ -81,7 +81,14 @@ class TZDLM(LM):
         self._chat_prompts.add(text)
         return text
 
+    def get_model_info(self) -> dict[str, Any]:
+        """What lm-eval records in its results' config beside the model_args."""
+        return {"model_num_parameters": self.runtime.params, "model_dtype": self.runtime.dtype_name,
+                "model_device": str(self._device), "model_context": self.max_length}
+
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        if not requests:
+            return []
         prompts, params, untils, limits = [], [], [], []
         cut = 0
         for context, gen_kwargs in (r.args for r in requests):
