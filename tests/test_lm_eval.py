@@ -347,7 +347,7 @@ def test_server_with_local_completions() -> None:
 def test_server_with_local_chat_completions(families: dict[str, Path]) -> None:
     with ServerProcess(families["dream"], "--deterministic", "on", "--model-name", "tiny-dream") as srv:
         res = lm_eval.simple_evaluate(
-            model="local-chat-completions", model_args=api_args(srv.url, "chat/completions", "tiny-dream"),
+            model="local-chat-completions", model_args=api_args(srv.url, "chat/completions", "tiny-dream", num_concurrent=2),
             tasks=["tzd_addition"], limit=2, log_samples=True, apply_chat_template=True,
             task_manager=tasks())
         samples = res["samples"]["tzd_addition"]
