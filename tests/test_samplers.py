@@ -225,6 +225,15 @@ def test_entropy_bound_is_checked() -> None:
     assert SamplingParams(entropy_bound=0.15).early_exit is True
 
 
+def test_the_cli_takes_the_fields() -> None:
+    from clients.__main__ import build_parser  # noqa: PLC0415
+
+    args = build_parser().parse_args(["hi", "--entropy-bound", "0.15", "--early-exit", "false"])
+    assert (args.entropy_bound, args.early_exit) == (0.15, False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["hi", "--early-exit", "maybe"])
+
+
 # ---- early exit ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
