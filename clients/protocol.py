@@ -40,8 +40,8 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int = Field(64, ge=1, description="number of tokens to generate (the canvas length)")
-    steps: int | None = Field(None, ge=1, description="denoising steps (upper bound with threshold); "
-                                                      "None = max_tokens")
+    steps: int | None = Field(None, ge=1, description="denoising steps (upper bound with threshold or "
+                                                      "entropy_bound); None = max_tokens")
     block_length: int | None = Field(None, ge=1, description="semi-autoregressive block length; None = "
                                      f"min({DEFAULT_BLOCK_LENGTH}, max_tokens), or a block-diffusion model's block")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")

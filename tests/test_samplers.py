@@ -340,3 +340,20 @@ def test_without_eos_ids_nothing_exits() -> None:
     model = build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
     [r] = generate(model, [[1, 2, 3]], SamplingParams(max_tokens=16), MASK)
     assert r.nfe == 16 and r.nfe_saved == 0 and r.finish_reason == "length"
+
+
+def test_early_exit_saving_with_absolute_blocks() -> None:
+    """SDAR's layout: block 0 is the rest of the block the prompt ends in, shorter than the others."""
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=64,
+                                    attention="block_causal", diffusion_block=4, block_align="absolute")).eval()
+    prompt = [5, 6, 7, 8, 9]  # ends 1 into a block: block 0 has 3 positions
+    for steps in (None, 7):
+        p = SamplingParams(max_tokens=18, steps=steps, cache="dual")
+        [whole] = generate(model, [prompt], p, MASK)
+        eos = whole.tokens[4]  # pretend the token at position 4 (block 1) is EOS
+        [off] = generate(model, [prompt], p.model_copy(update={"early_exit": False}), MASK, eos_id=eos)
+        [on] = generate(model, [prompt], p, MASK, eos_id=eos)
+        cut = whole.tokens.index(eos)
+        assert on.tokens == off.tokens == whole.tokens[:cut] and on.finish_reason == "stop"
+        assert off.nfe == whole.nfe and on.nfe < off.nfe and on.nfe + on.nfe_saved == off.nfe

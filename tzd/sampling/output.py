@@ -29,7 +29,7 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
     ends = np.cumsum(counts)
     G = int(host[:, MAX_TOKENS].max())
     canvas = table.gen[slot_of, :G]  # a copy: the events' canvases (mask ids past a row's max_tokens)
-    eos = filled = np.zeros(len(slots), dtype=bool)
+    eos, filled = np.zeros(len(slots), dtype=bool), np.zeros(len(slots), dtype=np.int64)
     if len(eos_ids):  # early exit: an EOS inside the fully committed left part ends the request
         is_mask = canvas == table.mask_id
         first_mask = np.where(is_mask.any(axis=1), is_mask.argmax(axis=1), G)

@@ -2,9 +2,8 @@
 
 Per row: a token for every open position (argmax, or a seeded Gumbel-max draw after top-k/top-p), its
 confidence (or seeded random remasking), then the positions the schedule (or a threshold, or an entropy
-bound) commits. The
-committed tokens go into the device canvas; the result stays on the device until the output processor
-copies it to the host: the step's one sync.
+bound) commits. The committed tokens go into the device canvas; the result stays on the device until the
+output processor copies it to the host: the step's one sync.
 """
 
 from __future__ import annotations
