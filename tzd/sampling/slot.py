@@ -84,7 +84,7 @@ class Slot:
 
     def row(self, slot: int, shift: int) -> tuple[int, ...]:
         """This request's values for one step in rows.FIELDS order (floats as their float64 bits), then
-        two host-only columns: the current block's length and max_tokens."""
+        three host-only columns: the current block's length, max_tokens and early_exit."""
         start, length = self.block_bounds()
         first, cols, keys = self.window(shift)
         if self._fixed is None:  # the plan never changes: its part of the row is computed once
