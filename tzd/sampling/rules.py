@@ -138,8 +138,19 @@ def _prefix_sums(x: torch.Tensor) -> torch.Tensor:
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """[B,P] entropy in nats of softmax(logits) (un-tempered, the probabilities `confidence` reads; the mask
-    id's -inf logit is probability 0 and adds nothing), in float32, batch-invariant."""
-    return _halving_sum(torch.special.entr(logits.float().softmax(dim=-1)))
+    id's -inf logit is probability 0 and adds nothing), in float32, batch-invariant.
+
+    As log Z - sum p (x - max): no log over the vocabulary (-sum p log p would take one per element, the
+    dearest op here on CPU), only of the top probability, exp(0) / Z. That log goes through `entr`, which
+    CPU runs as a scalar loop: torch.log's vectorised loop takes a tensor's tail element by element, another
+    rounding for whichever rows a batch puts there."""
+    x = logits.float()
+    p = x.softmax(dim=-1)
+    # 0 * -inf at the mask id (and any -inf logit) is NaN: those terms are 0 (nan_to_num is several times
+    # cheaper than a where on CPU)
+    dot = _halving_sum((p * (x - x.amax(dim=-1, keepdim=True))).nan_to_num(nan=0.0))
+    top = p.amax(dim=-1)
+    return (torch.special.entr(top) / top - dot).clamp(min=0.0)  # entr(q) / q = -log q = log Z
 
 
 def schedule_count(remaining: np.ndarray, steps_left: np.ndarray) -> np.ndarray:
