@@ -27,12 +27,23 @@ MASK_STYLE = "dim"
 PROMPT_STYLE = "bold cyan"
 
 
+def _bool(text: str) -> bool:
+    """A boolean flag's value: true/false (also 1/0, yes/no, on/off)."""
+    value = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+             "off": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 def _field_type(annotation: Any) -> tuple[Any, list[str] | None]:
     """(argparse type, choices) for a SamplingParams field annotation."""
     if get_origin(annotation) in (Union, types.UnionType):
         annotation = next(a for a in get_args(annotation) if a is not type(None))
     if get_origin(annotation) is Literal:
         return str, [str(a) for a in get_args(annotation)]
+    if annotation is bool:
+        return _bool, None
     return (annotation if annotation in (int, float) else str), None
 
 
@@ -57,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(flag, action="append", default=argparse.SUPPRESS, metavar="TEXT",
                             help="stop string (repeatable)")
             continue
-        metavar = {int: "N", float: "X"}.get(kind) if choices is None else None
+        metavar = {int: "N", float: "X", _bool: "true|false"}.get(kind) if choices is None else None
         sp.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS, metavar=metavar,
                         help=field.description)
     return p

@@ -40,8 +40,8 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int = Field(64, ge=1, description="number of tokens to generate (the canvas length)")
-    steps: int | None = Field(None, ge=1, description="denoising steps (upper bound with threshold); "
-                                                      "None = max_tokens")
+    steps: int | None = Field(None, ge=1, description="denoising steps (upper bound with threshold or "
+                                                      "entropy_bound); None = max_tokens")
     block_length: int | None = Field(None, ge=1, description="semi-autoregressive block length; None = "
                                      f"min({DEFAULT_BLOCK_LENGTH}, max_tokens), or a block-diffusion model's block")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
@@ -49,6 +49,13 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="confidence-threshold parallel decoding")
+    entropy_bound: float | None = Field(
+        None, gt=0.0, description="entropy-bounded parallel decoding (EB-Sampler): per step, commit the block's "
+        "masked positions in confidence order while their summed entropy (nats) stays <= this bound, at least "
+        "one; SGLang's default is 0.15. None = off; not with threshold (`steps` becomes an upper bound)")
+    early_exit: bool = Field(True, description="end the request once an EOS is in its committed left part (the "
+                             "rest of the canvas is EOS, not denoised); false denoises the whole canvas as "
+                             "LLaDA's reference loop does (the same tokens, more forwards)")
     cache: Literal["none", "prefix", "dual"] = "none"
     cfg_scale: float = Field(0.0, ge=0.0, description="classifier-free guidance scale; 0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63, description="None = random")
@@ -56,6 +63,13 @@ class SamplingParams(BaseModel):
                                                                  "ties in arrival order (generate() ignores it)")
     stop: Annotated[list[str], WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list,
                                                                      max_length=MAX_STOP_STRINGS)
+
+    @field_validator("entropy_bound")
+    @classmethod
+    def _one_commit_rule(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("threshold") is not None:
+            raise ValueError("threshold and entropy_bound are alternative commit rules; give one of them")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod

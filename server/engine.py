@@ -269,6 +269,7 @@ class Engine:
                     m.prompt_tokens.inc(len(req.prompt_ids))
                     m.generated_tokens.inc(len(up.result.tokens))
                     m.tokens_per_forward.observe(up.result.committed / max(up.result.nfe, 1))
+                    m.early_exit_saved.inc(up.result.nfe_saved)
             if not req.cancelled and req.group.queue.put_nowait((req, up)):
                 m.stream_coalesced.inc()
         self._gauges()

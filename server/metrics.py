@@ -50,6 +50,10 @@ class Metrics:
                                         registry=r)
         self.forward_passes = Counter("tzd_forward_passes", "Model evaluations summed over requests (NFE; two "
                                       "per step with classifier-free guidance)", registry=r)
+        self.early_exit_saved = Counter("tzd_early_exit_forwards_saved", "Forward passes early exit saved: "
+                                        "the planned step budgets of the blocks left when an EOS in the committed "
+                                        "left part ended a request (an upper bound with threshold or "
+                                        "entropy_bound)", registry=r)
         self.tokens_per_forward = Histogram("tzd_tokens_per_forward", "Per finished request: positions "
                                             "committed / forward passes (the parallelism of decoding)",
                                             buckets=PARALLELISM_BUCKETS, registry=r)

@@ -28,6 +28,7 @@ class Result:
     steps: int
     nfe: int
     committed: int  # positions committed when it finished (max_tokens unless EOS/stop ended it early)
+    nfe_saved: int = 0  # forwards an early exit saved (SlotStep.nfe_saved)
 
 
 @dataclass
@@ -105,7 +106,8 @@ class RequestOutput:
             canvas = ev.canvas if ev.done else ev.canvas[:self.prefix_len]
             tokens, reason, text = finish(canvas, ev.finish_reason or "stop", self.eos_ids, self.stop,
                                           self.tok.decode)
-            up.result = Result(tokens, text or "", reason, ev.step + 1, ev.nfe, self.max_tokens - ev.masked)
+            committed = self.max_tokens - ev.masked - ev.filled  # an early exit's EOS fill is not committed
+            up.result = Result(tokens, text or "", reason, ev.step + 1, ev.nfe, committed, ev.nfe_saved)
             if self.mode == "prefix":
                 up.delta = self._delta(up.result.text)
         elif self.mode == "prefix":

@@ -21,6 +21,10 @@ class GenerationResult:
     finish_reason: str  # "length" | "stop"
     seed: int
     text: str | None = None  # with a tokenizer
+    # forwards an early exit saved (params.early_exit, with eos_id given): the step budgets of the plan's
+    # remaining blocks, so nfe + nfe_saved is the whole canvas's nfe for the fixed schedule and an upper
+    # bound of it with threshold or entropy_bound (whose blocks may end before their budget); 0 otherwise
+    nfe_saved: int = 0
 
 
 def finish(canvas: Sequence[int] | np.ndarray, finish_reason: str, eos_id: int | Sequence[int] | None, stop: Sequence[str],
@@ -53,7 +57,8 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
 
     Prompts are admitted in order as slots and KV pages free up (at most `max_batch` at once, default
     all; `kv_cache_bytes` of KV pages, default enough for every slot). With a `tokenizer`, stop strings
-    are applied and results carry text.
+    are applied and results carry text. With `eos_id`, results are cut at the first EOS, and a request
+    with `early_exit` (the default) stops denoising once that EOS is in its committed left part.
     """
     plist = params if isinstance(params, list) else [params] * len(prompts)
     if len(plist) != len(prompts):
@@ -77,5 +82,5 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
                 tokens, reason, text = finish(ev.canvas, ev.finish_reason, eos_id, plans[ev.handle].params.stop,
                                               decode)
                 results[ev.handle] = GenerationResult(tokens, ev.step + 1, ev.nfe, reason, plans[ev.handle].seed,
-                                                      text)
+                                                      text, ev.nfe_saved)
     return results  # type: ignore[return-value]

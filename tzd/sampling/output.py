@@ -1,8 +1,8 @@
 """The output processor: one step's committed tokens (copied to the host once) into each request's
 progress and its SlotStep event.
 
-Vectorised over rows: the open offsets and the canvas copy, the EOS check; then per request its
-counters, the next block when this one is done, and the event. Freeing a finished slot (its KV pages,
+Vectorised over rows: the open offsets and the canvas copy, the EOS check (early exit); then per request
+its counters, the next block when this one is done, and the event. Freeing a finished slot (its KV pages,
 the prefix pool's bookkeeping) is the batch's: it owns those.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from tzd.sampling.rows import COLUMN
-from tzd.sampling.slot import MAX_TOKENS, SlotStep, SlotTable
+from tzd.sampling.slot import EARLY_EXIT, MAX_TOKENS, SlotStep, SlotTable
 from tzd.sampling.step_plan import StepPlan
 
 
@@ -29,11 +29,18 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
     ends = np.cumsum(counts)
     G = int(host[:, MAX_TOKENS].max())
     canvas = table.gen[slot_of, :G]  # a copy: the events' canvases (mask ids past a row's max_tokens)
-    eos = np.zeros(len(slots), dtype=bool)
-    if len(eos_ids):  # an EOS inside the fully committed left part ends the request
+    eos, filled = np.zeros(len(slots), dtype=bool), np.zeros(len(slots), dtype=np.int64)
+    if len(eos_ids):  # early exit: an EOS inside the fully committed left part ends the request
         is_mask = canvas == table.mask_id
         first_mask = np.where(is_mask.any(axis=1), is_mask.argmax(axis=1), G)
-        eos = (np.isin(canvas, eos_ids) & (np.arange(G) < first_mask[:, None])).any(axis=1)
+        at_eos = np.isin(canvas, eos_ids) & (np.arange(G) < first_mask[:, None])
+        eos = at_eos.any(axis=1) & (host[:, EARLY_EXIT] != 0)
+        # every position after that EOS is EOS (dInfer's early exit): the still-masked ones, all right of it
+        # (everything left of it is committed), show its id; past a row's max_tokens stays masked
+        if eos.any():
+            fill = is_mask & eos[:, None] & (np.arange(G) < host[:, MAX_TOKENS, None])
+            canvas = np.where(fill, canvas[np.arange(len(slots)), at_eos.argmax(axis=1)][:, None], canvas)
+            filled = fill.sum(axis=1)
     events = []
     for i, s in enumerate(slots):
         s.masked -= int(counts[i])
@@ -45,7 +52,9 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
             table.open[int(slot_of[i]), :s.block_bounds()[1]] = True
         done = bool(eos[i]) or s.masked == 0
         a = int(ends[i]) - int(counts[i])
-        events.append(SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]],
-                               s.masked, canvas[i, :s.plan.max_tokens], s.nfe, done,
-                               ("stop" if eos[i] else "length") if done else None))
+        ev = SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]], s.masked,
+                      canvas[i, :s.plan.max_tokens], s.nfe, done, ("stop" if eos[i] else "length") if done else None)
+        if eos[i] and s.masked:  # ended before its plan did
+            ev.masked, ev.filled, ev.nfe_saved = 0, int(filled[i]), s.planned_forwards_left()
+        events.append(ev)
     return events

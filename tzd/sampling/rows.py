@@ -17,7 +17,7 @@ import torch
 INT_FIELDS = ("slot", "start", "window_start", "key_len", "query_len", "steps_done", "steps_left", "commits",
               "total_len", "prompt_len", "seed", "top_k")
 BOOL_FIELDS = ("random_remask",)
-FLOAT_FIELDS = ("temperature", "top_p", "threshold", "cfg_scale")
+FLOAT_FIELDS = ("temperature", "top_p", "threshold", "cfg_scale", "entropy_bound")
 FIELDS = (*INT_FIELDS, *BOOL_FIELDS, *FLOAT_FIELDS)
 COLUMN = {name: i for i, name in enumerate(FIELDS)}  # a field's column in the host table
 
@@ -53,6 +53,7 @@ class RowValues:
     top_p: torch.Tensor
     threshold: torch.Tensor  # 0 = none
     cfg_scale: torch.Tensor
+    entropy_bound: torch.Tensor  # 0 = none
     offsets: torch.Tensor  # [rows, P]: block offsets still masked, ascending; -1 pads a row's tail
     positions: torch.Tensor  # [rows, P]: their canvas positions; the scratch column for the padding
     table: np.ndarray  # the host table it was built from (the step's bookkeeping reads it)

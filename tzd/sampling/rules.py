@@ -113,6 +113,46 @@ def confidence(logits: torch.Tensor, tokens: torch.Tensor, random_remask: torch.
     return conf
 
 
+def _halving_sum(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(dim=-1) by pairwise halving: elementwise adds in an order fixed by the last dimension's size
+    alone. torch's sum picks its reduction order by the shape (CUDA widens its blocks when there are few
+    rows; CPU threads split a row when there are few), which would make a row's sum depend on its batch."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        folded = x[..., :half] + x[..., half:2 * half]
+        if x.shape[-1] % 2:  # the odd last column joins the first
+            folded[..., :1] += x[..., -1:]
+        x = folded
+    return x[..., 0]
+
+
+def _prefix_sums(x: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(dim=1) by doubling (Hillis-Steele): each sum's order depends on its position only, not on
+    how many columns follow it (a row's padding) nor on the batch."""
+    shift = 1
+    while shift < x.shape[1]:
+        x = torch.cat([x[:, :shift], x[:, shift:] + x[:, :-shift]], dim=1)
+        shift *= 2
+    return x
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """[B,P] entropy in nats of softmax(logits) (un-tempered, the probabilities `confidence` reads; the mask
+    id's -inf logit is probability 0 and adds nothing), in float32, batch-invariant.
+
+    As log Z - sum p (x - max): no log over the vocabulary (-sum p log p would take one per element, the
+    dearest op here on CPU), only of the top probability, exp(0) / Z. That log goes through `entr`, which
+    CPU runs as a scalar loop: torch.log's vectorised loop takes a tensor's tail element by element, another
+    rounding for whichever rows a batch puts there."""
+    x = logits.float()
+    p = x.softmax(dim=-1)
+    # 0 * -inf at the mask id (and any -inf logit) is NaN: those terms are 0 (nan_to_num is several times
+    # cheaper than a where on CPU)
+    dot = _halving_sum((p * (x - x.amax(dim=-1, keepdim=True))).nan_to_num(nan=0.0))
+    top = p.amax(dim=-1)
+    return (torch.special.entr(top) / top - dot).clamp(min=0.0)  # entr(q) / q = -log q = log Z
+
+
 def schedule_count(remaining: np.ndarray, steps_left: np.ndarray) -> np.ndarray:
     """Positions LLaDA's linear schedule commits now: ceil(masked / steps_left), at least 1, at most masked
     (host arrays: the batch knows both before the step)."""
@@ -120,10 +160,13 @@ def schedule_count(remaining: np.ndarray, steps_left: np.ndarray) -> np.ndarray:
 
 
 def select_commits(conf: torch.Tensor, is_mask: torch.Tensor, steps_left: torch.Tensor,
-                   threshold: torch.Tensor, any_threshold: bool, count: torch.Tensor | None = None
+                   threshold: torch.Tensor, any_threshold: bool, count: torch.Tensor | None = None,
+                   entropy: torch.Tensor | None = None, entropy_bound: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which masked positions to commit: the ceil(masked / steps_left) most confident (LLaDA's linear
-    schedule), or with a threshold every position at or above it if that is more; always >= 1.
+    schedule), or with a threshold every position at or above it if that is more, or with an entropy
+    bound (rows where it is > 0; `entropy` [B,P] given) the longest run of the most confident whose
+    summed entropy stays <= the bound if that is more; always >= 1.
     `count`: that schedule's count where the caller has it (schedule_count), else computed here.
 
     Returns (select [B,P] bool, count [B]).
@@ -139,5 +182,11 @@ def select_commits(conf: torch.Tensor, is_mask: torch.Tensor, steps_left: torch.
         above = ((conf >= threshold[:, None]) & is_mask).sum(dim=1)
         count = torch.minimum(torch.where(threshold > 0, torch.maximum(count, above), count), remaining)
     order = conf.argsort(dim=1, descending=True, stable=True)
+    if entropy is not None:
+        # the masked positions come first in `order`; an infinite entropy after them ends every run there
+        ranked = entropy.masked_fill(~is_mask, float("inf")).gather(1, order)
+        within = (_prefix_sums(ranked) <= entropy_bound[:, None]).sum(dim=1)
+        remaining = is_mask.sum(dim=1) if remaining is None else remaining
+        count = torch.minimum(torch.where(entropy_bound > 0, torch.maximum(count, within), count), remaining)
     rank = order.argsort(dim=1)  # the inverse permutation: each position's place in the order
     return (rank < count[:, None]) & is_mask, count

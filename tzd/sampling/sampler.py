@@ -1,9 +1,9 @@
 """The sampler: today's commit rules (rules.py) applied to one step's logits, on the device.
 
 Per row: a token for every open position (argmax, or a seeded Gumbel-max draw after top-k/top-p), its
-confidence (or seeded random remasking), then the positions the schedule (or a threshold) commits. The
-committed tokens go into the device canvas; the result stays on the device until the output processor
-copies it to the host: the step's one sync.
+confidence (or seeded random remasking), then the positions the schedule (or a threshold, or an entropy
+bound) commits. The committed tokens go into the device canvas; the result stays on the device until the
+output processor copies it to the host: the step's one sync.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ def sample(logits: torch.Tensor, rv: RowValues, canvas: torch.Tensor, mask_id: i
     tokens = rules.choose_tokens(logits, rv.temperature, rv.top_k, rv.top_p, rv.seed, rv.steps_done, pos,
                                  sampling, filtering)
     conf = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, pos, any_random)
-    select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold, rv.commits)
+    # entropy-bounded rows: each open position's predictive entropy (one more pass over [rows, P, V])
+    entropy = rules.entropy(logits) if table[:, c["entropy_bound"]].any() else None
+    select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold, rv.commits,
+                                     entropy, rv.entropy_bound)
     canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, mask_id))
     return torch.where(select, tokens, -1)

@@ -18,7 +18,7 @@ from tzd.sampling.params import RequestPlan
 from tzd.sampling.rows import FIELDS, float_bits
 
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
-LENGTH, MAX_TOKENS = len(FIELDS), len(FIELDS) + 1  # host-only columns of Slot.row
+LENGTH, MAX_TOKENS, EARLY_EXIT = len(FIELDS), len(FIELDS) + 1, len(FIELDS) + 2  # host-only columns of Slot.row
 
 
 def eos_set(eos: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -45,6 +45,12 @@ class SlotStep:
     nfe: int
     done: bool
     finish_reason: str | None = None  # "length" | "stop" (EOS) once done
+    # early exit (an EOS in the committed left part ended the row): the masked positions it set to EOS in
+    # `canvas` without denoising them (`masked` is then 0), and the forwards the rest of the plan would
+    # have taken (the remaining blocks' step budgets: exact for the fixed schedule, an upper bound with
+    # threshold or entropy_bound)
+    filled: int = 0
+    nfe_saved: int = 0
 
     @property
     def committed(self) -> np.ndarray:
@@ -78,22 +84,32 @@ class Slot:
 
     def row(self, slot: int, shift: int) -> tuple[int, ...]:
         """This request's values for one step in rows.FIELDS order (floats as their float64 bits), then
-        two host-only columns: the current block's length and max_tokens."""
+        three host-only columns: the current block's length, max_tokens and early_exit."""
         start, length = self.block_bounds()
         first, cols, keys = self.window(shift)
         if self._fixed is None:  # the plan never changes: its part of the row is computed once
             p, sp = self.plan, self.plan.params
             self._fixed = (p.total_len, p.prompt_len, p.seed, sp.top_k, int(sp.remasking == "random"),
                            float_bits(sp.temperature), float_bits(sp.top_p), float_bits(sp.threshold or 0.0),
-                           float_bits(sp.cfg_scale))
+                           float_bits(sp.cfg_scale), float_bits(sp.entropy_bound or 0.0))
         return (slot, start, first, keys, cols, self.steps_done, max(self.block_budget() - self.block_step, 1),
-                0, *self._fixed, length, self.plan.max_tokens)  # 0: `commits`, set by _row_values
+                0, *self._fixed, length, self.plan.max_tokens,
+                int(self.plan.params.early_exit))  # 0: `commits`, set by _row_values
 
-    def block_budget(self) -> int:
-        """Steps for the current block: steps // blocks, the first steps % blocks one more, <= its length."""
+    def block_budget(self, block: int | None = None) -> int:
+        """Steps for the current block (or `block`): steps // blocks, the first steps % blocks one more, <= its
+        length."""
         p = self.plan
+        b = self.block if block is None else block
         base, extra = divmod(p.steps, p.num_blocks)
-        return min(base + (1 if self.block < extra else 0), self.block_bounds()[1])
+        length = p.first_block if b == 0 and p.first_block else p.block_length
+        return min(base + (1 if b < extra else 0), length, p.max_tokens - p.block_start(b))
+
+    def planned_forwards_left(self) -> int:
+        """Forwards the plan still has for this request: the current block's budget left and every later
+        block's (two per step with classifier-free guidance). Called once, when an early exit ends it."""
+        steps = sum(self.block_budget(b) for b in range(self.block, self.plan.num_blocks)) - self.block_step
+        return max(steps, 0) * (2 if self.plan.params.cfg_scale > 0 else 1)
 
     @property
     def cache_mode(self) -> int:
