@@ -14,14 +14,13 @@ import torch
 from omegaconf import DictConfig
 
 from trainer.data import Corpus, DataError
-from tzd.tasks import TASK_OPTIONS, Task, TaskExample, get_task
+from tzd.tasks import Task, TaskExample, task_of_data
 from tzd.tokenizer import Tokenizer
 
 
 def load_task(data: DictConfig) -> Task:
-    options = {k: int(data[k]) for k in TASK_OPTIONS if data.get(k) is not None}
     try:
-        return get_task(str(data.task), **options)
+        return task_of_data(data)
     except ValueError as e:
         raise DataError(f"data.task: {e}") from None
 

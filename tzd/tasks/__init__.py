@@ -7,12 +7,15 @@ on it (`data=task`, `experiment=addition-small`), `bench.accuracy` and the lm-ev
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from tzd.tasks.addition import AdditionTask
 from tzd.tasks.base import SPLITS, Task, TaskExample
 
 TASKS: dict[str, type[Task]] = {"addition": AdditionTask}
 
-__all__ = ["SPLITS", "TASKS", "Task", "TaskExample", "get_task", "task_of_checkpoint"]
+__all__ = ["SPLITS", "TASKS", "Task", "TaskExample", "get_task", "task_of_checkpoint", "task_of_data"]
 
 TASK_OPTIONS = ("max_digits", "max_tokens", "seed")  # the generator knobs a data=task config may set
 
@@ -28,6 +31,9 @@ def task_of_checkpoint(config: dict) -> Task | None:
     """The task a checkpoint was trained on (its config.json's training.config.data, data=task), with the
     same generator options, so its test split is the one it never saw; None for a text model."""
     data = config.get("training", {}).get("config", {}).get("data", {})
-    if data.get("name") != "task":
-        return None
+    return task_of_data(data) if data.get("name") == "task" else None
+
+
+def task_of_data(data: Mapping[str, Any]) -> Task:
+    """The task a data=task config names (`data.task`), with its generator options."""
     return get_task(str(data["task"]), **{k: int(data[k]) for k in TASK_OPTIONS if data.get(k) is not None})
