@@ -94,3 +94,37 @@ def test_an_experiments_out_dir_wins_over_the_default() -> None:
     assert load_config(["experiment=addition-small"]).out_dir == "runs/addition-small"
     assert load_config(["experiment=addition-small", "out_dir=elsewhere"]).out_dir == "elsewhere"
     assert load_config(["model=litgpt"]).out_dir == "runs/litgpt"
+
+
+def test_task_rows_vary_in_length_and_validation_is_the_samplers_layout() -> None:
+    from tzd.checkpoint import load_checkpoint
+    from tzd.tasks import get_task
+    from trainer.task_data import encode_rows
+
+    tokenizer = load_checkpoint(Path("models/addition-small")).tokenizer
+    task = get_task("addition")
+    examples = task.examples("train", 200)
+    train = encode_rows(tokenizer, examples, task.max_tokens, context=76, row_len=76)
+    val = encode_rows(tokenizer, examples[:50], task.max_tokens, context=76)
+    assert val.row_len == 10 + task.max_tokens  # the longest prompt + the canvas: what the sampler builds
+    g = torch.Generator().manual_seed(0)
+    lengths = set()
+    for _ in range(40):
+        ids, plen = train.sample(8, g)
+        lengths.add(ids.shape[1])
+        # every row keeps its whole target and an EOS after it
+        assert ids.shape[1] >= int(train.need.max()) and torch.all(ids[:, -1] == tokenizer.eos_id)
+        assert torch.equal(plen, torch.full_like(plen, 10))
+    assert min(lengths) < val.row_len < max(lengths) <= 76 and len(lengths) > 10
+
+
+def test_a_task_models_best_checkpoint_is_chosen_by_accuracy_first() -> None:
+    from trainer.loop import improves
+
+    state = {"best_val": 0.05, "best_accuracy": 0.75}
+    assert not improves(state, {"val_nelbo": 0.01, "val_accuracy": 0.5}, "val_nelbo")  # lower NELBO, worse
+    assert improves(state, {"val_nelbo": 0.09, "val_accuracy": 0.8}, "val_nelbo")
+    assert improves(state, {"val_nelbo": 0.04, "val_accuracy": 0.75}, "val_nelbo")  # a tie: the NELBO
+    assert not improves(state, {"val_nelbo": 0.06, "val_accuracy": 0.75}, "val_nelbo")
+    assert improves({"best_val": 0.05}, {"val_nelbo": 0.04}, "val_nelbo")  # text models: the NELBO alone
+    assert improves({"best_val": 0.05}, {"val_nelbo": 0.04, "val_accuracy": float("nan")}, "val_nelbo")

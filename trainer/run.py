@@ -49,10 +49,6 @@ class Run:
     def main_metric(self) -> str:
         return "val_nll" if self.model_cfg.causal else "val_nelbo"
 
-    @property
-    def tokens_per_step(self) -> int:
-        t = self.cfg.training
-        return t.batch_size * t.grad_accum * self.model_cfg.block_size * self.fabric.world_size
 
 
 def cpu_has_bf16() -> bool:
@@ -143,7 +139,8 @@ def setup_run(cfg: DictConfig) -> Run:
 
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model), vocab_size=tokenizer.vocab_size)
     if task is not None:
-        train_windows = encode_rows(tokenizer, train_examples, task.max_tokens, model_cfg.block_size)
+        train_windows = encode_rows(tokenizer, train_examples, task.max_tokens, model_cfg.block_size,
+                                    row_len=model_cfg.block_size)
         val_rows = encode_rows(tokenizer, val_examples, task.max_tokens, model_cfg.block_size)
         val_batches = val_rows.grid(t.batch_size, t.eval_batches)
         texts = [e.prompt + e.target for e in val_examples]

@@ -1,8 +1,13 @@
 """A task's examples as training rows: prompt, worked target, EOS padding, and where the prompt ends.
 
-Each row is laid out as the sampler meets it (LLaDA's SFT recipe): the prompt, then a canvas of the
-task's `max_tokens` holding the target and EOS up to its end, then EOS padding to the longest prompt
-of the split. Only the canvas and the padding are noised (tzd.diffusion.sft_loss); the prompt stays clean.
+Each row is laid out as the sampler meets it (LLaDA's SFT recipe): the prompt, then the target, then
+EOS to the row's end. Only what follows the prompt is noised (tzd.diffusion.sft_loss); the prompt stays clean.
+
+Training rows vary in length, batch by batch, from the shortest that holds every target and its EOS to
+the model's context. A bidirectional model sees where the sequence ends, and one trained on rows of a
+single length learns to place the answer relative to that end: addition-small trained on 76-token rows
+scored 0.97 with a canvas that made 76 tokens and 0.19 with the task's own 64-token canvas (74 in all).
+Validation rows are the sampler's layout exactly: the longest prompt and the task's canvas.
 """
 
 from __future__ import annotations
@@ -41,35 +46,44 @@ class TaskRows:
 
     ids: torch.Tensor
     prompt_len: torch.Tensor
+    need: torch.Tensor  # the shortest row that holds this example: prompt, target and one EOS
 
     @property
     def row_len(self) -> int:
         return self.ids.shape[1]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch_size` random rows, cut to one random length between the longest `need` among them and
+        `row_len` (uniform): the canvas lengths a user may ask for, not one the model could learn."""
         rows = torch.randint(0, len(self.ids), (batch_size,), generator=generator)
-        return self.ids[rows], self.prompt_len[rows]
+        shortest = int(self.need[rows].max())
+        length = int(torch.randint(shortest, self.row_len + 1, (1,), generator=generator))
+        return self.ids[rows, :length], self.prompt_len[rows]
 
     def grid(self, batch_size: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         take = min(len(self.ids), batch_size * max_batches)
         return list(zip(self.ids[:take].split(batch_size), self.prompt_len[:take].split(batch_size), strict=True))
 
 
-def encode_rows(tokenizer: Tokenizer, examples: list[TaskExample], canvas: int, row_len: int) -> TaskRows:
-    """Encode `examples` into rows of `row_len` tokens; a target that does not fit the canvas (with its
-    EOS) or a row past `row_len` is a DataError naming the example, never a silent cut."""
+def encode_rows(tokenizer: Tokenizer, examples: list[TaskExample], canvas: int, context: int,
+                row_len: int | None = None) -> TaskRows:
+    """Encode `examples` into rows of `row_len` tokens (default: the longest prompt + `canvas`); a target
+    that does not fit the canvas (with its EOS) or a prompt + canvas past the model's `context` is a
+    DataError naming the example, never a silent cut."""
     prompts = tokenizer.encode_batch([e.prompt for e in examples])
     targets = tokenizer.encode_batch([e.target for e in examples])
-    ids = np.full((len(examples), row_len), tokenizer.eos_id, dtype=np.int64)
-    plen = np.zeros(len(examples), dtype=np.int64)
+    longest = max(map(len, prompts), default=0)
+    row_len = longest + canvas if row_len is None else row_len
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         if len(t) + 1 > canvas:
             raise DataError(f"data.max_tokens={canvas}: the target of {examples[i].prompt!r} takes {len(t)} "
                             "tokens plus EOS; raise data.max_tokens")
-        if len(p) + canvas > row_len:
-            raise DataError(f"model.block_size={row_len}: prompt {examples[i].prompt!r} ({len(p)} tokens) + "
+        if len(p) + canvas > min(context, row_len):
+            raise DataError(f"model.block_size={context}: prompt {examples[i].prompt!r} ({len(p)} tokens) + "
                             f"canvas {canvas} does not fit; raise model.block_size")
-        ids[i, :len(p)] = p
-        ids[i, len(p):len(p) + len(t)] = t
-        plen[i] = len(p)
-    return TaskRows(torch.from_numpy(ids), torch.from_numpy(plen))
+    ids = np.full((len(examples), row_len), tokenizer.eos_id, dtype=np.int64)
+    plen = np.array([len(p) for p in prompts], dtype=np.int64)
+    need = np.array([len(p) + len(t) + 1 for p, t in zip(prompts, targets, strict=True)], dtype=np.int64)
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        ids[i, :len(p) + len(t)] = p + t
+    return TaskRows(torch.from_numpy(ids), torch.from_numpy(plen), torch.from_numpy(need))
