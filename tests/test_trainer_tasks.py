@@ -97,9 +97,9 @@ def test_an_experiments_out_dir_wins_over_the_default() -> None:
 
 
 def test_task_rows_vary_in_length_and_validation_is_the_samplers_layout() -> None:
+    from trainer.task_data import encode_rows
     from tzd.checkpoint import load_checkpoint
     from tzd.tasks import get_task
-    from trainer.task_data import encode_rows
 
     tokenizer = load_checkpoint(Path("models/addition-small")).tokenizer
     task = get_task("addition")
@@ -128,3 +128,37 @@ def test_a_task_models_best_checkpoint_is_chosen_by_accuracy_first() -> None:
     assert not improves(state, {"val_nelbo": 0.06, "val_accuracy": 0.75}, "val_nelbo")
     assert improves({"best_val": 0.05}, {"val_nelbo": 0.04}, "val_nelbo")  # text models: the NELBO alone
     assert improves({"best_val": 0.05}, {"val_nelbo": 0.04, "val_accuracy": float("nan")}, "val_nelbo")
+
+
+def test_a_block_causal_task_model_trains_and_scores(tmp_path: Path) -> None:
+    run_trainer(*TASK_TINY, "model.attention=block_causal", "model.diffusion_block=16", "training.max_steps=10",
+                "training.eval_every=10", "training.sample_every=10", f"out_dir={tmp_path}")
+    assert 0 < logged(tmp_path, "val_nelbo")[10] < 6.0 and 0.0 <= logged(tmp_path, "val_accuracy")[10] <= 1.0
+    samples = [json.loads(line) for line in open(tmp_path / "logs" / "samples.jsonl")]
+    assert samples and all(s["max_tokens"] == 64 for s in samples)
+
+
+def test_block_sft_loss_never_masks_the_prompt() -> None:
+    from tzd.diffusion import block_sft_loss
+    from tzd.models import ModelConfig, build_model
+
+    cfg = ModelConfig(vocab_size=40, block_size=24, n_layer=1, n_head=2, n_embd=32, attention="block_causal",
+                      diffusion_block=4)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids = torch.randint(5, 40, (3, 24))
+    prompt_len = torch.tensor([3, 8, 5])
+    seen = {}
+
+    def spy(x: torch.Tensor, ctx: object = None) -> torch.Tensor:
+        seen["x"] = x
+        return model(x, ctx)
+
+    g = torch.Generator().manual_seed(1)
+    loss = block_sft_loss(spy, ids, prompt_len, mask_id=4, block=4, generator=g)
+    noisy = seen["x"][:, :24]
+    assert torch.isfinite(loss) and loss > 0
+    for b in range(3):  # the prompt is clean in both streams; the response has masked positions
+        assert torch.equal(noisy[b, :prompt_len[b]], ids[b, :prompt_len[b]])
+        assert (noisy[b, prompt_len[b]:] == 4).any()
+    assert torch.equal(seen["x"][:, 24:], ids)

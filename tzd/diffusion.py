@@ -114,7 +114,29 @@ def sft_loss(model: nn.Module, ids: torch.Tensor, prompt_len: torch.Tensor, mask
     """LLaDA's SFT objective: the NELBO of the response given the clean prompt, in nats per response
     token (the sum of CE / p over masked response positions, divided by the number of response tokens)."""
     noisy, masked, p = sft_forward_process(ids, prompt_len, mask_id, generator=generator)
-    logits = model(noisy)
+    return response_nelbo(model(noisy), ids, masked, p, prompt_len)
+
+
+def block_sft_loss(model: nn.Module, ids: torch.Tensor, prompt_len: torch.Tensor, mask_id: int, block: int,
+                   align: str = "prompt", eps: float = EPS, generator: torch.Generator | None = None) -> torch.Tensor:
+    """sft_loss for a block-causal model: the blocks laid out from the real prompt as the sampler lays them,
+    one t per block (BD3-LM), only response positions masked, every block against the clean blocks before
+    it in one two-stream forward."""
+    B, T = ids.shape
+    dev = _draw_device(ids, generator)
+    prompt_len = prompt_len.to(ids.device)
+    blocks = block_ids(T, prompt_len, block, align=align)
+    t = torch.rand(B, T // block + 2, device=dev, generator=generator).to(ids.device)
+    p = ((1 - eps) * t + eps).gather(1, blocks)
+    response = torch.arange(T, device=ids.device)[None] >= prompt_len[:, None]
+    masked = (torch.rand(B, T, device=dev, generator=generator).to(ids.device) < p) & response
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    return response_nelbo(two_stream_logits(model, ids, noisy, blocks), ids, masked, p, prompt_len)
+
+
+def response_nelbo(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, p: torch.Tensor,
+                   prompt_len: torch.Tensor) -> torch.Tensor:
+    """Sum of CE / p over the masked positions, per response token (what follows each row's prompt)."""
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
     response_tokens = (ids.shape[1] - prompt_len.to(ids.device)).sum().clamp(min=1)
     return (ce / p[masked]).sum() / response_tokens
@@ -136,11 +158,13 @@ def training_loss(model: nn.Module, ids: torch.Tensor, mask_id: int, cfg: ModelC
                   generator: torch.Generator | None = None, prompt_len: torch.Tensor | None = None) -> torch.Tensor:
     """The loss a training step minimises: NLL for the causal judge, the NELBO for diffusion models
     (block diffusion's for block-causal ones); with `prompt_len` (task rows: prompt then response) the
-    NELBO of the response given the prompt (bidirectional models only)."""
+    NELBO of the response given the prompt (diffusion models only)."""
     if prompt_len is not None:
-        if cfg.causal or cfg.block_causal:
-            raise ValueError("task rows (data=task) train bidirectional diffusion models only: set "
-                             "model.causal=false and model.attention=bidirectional")
+        if cfg.causal:
+            raise ValueError("task rows (data=task) train diffusion models only: set model.causal=false")
+        if cfg.block_causal:
+            return block_sft_loss(model, ids, prompt_len, mask_id, cfg.diffusion_block, align=cfg.block_align,
+                                  generator=generator)
         return sft_loss(model, ids, prompt_len, mask_id, generator=generator)
     if cfg.causal:
         return autoregressive_loss(model(ids), ids)
