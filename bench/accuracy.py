@@ -154,12 +154,14 @@ def main() -> None:
         r["pareto"] = r["config"] in front
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(rt.device), "model": args.model, "task": task.name,
+    out.write_text(json.dumps({"machine": machine(rt.device), "precision": rt.dtype_name, "model": args.model,
+                               "attention": rt.loaded.model_config.attention, "task": task.name,
                                "max_tokens": task.max_tokens, "examples": len(examples),
                                "b1_examples": args.b1_examples, "batch": args.batch, "summary": summary,
                                "rows": rows}, indent=2) + "\n")
     plot(rows, front, out.with_suffix(".png"),
-         f"{task.name} test ({len(examples)} examples, canvas {task.max_tokens}), {machine(rt.device)}")
+         f"{args.model}: {task.name} test ({len(examples)} examples, canvas {task.max_tokens}), "
+         f"{machine(rt.device)}, {rt.dtype_name}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
