@@ -1,0 +1,62 @@
+"""The quantized number formats, as plain tensor functions (no modules): quantize a [rows, K] matrix.
+
+int8: symmetric, one scale per row (w ~ q * scale, q in [-127, 127]).
+int4: asymmetric, one scale and zero point per group of `group` columns of a row, in the convention of
+torch's packed int4 kernels (w ~ (q - 8) * scale + zero, q in [0, 15]).
+fp8: e4m3, one scale per row (w ~ q * scale, |q| <= 448).
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_MID = 8  # the packed kernels subtract 8 from every nibble before the scale and zero apply
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], scale fp32 [N])."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int32 [N, K] in 0..15, scale fp32 [N, K/group], zero fp32 [N, K/group]); K must divide by group."""
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(N, K), scale, lo + INT4_MID * scale
+
+
+def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The rows int4_groups encodes (q [..., K] int, scale/zero [..., K/group]), in scale's dtype."""
+    groups = scale.shape[-1]
+    qg = q.reshape(*q.shape[:-1], groups, -1).to(scale.dtype)
+    return ((qg - INT4_MID) * scale[..., None] + zero[..., None]).reshape(q.shape)
+
+
+def nibbles_pack(q: torch.Tensor) -> torch.Tensor:
+    """q [..., K] in 0..15 (K even) as uint8 [..., K/2]: column 2j in the high nibble, 2j+1 in the low one."""
+    q = q.to(torch.uint8)
+    return (q[..., 0::2] << 4) | q[..., 1::2]
+
+
+def nibbles_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of nibbles_pack: uint8 [..., K/2] -> uint8 [..., K]."""
+    return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(-2)
+
+
+def fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn [N, K], scale fp32 [N])."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+def pad_to(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """w [N, K] with zero rows and columns appended up to multiples of `rows` and `cols`."""
+    pad_n, pad_k = -w.shape[0] % rows, -w.shape[1] % cols
+    return torch.nn.functional.pad(w, (0, pad_k, 0, pad_n)) if pad_n or pad_k else w
