@@ -75,6 +75,7 @@ class Quantizer:
             if isinstance(self.todo[n], nn.Embedding):
                 table = (head.weight_int8, head.scale) if isinstance(head, Int8Linear) else None
                 new: nn.Module = QuantizedEmbedding(weight, self.cfg.method, group, self.embedding_dtype, table)
+                new.tied = len(names) > 1  # counted once in count_weights
             else:
                 new = head = quantize_linear(weight, bias if n == name else None, self.cfg.method, group,
                                              self.linear_dtype)
@@ -98,6 +99,18 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, linear_dtype: torch.dtype
             quantizer.take(key, getattr(quantizer.todo[name], attr).detach())
     quantizer.finish()
     return model
+
+
+def count_weights(model: nn.Module) -> int:
+    """Parameters of the model as its float checkpoint has them, quantized layers included (a tied head and
+    embedding once)."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
+        elif isinstance(module, QuantizedEmbedding) and not module.tied:
+            total += module.num_embeddings * module.embedding_dim
+    return total
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -53,7 +53,7 @@ def check_device(cfg: QuantConfig, device: torch.device) -> None:
     """Refuse fp8 where the device has no e4m3 matmul (the CPU, CUDA before sm_89)."""
     if cfg.method != "fp8":
         return
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():
         raise QuantizationError(f"quantization=fp8 needs a CUDA GPU of compute capability >= 8.9; the device "
                                 f"is {device} (use int8 or int4 there)")
     capability = torch.cuda.get_device_capability(device)

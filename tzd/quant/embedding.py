@@ -22,6 +22,7 @@ class QuantizedEmbedding(nn.Module):
         super().__init__()
         V, D = weight.shape
         self.num_embeddings, self.embedding_dim, self.method, self.dtype = V, D, method, dtype
+        self.tied = False  # made from the same weight as a quantized head (Quantizer sets it)
         if method == "int4":
             w = formats.pad_to(weight, 1, group)
             q, scale, zero = formats.int4_groups(w, group)
