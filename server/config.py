@@ -26,7 +26,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from server.keys import ApiKey, KeyFileError, read_key_file
-from tzd.quant import QuantConfig
+from tzd.quant import GROUP_SIZES, QuantConfig
 
 DEFAULT_CHECKPOINT = "models/shakespeare-small"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the repository root in a source checkout
@@ -61,7 +61,7 @@ class ServerOptions(BaseModel):
         None, description="weight-only quantization of the linear layers, done while the checkpoint loads: int8 "
                           "(a scale per output channel), int4 (a scale and zero point per --quantization-group-size "
                           "inputs), fp8 (e4m3; CUDA GPUs of compute capability >= 8.9 only). Unset: float weights")
-    quantization_group_size: Literal[32, 64, 128, 256] = Field(
+    quantization_group_size: int = Field(
         64, description="inputs per int4 scale (smaller: closer to the float model, more bytes)")
     quantize_head: Literal["on", "off"] = Field(
         "off", description="on: quantize the output head and the token embeddings too (on a small model they "
@@ -122,6 +122,13 @@ class ServerOptions(BaseModel):
         if v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v):
             return v
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+
+    @field_validator("quantization_group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v not in GROUP_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {v}")
+        return v
 
     @field_validator("kv_cache_memory")
     @classmethod
