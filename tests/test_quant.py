@@ -38,7 +38,8 @@ def dequantized(w: torch.Tensor, method: str, group: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(96, 256), (90, 200), (278, 64)])  # N not a multiple of 16, K not of the group
+# N not a multiple of 16, K not of the group; more rows than formats.ROW_CHUNK (quantized and packed in chunks)
+@pytest.mark.parametrize("shape", [(96, 256), (90, 200), (278, 64), (4200, 64)])
 def test_quantized_linear_matches_the_float_one(method: str, dtype: torch.dtype, shape: tuple[int, int]) -> None:
     g = torch.Generator().manual_seed(0)
     N, K = shape

@@ -25,13 +25,13 @@ class QuantizedEmbedding(nn.Module):
         self.tied = False  # made from the same weight as a quantized head (Quantizer sets it)
         if method == "int4":
             w = formats.pad_to(weight, 1, group)
-            q, scale, zero = formats.int4_groups(w, group)
-            self.register_buffer("table", formats.nibbles_pack(q), persistent=False)
+            table, scale, zero = formats.in_row_chunks(lambda rows: formats.int4_nibble_rows(rows, group), w)
+            self.register_buffer("table", table, persistent=False)
             self.register_buffer("scale", scale.to(dtype), persistent=False)
             self.register_buffer("zero", zero.to(dtype), persistent=False)
             return
-        q, scale = int8_table if int8_table is not None else (
-            formats.int8_rows(weight) if method == "int8" else formats.fp8_rows(weight))
+        q, scale = int8_table if int8_table is not None else formats.in_row_chunks(
+            formats.int8_rows if method == "int8" else formats.fp8_rows, weight)
         self.register_buffer("table", q, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
 

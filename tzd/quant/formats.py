@@ -8,8 +8,13 @@ fp8: e4m3, one scale per row (w ~ q * scale, |q| <= 448).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+# Rows quantized at a time: the fp32 temporaries of one chunk, not of a whole 126k-row head (2 GiB each at
+# LLaDA-8B's widths), are what loading adds to the model. A multiple of 64 (the CPU int4 packer's row block).
+ROW_CHUNK = 4096
 INT4_MID = 8  # the packed kernels subtract 8 from every nibble before the scale and zero apply
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -44,6 +49,12 @@ def nibbles_pack(q: torch.Tensor) -> torch.Tensor:
     return (q[..., 0::2] << 4) | q[..., 1::2]
 
 
+def int4_nibble_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4_groups with q packed two to a byte (nibbles_pack)."""
+    q, scale, zero = int4_groups(w, group)
+    return nibbles_pack(q), scale, zero
+
+
 def nibbles_unpack(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of nibbles_pack: uint8 [..., K/2] -> uint8 [..., K]."""
     return torch.stack((packed >> 4, packed & 15), dim=-1).flatten(-2)
@@ -54,6 +65,16 @@ def fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
     scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
     return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+def in_row_chunks(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], w: torch.Tensor,
+                  rows: int = ROW_CHUNK) -> tuple[torch.Tensor, ...]:
+    """fn applied to ROW_CHUNK rows of w at a time, its outputs concatenated along the first dim (every
+    format here treats rows independently, and so do the int4 packers in blocks of 64 rows)."""
+    if w.shape[0] <= rows:
+        return fn(w)
+    parts = [fn(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
 
 def pad_to(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

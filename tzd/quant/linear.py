@@ -67,7 +67,7 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         N, K = weight.shape
         super().__init__(K, N, K, bias, dtype)
-        q, scale = formats.int8_rows(weight)
+        q, scale = formats.in_row_chunks(formats.int8_rows, weight)
         self.register_buffer("weight_int8", q, persistent=False)
         self.register_buffer("scale", scale.to(dtype), persistent=False)
         self.packed = has_kernel("_weight_int8pack_mm", weight.device) and K % INT8_K_MULTIPLE == 0
@@ -86,19 +86,21 @@ class Int4Linear(QuantizedLinear):
         w = formats.pad_to(weight, INT4_ROWS, group)
         super().__init__(K, N, w.shape[1], bias, dtype)
         self.group = group
-        q, scale, zero = formats.int4_groups(w, group)
         self.cuda = weight.device.type == "cuda"
         # CUDA's kernel takes bf16 activations only
         self.kernel_dtype = torch.bfloat16 if self.cuda else dtype
-        if self.cuda:
-            Kp = w.shape[1]
-            inner_k_tiles = 8 if Kp % 128 == 0 else 4 if Kp % 64 == 0 else 2  # tinygemm: K % (tiles * 16) == 0
-            packed = torch._convert_weight_to_int4pack(formats.nibbles_pack(q).contiguous(), inner_k_tiles)
-        elif has_kernel("_convert_weight_to_int4pack_for_cpu", weight.device):
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        else:
+        if not self.cuda and not has_kernel("_convert_weight_to_int4pack_for_cpu", weight.device):
             raise ValueError(f"int4 weights: no packed int4 kernel for {weight.device.type} in this torch build")
-        del q
+        Kp = w.shape[1]
+        inner_k_tiles = 8 if Kp % 128 == 0 else 4 if Kp % 64 == 0 else 2  # tinygemm: K % (tiles * 16) == 0
+
+        def quantize_and_pack(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            q, scale, zero = formats.int4_groups(rows, group)
+            if self.cuda:
+                return torch._convert_weight_to_int4pack(formats.nibbles_pack(q).contiguous(), inner_k_tiles), scale, zero
+            return torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1), scale, zero
+
+        packed, scale, zero = formats.in_row_chunks(quantize_and_pack, w)
         # [K/group, N, 2]: (scale, zero) per group and output channel, the kernels' layout
         scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("weight_int4", packed, persistent=False)
@@ -121,7 +123,7 @@ class Fp8Linear(QuantizedLinear):
         N, K = weight.shape
         w = formats.pad_to(weight, FP8_TILE, FP8_TILE)
         super().__init__(K, N, w.shape[1], bias, dtype)
-        q, scale = formats.fp8_rows(w)
+        q, scale = formats.in_row_chunks(formats.fp8_rows, w)
         self.register_buffer("weight_fp8", q, persistent=False)
         self.register_buffer("scale", scale[None, :].contiguous(), persistent=False)  # [1, N] fp32
 
