@@ -139,8 +139,13 @@ def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[st
                 shapes = ", ".join(f"{n} {tuple(handles[files[n]].get_slice(n).get_shape())}" for n in parts)
                 raise HFCheckpointError(f"{files[parts[0]]}: {shapes} make {tuple(merged.shape)}; config.json implies "
                                         f"{tuple(want)}")
-            if take is None or not take(key, merged):
+            if take is None:
                 state[key] = merged
+            elif not take(key, merged):
+                # a kept tensor read straight from the file is a view of its shard's mapping, and would keep
+                # every page of the shard resident (a norm's view, the whole 1 GB shard): copied, it lets the
+                # shard go once its quantized tensors are done
+                state[key] = merged.clone() if merged.device.type == "cpu" else merged
             del merged
             for file in [f for f in handles if last_use[f] <= i]:  # unmap shards no later tensor needs
                 handles.pop(file).__exit__(None, None, None)

@@ -69,12 +69,23 @@ def fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def in_row_chunks(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], w: torch.Tensor,
                   rows: int = ROW_CHUNK) -> tuple[torch.Tensor, ...]:
-    """fn applied to ROW_CHUNK rows of w at a time, its outputs concatenated along the first dim (every
-    format here treats rows independently, and so do the int4 packers in blocks of 64 rows)."""
-    if w.shape[0] <= rows:
+    """fn applied to `rows` rows of w at a time, each output written into its place in one preallocated
+    tensor (no list of parts beside the whole). Every format here treats rows independently, and so do the
+    int4 packers in blocks of 64 rows; an output's first dim is proportional to the rows (CUDA's packed
+    int4 holds 8 rows per entry)."""
+    N = w.shape[0]
+    if N <= rows:
         return fn(w)
-    parts = [fn(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
-    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+    outs: tuple[torch.Tensor, ...] = ()
+    for i in range(0, N, rows):
+        parts = fn(w[i:i + rows])
+        if not outs:  # the first chunk has exactly `rows` rows: it gives each output's rows per input row
+            outs = tuple(torch.empty((p.shape[0] * N // rows, *p.shape[1:]), dtype=p.dtype, device=p.device)
+                         for p in parts)
+        for out, part in zip(outs, parts, strict=True):
+            start = i * out.shape[0] // N
+            out[start:start + part.shape[0]].copy_(part)
+    return outs
 
 
 def pad_to(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
