@@ -36,6 +36,12 @@ def dequantized(w: torch.Tensor, method: str, group: int) -> torch.Tensor:
     return formats.int4_dequantize(q, scale, zero)[:, :w.shape[1]]
 
 
+def exact_in(method: str, dtype: torch.dtype) -> bool:
+    """Whether a layer's product is fp32-exact: int4 runs its CPU kernel in bf16 even for fp32 models
+    (tzd.quant.linear.PACKED_DTYPES), so its rows carry bf16 activations' rounding (~0.4%)."""
+    return dtype == torch.float32 and method == "int8"
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # N not a multiple of 16, K not of the group; more rows than formats.ROW_CHUNK (quantized and packed in chunks)
@@ -50,7 +56,7 @@ def test_quantized_linear_matches_the_float_one(method: str, dtype: torch.dtype,
     assert y.shape == (3, 7, N) and y.dtype == dtype
     # the kernel computes exactly the dequantized weight's product (up to the dtype's rounding)
     exact = F.linear(x.to(dtype).float(), dequantized(w, method, 64), b)
-    assert rel_err(y, exact) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(y, exact) < (1e-5 if exact_in(method, dtype) else 1e-2)
     assert rel_err(y, F.linear(x, w, b)) < REL_TOL[method]
 
 
@@ -129,7 +135,7 @@ def test_load_checkpoint_quantized(checkpoints: dict[str, Path], kind: str, quan
                     isinstance(m, nn.Linear) and (quant.head or name.rpartition(".")[2] not in ("output", "lm_head"))):
                 m.weight.copy_(dequantized(m.weight, quant.method, quant.group_size))
     ids = torch.randint(5, 250, (2, 24), generator=torch.Generator().manual_seed(0))
-    assert rel_err(logits(q, ids), logits(ref, ids)) < 1e-4
+    assert rel_err(logits(q, ids), logits(ref, ids)) < (1e-4 if exact_in(quant.method, torch.float32) else 2e-2)
     tokenizer = q.tokenizer
     prompt = tokenizer.encode("To be, or not")
     [out] = generate(q.model, [prompt], SamplingParams(max_tokens=8, steps=8), q.mask_id,

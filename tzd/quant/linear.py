@@ -22,6 +22,10 @@ FP8_TILE = 16  # _scaled_mm wants K and N multiples of 16
 # _weight_int8pack_mm on the CPU crashed (torch 2.13, bf16 activations) for K not a multiple of 16;
 # such a layer dequantizes instead (no real model has one)
 INT8_K_MULTIPLE = 16
+# torch's packed CPU kernels in fp32 are scalar loops: measured (torch 2.13, 2-core AVX-512 CPU, 2048 rows x
+# 256 -> 704) int8 0.60 s against 0.027 s for dequantize + fp32 matmul, int4 1.09 s against 0.014 s in bf16.
+# So fp32 int8 layers dequantize, and int4 layers compute in bf16 on the CPU whatever the model's dtype.
+PACKED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def has_kernel(op: str, device: torch.device) -> bool:
@@ -70,7 +74,8 @@ class Int8Linear(QuantizedLinear):
         q, scale = formats.in_row_chunks(formats.int8_rows, weight)
         self.register_buffer("weight_int8", q, persistent=False)
         self.register_buffer("scale", scale.to(dtype), persistent=False)
-        self.packed = has_kernel("_weight_int8pack_mm", weight.device) and K % INT8_K_MULTIPLE == 0
+        self.packed = (has_kernel("_weight_int8pack_mm", weight.device) and K % INT8_K_MULTIPLE == 0
+                       and (dtype in PACKED_DTYPES or weight.device.type != "cpu"))
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -87,8 +92,8 @@ class Int4Linear(QuantizedLinear):
         super().__init__(K, N, w.shape[1], bias, dtype)
         self.group = group
         self.cuda = weight.device.type == "cuda"
-        # CUDA's kernel takes bf16 activations only
-        self.kernel_dtype = torch.bfloat16 if self.cuda else dtype
+        # CUDA's kernel takes bf16 activations only; the CPU's is slow in fp32 (PACKED_DTYPES)
+        self.kernel_dtype = dtype if not self.cuda and dtype in PACKED_DTYPES else torch.bfloat16
         if not self.cuda and not has_kernel("_convert_weight_to_int4pack_for_cpu", weight.device):
             raise ValueError(f"int4 weights: no packed int4 kernel for {weight.device.type} in this torch build")
         Kp = w.shape[1]
