@@ -23,6 +23,7 @@ from tzd.tokenizer import SpecialIds
 
 CONFIG_FILE, GENERATION_CONFIG = "config.json", "generation_config.json"
 WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+COPY_KEPT_BELOW = 64 << 20  # bytes: kept tensors copied out of a shard while quantizing (read_tensors)
 
 
 class HFCheckpointError(ValueError):
@@ -142,10 +143,12 @@ def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[st
             if take is None:
                 state[key] = merged
             elif not take(key, merged):
-                # a kept tensor read straight from the file is a view of its shard's mapping, and would keep
-                # every page of the shard resident (a norm's view, the whole 1 GB shard): copied, it lets the
-                # shard go once its quantized tensors are done
-                state[key] = merged.clone() if merged.device.type == "cpu" else merged
+                # a kept tensor read straight from the file is a view of its shard's mapping and keeps every
+                # page read from the shard resident (a norm's view: the quantized layers' float pages). Small
+                # ones are copied so the shard goes once its quantized tensors are done; a large one (a float
+                # head or embedding) stays a view, whose pages are its own and are read only where used.
+                small = merged.device.type == "cpu" and merged.nbytes < COPY_KEPT_BELOW
+                state[key] = merged.clone() if small else merged
             del merged
             for file in [f for f in handles if last_use[f] <= i]:  # unmap shards no later tensor needs
                 handles.pop(file).__exit__(None, None, None)
