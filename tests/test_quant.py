@@ -177,3 +177,25 @@ def test_bf16_weights_shrink_by_the_expected_factor(checkpoints: dict[str, Path]
     for quant, bound in ((QuantConfig("int8", head=True), 0.55), (QuantConfig("int4", 32, head=True), 0.35)):
         q = load_checkpoint(checkpoints["llada"], device="cpu", dtype=torch.bfloat16, quantization=quant)
         assert weight_bytes(q.model) / before < bound, quant.name
+
+
+def test_litgpt_backend_quantized_in_place() -> None:
+    """TZD's litgpt backend names its layers otherwise (attn.qkv, mlp.fc_1, lm_head, wte): quantized all the same."""
+    from tzd.models import ModelConfig, build_model
+    from tzd.quant import quantize_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backend="litgpt", vocab_size=96, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                      intermediate_size=128)
+    model, ref = build_model(cfg).eval(), build_model(cfg).eval()
+    ref.load_state_dict(model.state_dict())
+    quant = QuantConfig("int8", head=True)
+    quantize_model(model, quant, torch.float32, torch.float32)
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in model.modules())
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.copy_(dequantized(m.weight, "int8", 64))
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert rel_err(model(ids), ref(ids)) < 1e-4
