@@ -8,10 +8,11 @@
 #   3. the kernel tests on CUDA, compiled (not interpreted): tests/test_kernels*.py, one fixed tile config
 #      (TZD_AUTOTUNE=0; autotuned, they took about 130 s on an H200, most of it compiling and autotuning),
 #      the one-sync test, CUDA graphs' tokens against eager, the paged KV store, and batch invariance on CUDA: the attention kernels' rows alone vs batched, and
-#      the server at concurrency 16 vs alone (--deterministic on)
+#      the server at concurrency 16 vs alone (--deterministic on), the quantized layers (tests/test_quant_cuda.py)
 #   4. the serving benchmark against `python -m server --device cuda` (bench/serve.py); then with the dual
 #      cache, eager and with --cuda-graphs on
-#   5. the kernel benchmark: bench/kernels.py (table + JSON)
+#   5. quantized weights on CUDA (python -m bench.quant --device cuda, short settings)
+#   6. the kernel benchmark: bench/kernels.py (table + JSON)
 # Usage: bench/gpu_check.sh OUT_DIR [CHECKPOINT_DIR]   (default checkpoint: models/shakespeare-small)
 # Everything lands in OUT_DIR; summary.txt lists each step's exit status. Each step gets a share of
 # an overall deadline (GPU_CHECK_DEADLINE, default 470 s) so the whole check ends within 8 minutes.
@@ -142,7 +143,7 @@ step llada8b 150 "$PY" -m bench.family_speed --device cuda --out "$OUT/llada8b.j
 # took most of this step); the autotuned kernels are checked against SDPA by the kernel benchmark below
 step tests 220 env TZD_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_varlen.py \
     tests/test_kernels_model.py tests/test_sampling_cuda.py tests/test_cuda_graphs.py tests/test_kv_pages.py \
-    tests/test_invariance.py tests/test_server_invariance.py -k "not on_cpu_default and not on_cpu_bf16_units" \
+    tests/test_invariance.py tests/test_server_invariance.py tests/test_quant_cuda.py -k "not on_cpu_default and not on_cpu_bf16_units" \
     --junitxml "$OUT/tests.xml"
 
 step serve 100 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --concurrency 1,4,16,32 --repeats 1 \
@@ -154,6 +155,10 @@ step serve_dual 60 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --con
 step serve_graphs 60 "$PY" -m bench.serve --device cuda --checkpoint "$CKPT" --concurrency 1,16 --repeats 1 \
     --cache dual --no-offline --server-args "--cuda-graphs on" --out "$OUT/serve_gpu_graphs.json" \
     --png "$OUT/serve_gpu_graphs.png"
+
+# quantized weights (int8, int4, fp8 on sm_89+): bytes, held-out NELBO and tokens/s against bf16, short settings
+step quant 60 "$PY" -m bench.quant --device cuda --checkpoint "$CKPT" --eval-batches 4 --tokens 32 \
+    --llada-layers 1 --llada-tokens 16 --out "$OUT/quant_gpu.json"
 
 QUICK=()
 ((DEADLINE - SECONDS < 200)) && QUICK=(--quick)  # fewer shapes when the steps before ran long

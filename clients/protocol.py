@@ -140,6 +140,8 @@ class Health(BaseModel):
     attention: Literal["bidirectional", "block_causal"] | None = None  # the served model's (None while loading)
     kv_cache_pages: int | None = None  # pages of the paged KV cache (None while loading)
     kv_cache_usage: float | None = None  # the fraction of them running requests hold
+    # the weights' quantization: none, int8, int4-g64, fp8 (+head: head and embeddings too); None while loading
+    quantization: str | None = None
 
 
 class TextPart(BaseModel):
@@ -325,6 +327,7 @@ class ModelCard(BaseModel):
     # blocks are shared across requests); diffusion_block is a block-causal model's block length
     attention: Literal["bidirectional", "block_causal"] = "bidirectional"
     diffusion_block: int | None = None
+    quantization: str = "none"  # of the weights: none, int8, int4-g64, fp8 (+head: head and embeddings too)
 
 
 class ModelList(BaseModel):

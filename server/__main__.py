@@ -15,7 +15,8 @@ from server.app import create_app
 from server.config import ServerConfig, parse_config
 from server.logs import configure_logging
 from server.serving import Serving
-from tzd.checkpoint import CheckpointError, check_checkpoint
+from tzd.checkpoint import CheckpointError, check_checkpoint, resolve_device
+from tzd.quant import QuantizationError, check_device
 
 log = logging.getLogger("tzd.server")
 
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: --checkpoint: {e}", file=sys.stderr)
         return 2
+    if cfg.quant_config is not None:
+        try:
+            check_device(cfg.quant_config, resolve_device(cfg.device))  # fp8 off a capable GPU
+        except QuantizationError as e:
+            print(f"error: --quantization: {e}", file=sys.stderr)
+            return 2
     holder: list[DrainingServer] = []
     app = create_app(cfg, on_fatal=lambda e: holder[0].fatal(e))
     # log_config=None: uvicorn's loggers go through configure_logging's handler; server.middleware writes

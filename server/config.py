@@ -26,6 +26,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from server.keys import ApiKey, KeyFileError, read_key_file
+from tzd.quant import GROUP_SIZES, QuantConfig
 
 DEFAULT_CHECKPOINT = "models/shakespeare-small"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the repository root in a source checkout
@@ -56,6 +57,15 @@ class ServerOptions(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers stored "
                             "in bf16, the rest fp32), float32, bfloat16, float16")
+    quantization: Literal["int8", "int4", "fp8"] | None = Field(
+        None, description="weight-only quantization of the linear layers, done while the checkpoint loads: int8 "
+                          "(a scale per output channel), int4 (a scale and zero point per --quantization-group-size "
+                          "inputs), fp8 (e4m3; CUDA GPUs of compute capability >= 8.9 only). Unset: float weights")
+    quantization_group_size: int = Field(
+        64, description="inputs per int4 scale (smaller: closer to the float model, more bytes)")
+    quantize_head: Literal["on", "off"] = Field(
+        "off", description="on: quantize the output head and the token embeddings too (on a small model they "
+                           "hold a large share of the bytes; they are also the most sensitive layers)")
     deterministic: Literal["on", "off"] = Field(
         "off", description="on: batch-invariant kernels (GEMMs over fixed row tiles, attention over fixed key "
                            "chunks), so a request's tokens at temperature 0 or for a given seed are the same "
@@ -113,6 +123,13 @@ class ServerOptions(BaseModel):
             return v
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
 
+    @field_validator("quantization_group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v not in GROUP_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {v}")
+        return v
+
     @field_validator("kv_cache_memory")
     @classmethod
     def _kv_memory(cls, v: str | None) -> str | None:
@@ -141,6 +158,13 @@ class ServerConfig(ServerOptions):
     @classmethod
     def _keys(cls, v: Any) -> Any:  # plain strings are keys without limits
         return tuple(ApiKey(k) if isinstance(k, str) else k for k in v)
+
+    @property
+    def quant_config(self) -> QuantConfig | None:
+        """--quantization with its group size and --quantize-head, or None for float weights."""
+        if self.quantization is None:
+            return None
+        return QuantConfig(self.quantization, self.quantization_group_size, self.quantize_head == "on")
 
     @property
     def served_name(self) -> str:

@@ -65,6 +65,8 @@ class Metrics:
         self.step_errors = Counter("tzd_step_errors", "Batched steps that raised (their requests failed)",
                                    registry=r)
         self.model_info = Info("tzd_model", "The loaded model", registry=r)
+        self.weight_bytes = Gauge("tzd_model_weight_bytes", "Bytes of the model's weights as held (quantized "
+                                  "layers at their packed size, scales included)", registry=r)
         self.prefix_hits = Counter("tzd_prefix_cache_hits", "Prompt blocks found in the prefix pool "
                                    "(block-causal models)", registry=r)
         self.prefix_queries = Counter("tzd_prefix_cache_queries", "Prompt blocks looked up in the prefix pool",

@@ -20,10 +20,11 @@ def _health(serving: Serving) -> Health:
     running, waiting = (len(engine.scheduler.running), len(engine.scheduler.waiting)) if engine else (0, 0)
     attention = serving.runtime.loaded.model_config.attention if serving.runtime else None
     pages, usage = (engine.batch.kv.num_pages, engine.kv_usage) if engine else (None, None)
+    quantization = (serving.runtime.quantization or "none") if serving.runtime else None
     return Health(status=serving.status, model=serving.config.served_name,  # type: ignore[arg-type]
                   running=running, waiting=waiting, max_batch_size=serving.config.max_batch_size,
                   max_num_batched_tokens=serving.config.max_num_batched_tokens, attention=attention,
-                  kv_cache_pages=pages, kv_cache_usage=usage)
+                  kv_cache_pages=pages, kv_cache_usage=usage, quantization=quantization)
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from tzd.checkpoint import Loaded, load_checkpoint, resolve_device
-from tzd.models import count_params
 from tzd.models.invariant import set_batch_invariant
+from tzd.quant import QuantConfig, count_weights, weight_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,6 +25,13 @@ class Runtime:
     autocast_dtype: torch.dtype | None  # CPU autocast around every step; None = run in the weights' dtype
     params: int
     deterministic: bool = False  # the batch-invariant path (tzd.models.invariant): text independent of the load
+    weight_bytes: int = 0  # of the weights as held (quantized ones at their packed size)
+
+    @property
+    def quantization(self) -> str | None:
+        """int8, int4-g64, fp8 (+head), or None for float weights."""
+        q = self.loaded.quantization
+        return q.name if q is not None else None
 
     @property
     def context(self) -> int:
@@ -46,6 +53,7 @@ class Runtime:
 
     def describe(self) -> str:
         return (f"{self.loaded.path}: {self.params / 1e6:.2f}M params, device {self.device}, dtype {self.dtype_name}, "
+                f"quantization {self.quantization or 'none'} ({self.weight_bytes / 2**20:.1f} MiB of weights), "
                 f"context {self.context}, vocab {self.loaded.model_config.vocab_size}, "
                 f"{torch.get_num_threads()} CPU threads, deterministic {'on' if self.deterministic else 'off'}")
 
@@ -71,10 +79,11 @@ def choose_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, tor
 
 def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
                  threads: int | None = None, max_model_len: int | None = None,
-                 deterministic: bool = False) -> Runtime:
+                 deterministic: bool = False, quantization: QuantConfig | None = None) -> Runtime:
     """Load the checkpoint onto the device in the chosen precision (`threads`: torch's CPU threads;
     `max_model_len`: the most positions, prompt + generated, one request may use; `deterministic`:
-    the batch-invariant path, so that a request's tokens do not depend on what it is batched with)."""
+    the batch-invariant path, so that a request's tokens do not depend on what it is batched with;
+    `quantization`: the linear layers' weights quantized as they load, tzd.quant)."""
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -82,9 +91,11 @@ def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "aut
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     weights, autocast = choose_precision(dev, dtype)
     # linear layers go straight to the autocast dtype: a public 8B model never exists in fp32 first
-    loaded = load_checkpoint(checkpoint, device=dev, dtype=weights, linear_dtype=autocast, max_context=max_model_len)
+    loaded = load_checkpoint(checkpoint, device=dev, dtype=weights, linear_dtype=autocast, max_context=max_model_len,
+                             quantization=quantization)
     set_batch_invariant(loaded.model, deterministic)
-    return Runtime(loaded, dev, weights, autocast, count_params(loaded.model), deterministic)
+    return Runtime(loaded, dev, weights, autocast, count_weights(loaded.model), deterministic,
+                   weight_bytes(loaded.model))
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tzd.models import ModelConfig, build_model
+from tzd.quant import QuantConfig, as_quant_config, check_device, quantize_model
 from tzd.tokenizer import SpecialIds, Tokenizer
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Loaded:
     model_config: ModelConfig
     path: Path
     special: SpecialIds = field(default_factory=SpecialIds)
+    quantization: QuantConfig | None = None
 
     @property
     def mask_id(self) -> int:
@@ -132,25 +134,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, linear_dtype: torch.dtype | None = None,
-                    max_context: int | None = None) -> Loaded:
+                    max_context: int | None = None, quantization: str | QuantConfig | None = None) -> Loaded:
     """Load a checkpoint onto `device` (None = CUDA where available, else CPU) in `dtype` (None = fp32).
 
     TZD's own directories and the Hugging Face layout of LLaDA and Dream (config.json with a
     `model_type`) alike. `linear_dtype`: store the linear layers' weights in this dtype instead (CPU
     serving under bf16 autocast); `max_context`: serve at most this many positions (a public model's
-    own context can be far longer than its KV store should reserve)."""
+    own context can be far longer than its KV store should reserve); `quantization`: int8, int4 or fp8
+    (or a QuantConfig: group size, head and embeddings too) for the linear layers' weights (tzd.quant).
+    A public family's tensors are quantized one by one as they are read, so no float copy of the whole
+    model exists; TZD's own (small) checkpoints are loaded in float, then quantized layer by layer."""
     path = Path(path)
     from tzd.hf import is_hf_checkpoint, load_hf_checkpoint
     from tzd.hf.loader import HFCheckpointError
 
+    quant = as_quant_config(quantization)
+    dev = resolve_device(device)
+    if quant is not None:
+        check_device(quant, dev)  # before anything is read: fp8 off a capable GPU is refused at once
     if path.is_dir() and is_hf_checkpoint(path):
         try:
             model, tok, hf_config, model_config, special = load_hf_checkpoint(
-                path, resolve_device(device), dtype, linear_dtype, max_context)
+                path, dev, dtype, linear_dtype, max_context, quant)
         except HFCheckpointError as e:
             raise CheckpointError(str(e)) from None
         return Loaded(model=model, tokenizer=tok, config=hf_config, model_config=model_config, path=path,
-                      special=special)
+                      special=special, quantization=quant)
     config = read_config(path)
     try:
         model_config = ModelConfig.from_dict(config["model"])
@@ -182,15 +191,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
         if tuple(v.shape) != tuple(state[k].shape):
             raise CheckpointError(f"{path / WEIGHTS_FILE}: tensor {k} has shape {tuple(state[k].shape)}, "
                                   f"the config implies {tuple(v.shape)}")
-    dev = resolve_device(device)
     if max_context is not None:
         model_config.block_size = min(model_config.block_size, max_context)
     model = build_model(model_config)  # real buffers (rope tables) need a real device
     model.load_state_dict({k: v.float() for k, v in state.items()})
+    del state
     model = model.to(device=dev, dtype=dtype or torch.float32).eval()
     if linear_dtype is not None:
         from tzd.models import linear_weights_to
 
         linear_weights_to(model, linear_dtype)
     model.requires_grad_(False)
-    return Loaded(model=model, tokenizer=tokenizer, config=config, model_config=model_config, path=path)
+    if quant is not None:
+        quantize_model(model, quant, linear_dtype or dtype or torch.float32, dtype or torch.float32)
+    return Loaded(model=model, tokenizer=tokenizer, config=config, model_config=model_config, path=path,
+                  quantization=quant)

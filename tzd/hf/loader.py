@@ -18,10 +18,12 @@ from safetensors import SafetensorError, safe_open
 from tzd.hf.families import Family, FamilyConfigError, family_of
 from tzd.hf.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, HFTokenizer, read_json
 from tzd.models import ModelConfig, build_model
+from tzd.quant import QuantConfig, Quantizer
 from tzd.tokenizer import SpecialIds
 
 CONFIG_FILE, GENERATION_CONFIG = "config.json", "generation_config.json"
 WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+COPY_KEPT_BELOW = 64 << 20  # bytes: kept tensors copied out of a shard while quantizing (read_tensors)
 
 
 class HFCheckpointError(ValueError):
@@ -102,8 +104,12 @@ def _linear_names(model: nn.Module) -> set[str]:
 
 
 def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[str, torch.Size],
-                 device: torch.device, dtype_of: Callable[[str], torch.dtype]) -> dict[str, torch.Tensor]:
-    """SMDM's state dict, each tensor read once (parts concatenated), converted and on `device`."""
+                 device: torch.device, dtype_of: Callable[[str], torch.dtype],
+                 take: Callable[[str, torch.Tensor], bool] | None = None) -> dict[str, torch.Tensor]:
+    """SMDM's state dict, each tensor read once (parts concatenated), converted and on `device`.
+
+    `take(key, tensor)`: offered every tensor as soon as it is read; one it returns True for (a quantized
+    layer's, which it has quantized) is dropped instead of kept in the state dict."""
     files = weight_files(path)
     sources = family.tensor_sources(cfg)
     for parts in sources.values():
@@ -134,7 +140,16 @@ def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[st
                 shapes = ", ".join(f"{n} {tuple(handles[files[n]].get_slice(n).get_shape())}" for n in parts)
                 raise HFCheckpointError(f"{files[parts[0]]}: {shapes} make {tuple(merged.shape)}; config.json implies "
                                         f"{tuple(want)}")
-            state[key] = merged
+            if take is None:
+                state[key] = merged
+            elif not take(key, merged):
+                # a kept tensor read straight from the file is a view of its shard's mapping and keeps every
+                # page read from the shard resident (a norm's view: the quantized layers' float pages). Small
+                # ones are copied so the shard goes once its quantized tensors are done; a large one (a float
+                # head or embedding) stays a view, whose pages are its own and are read only where used.
+                small = merged.device.type == "cpu" and merged.nbytes < COPY_KEPT_BELOW
+                state[key] = merged.clone() if small else merged
+            del merged
             for file in [f for f in handles if last_use[f] <= i]:  # unmap shards no later tensor needs
                 handles.pop(file).__exit__(None, None, None)
     except (SafetensorError, OSError) as e:
@@ -146,12 +161,14 @@ def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[st
 
 
 def load_hf_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype | None = None,
-                       linear_dtype: torch.dtype | None = None, max_context: int | None = None
+                       linear_dtype: torch.dtype | None = None, max_context: int | None = None,
+                       quantization: QuantConfig | None = None
                        ) -> tuple[nn.Module, HFTokenizer, dict[str, Any], ModelConfig, SpecialIds]:
     """(model, tokenizer, config.json, ModelConfig, special ids) of a family directory.
 
     `dtype` (default fp32) for every tensor; `linear_dtype` for the nn.Linear weights where given (CPU
-    serving keeps them in bf16 under autocast); `max_context` caps the served context (and RoPE tables)."""
+    serving keeps them in bf16 under autocast); `max_context` caps the served context (and RoPE tables);
+    `quantization`: the linear layers (and head) quantized as each tensor is read (tzd.quant)."""
     path = Path(path)
     cfg_path = path / CONFIG_FILE
     try:
@@ -188,12 +205,17 @@ def load_hf_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtyp
         model = build_model(model_cfg)
     linear = _linear_names(model)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    quantizer = Quantizer(model, quantization, linear_dtype or dtype, dtype) if quantization else None
     state = read_tensors(path, family, model_cfg, expected, device,
-                         lambda k: linear_dtype if linear_dtype is not None and k in linear else dtype)
-    if model_cfg.tie_embeddings:
+                         lambda k: linear_dtype if linear_dtype is not None and k in linear else dtype,
+                         quantizer.take if quantizer else None)
+    if quantizer is not None:
+        quantizer.finish()
+    tied = model_cfg.tie_embeddings and "tok_embeddings.weight" in state  # not when both were quantized
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=True)
-    if model_cfg.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
     model.eval().requires_grad_(False)

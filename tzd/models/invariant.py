@@ -17,11 +17,14 @@ change a row); the linear layers on that CPU kept rows equal in bf16 but not in 
   kernel, no split-K chosen by M);
 - attention goes through kernels.attention(invariant=True): one fixed path, keys reduced in
   fixed-size chunks in order (kernels.invariant; on CUDA the Triton kernel with one fixed tile);
-- norms are per row already (RMSNorm's mean over the hidden size has one shape).
+- norms are per row already (RMSNorm's mean over the hidden size has one shape);
+- quantized linear layers (tzd.quant) run their packed matmuls over the same row tiles.
 It is the scheme of vLLM's batch-invariant mode and SGLang's deterministic inference.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -32,17 +35,21 @@ import torch.nn.functional as F
 ROW_TILE = 32
 
 
+def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x2: torch.Tensor, rows: int = ROW_TILE) -> torch.Tensor:
+    """fn over fixed tiles of `rows` rows of x2 [M, K] (the last tile zero-padded): every row's output is
+    computed by the same GEMM shape, whatever M is."""
+    M = x2.shape[0]
+    pad = -M % rows
+    if pad:
+        x2 = F.pad(x2, (0, 0, 0, pad))
+    return torch.cat([fn(tile) for tile in x2.split(rows)])[:M]
+
+
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  rows: int = ROW_TILE) -> torch.Tensor:
     """F.linear over fixed tiles of `rows` rows: every row's output is computed by the same GEMM shape."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    N = x2.shape[0]
-    pad = -N % rows
-    if pad:
-        x2 = F.pad(x2, (0, 0, 0, pad))
-    out = torch.cat([F.linear(tile, weight, bias) for tile in x2.split(rows)])
-    return out[:N].reshape(*lead, weight.shape[0])
+    out = tiled_rows(lambda tile: F.linear(tile, weight, bias), x.reshape(-1, x.shape[-1]), rows)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class InvariantLinear(nn.Linear):

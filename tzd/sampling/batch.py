@@ -35,8 +35,12 @@ __all__ = ["DenoiseBatch", "SlotStep", "compute_dtype", "dense_kv_bytes", "eos_s
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a model's keys come in: its linear layers' (stored in the autocast dtype where one is used)."""
-    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    return linear.weight.dtype if linear is not None else next(model.parameters()).dtype
+    from tzd.quant.linear import QuantizedLinear  # a quantized layer computes in (and returns) its .dtype
+
+    linear = next((m for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear))), None)
+    if linear is None:
+        return next(model.parameters()).dtype
+    return linear.weight.dtype if isinstance(linear, nn.Linear) else linear.dtype
 
 
 def kv_shape(cfg: ModelConfig) -> tuple[int, int, int]:
