@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from tzd.hf.families import Family, FamilyConfigError, family_of
 from tzd.hf.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, HFTokenizer, read_json
-from tzd.models import ModelConfig, build_model
+from tzd.models import ModelConfig, build_model, linear_modules
 from tzd.tokenizer import SpecialIds
 
 CONFIG_FILE, GENERATION_CONFIG = "config.json", "generation_config.json"
@@ -97,8 +97,7 @@ def special_ids(path: Path, config: dict[str, Any], generation: dict[str, Any], 
 
 
 def _linear_names(model: nn.Module) -> set[str]:
-    return {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)
-            for p, _ in mod.named_parameters(recurse=False)}
+    return {f"{m}.{p}" for m, mod in linear_modules(model) for p, _ in mod.named_parameters(recurse=False)}
 
 
 def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[str, torch.Size],
