@@ -94,7 +94,7 @@ def router(auth: object) -> APIRouter:
         cfg = serving.runtime.loaded.model_config
         return ModelList(data=[ModelCard(id=serving.config.served_name, created=int(serving.created),
                                          max_model_len=serving.runtime.context, attention=cfg.attention,
-                                         diffusion_block=cfg.denoise_block)])
+                                         diffusion_block=cfg.denoise_block, **serving.runtime.model_size())])
 
     @r.post("/completions", response_model=TextCompletion,
             responses={**GENERATION_ERRORS, **error_responses(404),

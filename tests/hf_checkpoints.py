@@ -1,4 +1,4 @@
-"""Tiny LLaDA, Dream, SDAR and LLaDA2 checkpoints written in their exact Hugging Face layout (no hub here).
+"""Tiny LLaDA, Dream, SDAR, SDAR-MoE and LLaDA2 checkpoints written in their exact Hugging Face layout (no hub here).
 
 Weights: a random SMDM of the family's configuration, written by tzd.hf.export under the family's
 tensor names. Tokenizer: a byte-level BPE trained on a few lines, with the family's special tokens
@@ -165,4 +165,20 @@ def write_llada2(out: Path, shard_bytes: int | None = None, **over: object) -> P
     (out / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>",
         "chat_template": LLADA2_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out
+
+
+def write_sdar_moe(out: Path, **over: object) -> Path:
+    """SDAR-MoE layout (`SDARMoeForCausalLM`: Qwen3-MoE tensors, a dense first layer via mlp_only_layers, 8
+    experts top 2 with softmax routing, blocks of 4 from position 0, ChatML)."""
+    out.mkdir(parents=True, exist_ok=True)
+    specials = {"<|endoftext|>": 300, "<|im_start|>": 301, "<|im_end|>": 302, "<|MASK|>": 303}
+    cfg = tiny_config("sdar", 320, n_layer=3, n_experts=8, n_experts_per_token=2, moe_intermediate_size=16,
+                      first_k_dense_replace=1, router_score="softmax", norm_topk_prob=True, **over)
+    special = {"eos_token_id": 302, "pad_token_id": 300, "bos_token_id": 300}
+    save_family(random_model(cfg, 4), FAMILIES["sdar_moe"], out, special, generation={"eos_token_id": 302})
+    write_tokenizer(out, specials, 300, bos=None)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>",
+        "chat_template": DREAM_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
     return out

@@ -1,5 +1,8 @@
 """Mixture-of-experts families in their Hugging Face layout, read as configurations of SMDM.
 
+SDAR-MoE (`SDARMoeForCausalLM`): SDAR's block diffusion on the Qwen3-MoE layout (softmax routing over
+fp32 logits, top-k, normalised where `norm_topk_prob`, no shared expert, `mlp_only_layers` dense).
+
 LLaDA2.0 (`LLaDA2MoeModelLM`, model_type `llada2_moe`; mini 16B-A1.4B and flash 100B): a block-causal
 diffusion model (blocks of 32 from position 0) with a Ling/Bailing body: fused q/k/v rows, RMSNorm over
 head_dim on q and k before a partial RoPE, GQA, first_k_dense_replace dense layers then MoE layers with
@@ -12,9 +15,19 @@ config.json whose keys ask for something else, naming the key.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from tzd.hf.families import Family, FamilyConfigError, _get, _require
+from tzd.hf.families import (
+    Family,
+    FamilyConfigError,
+    _get,
+    _require,
+    dream_top,
+    sdar_config,
+    sdar_hf_config,
+    sdar_layer,
+)
 from tzd.models import ModelConfig
 
 LLADA2_BLOCK = 32  # the published generate()'s block_length (config.json names none)
@@ -63,8 +76,8 @@ def llada2_config(hf: dict[str, Any]) -> ModelConfig:
             qkv_bias=bool(_get(hf, "use_qkv_bias", False)), tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
             qk_norm=True, head_size=None if head_dim * heads == width else head_dim, attention="block_causal",
             diffusion_block=LLADA2_BLOCK, block_align="absolute", **moe)
-    except ValueError as e:  # name config.json's key, not ModelConfig's field
-        raise FamilyConfigError(_hf_key_message(str(e))) from None
+    except ValueError as e:
+        raise FamilyConfigError(_hf_key_message(str(e))) from None  # config.json's key, not ModelConfig's field
 
 
 _HF_KEYS = {"model.n_experts_per_token": "num_experts_per_tok", "model.n_experts": "num_experts",
@@ -120,17 +133,22 @@ def llada2_layer(i: int, cfg: ModelConfig) -> dict[str, list[str]]:
     if not cfg.is_moe_layer(i):
         names.update(_swiglu_names("feed_forward", m))
         return names
-    experts = range(cfg.n_experts)
-    names.update({
-        "feed_forward.gate.weight": [m + ".gate.weight"],
-        "feed_forward.gate.expert_bias": [m + ".gate.expert_bias"],
-        "feed_forward.experts.w1": [f"{m}.experts.{e}.gate_proj.weight" for e in experts],  # stacked
-        "feed_forward.experts.w3": [f"{m}.experts.{e}.up_proj.weight" for e in experts],
-        "feed_forward.experts.w2": [f"{m}.experts.{e}.down_proj.weight" for e in experts],
-    })
+    names.update(_routed_names(m, cfg))
+    names["feed_forward.gate.expert_bias"] = [m + ".gate.expert_bias"]
     if cfg.n_shared_experts:
         names.update(_swiglu_names("feed_forward.shared", m + ".shared_experts"))
     return names
+
+
+def _routed_names(m: str, cfg: ModelConfig) -> dict[str, list[str]]:
+    """The router and the experts of MoE block `m` (`model.layers.i.mlp`): one tensor per expert, stacked."""
+    experts = range(cfg.n_experts)
+    return {
+        "feed_forward.gate.weight": [m + ".gate.weight"],
+        "feed_forward.experts.w1": [f"{m}.experts.{e}.gate_proj.weight" for e in experts],
+        "feed_forward.experts.w3": [f"{m}.experts.{e}.up_proj.weight" for e in experts],
+        "feed_forward.experts.w2": [f"{m}.experts.{e}.down_proj.weight" for e in experts],
+    }
 
 
 def llada2_top(cfg: ModelConfig) -> dict[str, list[str]]:
@@ -157,3 +175,40 @@ def check_expert_count(names: set[str], cfg: ModelConfig) -> None:
 def llada2_family() -> Family:
     return Family("llada2_moe", "LLaDA2", llada2_config, llada2_layer, llada2_top, llada2_hf_config,
                   architectures=("LLaDA2MoeModelLM",), default_ids=LLADA2_IDS, check_names=check_expert_count)
+
+
+# ---- SDAR-MoE (Qwen3-MoE layout, SDAR's blocks) ----------------------------------------------------------
+
+def sdar_moe_config(hf: dict[str, Any]) -> ModelConfig:
+    _require(hf, "decoder_sparse_step", (1,), 1)  # every layer past the dense ones routes
+    dense = [int(i) for i in hf.get("mlp_only_layers") or []]
+    if dense != list(range(len(dense))):
+        raise FamilyConfigError(f"mlp_only_layers={dense}: TZD builds the dense layers first only (0..k-1)")
+    cfg = sdar_config({**hf, "intermediate_size": hf.get("intermediate_size", hf.get("moe_intermediate_size"))})
+    try:
+        return replace(cfg, n_experts=int(_get(hf, "num_experts")), n_experts_per_token=int(_get(hf, "num_experts_per_tok")),
+                       moe_intermediate_size=int(_get(hf, "moe_intermediate_size")), first_k_dense_replace=len(dense),
+                       router_score="softmax", norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)))
+    except ValueError as e:
+        raise FamilyConfigError(_hf_key_message(str(e))) from None
+
+
+def sdar_moe_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {**sdar_hf_config(cfg), "model_type": "sdar_moe", "architectures": ["SDARMoeForCausalLM"],
+            "num_experts": cfg.n_experts, "num_experts_per_tok": cfg.n_experts_per_token,
+            "moe_intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
+            "decoder_sparse_step": 1, "mlp_only_layers": list(range(cfg.first_k_dense_replace))}
+
+
+def sdar_moe_layer(i: int, cfg: ModelConfig) -> dict[str, list[str]]:
+    names = sdar_layer(i, cfg)
+    if cfg.is_moe_layer(i):
+        for k in ("w1", "w3", "w2"):
+            del names[f"feed_forward.{k}.weight"]
+        names.update(_routed_names(f"model.layers.{i}.mlp", cfg))
+    return names
+
+
+def sdar_moe_family() -> Family:
+    return Family("sdar_moe", "SDAR-MoE", sdar_moe_config, sdar_moe_layer, dream_top, sdar_moe_hf_config,
+                  architectures=("SDARMoeForCausalLM",), check_names=check_expert_count)
