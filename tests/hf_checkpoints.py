@@ -99,13 +99,14 @@ def write_llada(out: Path, shard_bytes: int | None = None, **over: object) -> Pa
     return out
 
 
-def write_sdar(out: Path, **over: object) -> Path:
-    """SDAR layout (Qwen3 tensors with q/k norms, GQA, block-causal with blocks of 4, ChatML)."""
+def write_sdar(out: Path, family: str = "sdar", seed: int = 2, **over: object) -> Path:
+    """SDAR layout (Qwen3 tensors with q/k norms, GQA, block-causal with blocks of 4, ChatML); `family`
+    sdar_moe writes SDAR-MoE's (Qwen3-MoE) layout of the same."""
     out.mkdir(parents=True, exist_ok=True)
     specials = {"<|endoftext|>": 300, "<|im_start|>": 301, "<|im_end|>": 302, "<|MASK|>": 303}
     cfg = tiny_config("sdar", 320, **over)
     special = {"eos_token_id": 302, "pad_token_id": 300, "bos_token_id": 300}  # the mask id: tokenizer_config
-    save_family(random_model(cfg, 2), FAMILIES["sdar"], out, special, generation={"eos_token_id": 302})
+    save_family(random_model(cfg, seed), FAMILIES[family], out, special, generation={"eos_token_id": 302})
     write_tokenizer(out, specials, 300, bos=None)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>",
@@ -171,14 +172,6 @@ def write_llada2(out: Path, shard_bytes: int | None = None, **over: object) -> P
 def write_sdar_moe(out: Path, **over: object) -> Path:
     """SDAR-MoE layout (`SDARMoeForCausalLM`: Qwen3-MoE tensors, a dense first layer via mlp_only_layers, 8
     experts top 2 with softmax routing, blocks of 4 from position 0, ChatML)."""
-    out.mkdir(parents=True, exist_ok=True)
-    specials = {"<|endoftext|>": 300, "<|im_start|>": 301, "<|im_end|>": 302, "<|MASK|>": 303}
-    cfg = tiny_config("sdar", 320, n_layer=3, n_experts=8, n_experts_per_token=2, moe_intermediate_size=16,
-                      first_k_dense_replace=1, router_score="softmax", norm_topk_prob=True, **over)
-    special = {"eos_token_id": 302, "pad_token_id": 300, "bos_token_id": 300}
-    save_family(random_model(cfg, 4), FAMILIES["sdar_moe"], out, special, generation={"eos_token_id": 302})
-    write_tokenizer(out, specials, 300, bos=None)
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>",
-        "chat_template": DREAM_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return out
+    moe = dict(n_layer=3, n_experts=8, n_experts_per_token=2, moe_intermediate_size=16, first_k_dense_replace=1,
+               router_score="softmax", norm_topk_prob=True)
+    return write_sdar(out, "sdar_moe", 4, **{**moe, **over})

@@ -148,10 +148,15 @@ def test_exact_block_cache_equals_the_uncached_sampler(llada2) -> None:
     prompts = [L.tokenizer.encode("To be, or not")[:n] for n in (5, 30, 11)]
     params = [SamplingParams(max_tokens=40, steps=20, seed=1), SamplingParams(max_tokens=12, steps=12, seed=2),
               SamplingParams(max_tokens=25, steps=25, threshold=0.5, seed=3)]
+    assert_cache_exact(L, prompts, params)
+
+
+def assert_cache_exact(L: Loaded, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    """The dual and prefix caches give a block-causal model the uncached sampler's tokens, batched."""
     uncached = generate(L.model, prompts, [q.model_copy(update={"cache": "none"}) for q in params], L.mask_id)
     for cache in ("dual", "prefix"):
         cached = generate(L.model, prompts, [q.model_copy(update={"cache": cache}) for q in params], L.mask_id)
-        assert [c.tokens for c in cached] == [u.tokens for u in uncached]
+        assert [c.tokens for c in cached] == [u.tokens for u in uncached], cache
 
 
 def _copy(src: Path, dst: Path) -> Path:
