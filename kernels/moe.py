@@ -29,8 +29,9 @@ def _grouped_mm_usable(x: torch.Tensor, *ws: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *ws)):  # its CPU backward fails
         return False
-    if x.is_cuda:  # the CUDA kernel takes bf16 on sm90+ only
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if x.is_cuda:  # the CUDA kernel takes bf16 on sm90+ with 16-byte aligned rows (widths multiple of 8)
+        aligned = all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in ws)
+        return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= (9, 0)
     return x.device.type == "cpu"
 
 
