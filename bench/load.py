@@ -8,6 +8,9 @@ every file's bytes, load_checkpoint(..., dtype=bfloat16) on the CPU, and the sam
 
     python -m bench.load                      # writes /tmp/tzd-llada-4l (reused), bench/results/load.json
     python -m bench.load --layers 2 --keep    # smaller; keep the checkpoint afterwards
+    python -m bench.load --family llada2 --layers 2 --dir /tmp/tzd-llada2-2l --out bench/results/load_llada2.json
+        # LLaDA2.0-mini's widths (a dense first layer, then 256 experts of 512 + a shared one): ~1.5B params,
+        # the stacked experts read one tensor per expert
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
 from tzd.hf import FAMILIES
-from tzd.hf.families import part_sizes
+from tzd.hf.families import STACKED, part_sizes
 from tzd.models import ModelConfig, build_model
 
-MASK_ID, EOS_ID = 126336, 126081
+SPECIAL = {"llada": (126336, 126081), "llada2": (156895, 156892)}  # (mask, eos) of each family
 
 
 def llada_8b_widths(layers: int) -> ModelConfig:
@@ -37,16 +40,33 @@ def llada_8b_widths(layers: int) -> ModelConfig:
                        n_embd=4096, intermediate_size=12288, rope_base=500000.0, norm_eps=1e-5)
 
 
-def write_checkpoint(out: Path, layers: int, shard_bytes: int) -> int:
+def llada2_mini_widths(layers: int) -> ModelConfig:
+    return ModelConfig(backend="smdm", vocab_size=157184, block_size=4096, n_layer=layers, n_head=16, n_kv_head=4,
+                       n_embd=2048, head_size=128, intermediate_size=5120, rope_base=600000.0, rotary_fraction=0.5,
+                       norm_eps=1e-6, qk_norm=True, attention="block_causal", diffusion_block=32,
+                       block_align="absolute", n_experts=256, n_experts_per_token=8, moe_intermediate_size=512,
+                       n_shared_experts=1, first_k_dense_replace=1, router_score="sigmoid", router_bias=True,
+                       n_group=8, topk_group=4, routed_scaling_factor=2.5)
+
+
+WIDTHS = {"llada": llada_8b_widths, "llada2": llada2_mini_widths}
+FAMILY_KEYS = {"llada": "llada", "llada2": "llada2_moe"}
+
+
+def write_checkpoint(out: Path, layers: int, shard_bytes: int, family_name: str = "llada") -> int:
     """The synthetic directory, written tensor by tensor (never the whole model in memory); its size in bytes."""
-    cfg = llada_8b_widths(layers)
-    family = FAMILIES["llada"]
+    cfg = WIDTHS[family_name](layers)
+    family = FAMILIES[FAMILY_KEYS[family_name]]
+    MASK_ID, EOS_ID = SPECIAL[family_name]
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     tensors: list[tuple[str, tuple[int, ...]]] = []
     for key, names in family.tensor_sources(cfg).items():
+        if key.endswith(STACKED):  # one tensor per expert
+            tensors += [(n, tuple(shapes[key][1:])) for n in names]
+            continue
         rows = part_sizes(key, cfg, len(names)) or [shapes[key][0]]
         tensors += [(n, (r, *shapes[key][1:])) for n, r in zip(names, rows, strict=True)]
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -106,6 +126,7 @@ def measure(kind: str, path: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=sorted(WIDTHS), default="llada")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/tzd-llada-4l"))
     ap.add_argument("--shard-mb", type=int, default=1000)
@@ -115,7 +136,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.dir / "config.json").is_file():
         t0 = time.perf_counter()
-        write_checkpoint(args.dir, args.layers, args.shard_mb << 20)
+        write_checkpoint(args.dir, args.layers, args.shard_mb << 20, args.family)
         print(f"wrote {args.dir} in {time.perf_counter() - t0:.0f} s")
     size_mb = sum(f.stat().st_size for f in args.dir.glob("*.safetensors")) / 2**20
     params = sum(torch.Size(s).numel() for s in _shapes(args.dir))
@@ -128,7 +149,7 @@ def main() -> None:
     worst = max(med["load_checkpoint"]["peak_rss_mb"], med["load_and_forward"]["peak_rss_mb"])
     result = {
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "checkpoint": {"layers": args.layers, "params": params, "size_mb": round(size_mb, 1),
+        "checkpoint": {"family": args.family, "layers": args.layers, "params": params, "size_mb": round(size_mb, 1),
                        "shards": len(list(args.dir.glob("*.safetensors")))},
         "median": med, "runs": runs,
         # seconds beyond the empty process's start-up (python + torch imports)

@@ -128,7 +128,17 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class Health(BaseModel):
+class ModelSize(BaseModel):
+    """The served model's size (None while loading): all parameters, those one token uses (a mixture of
+    experts skips the experts it is not routed to), and the routed experts per MoE layer and per token."""
+
+    parameters: int | None = None
+    active_parameters: int | None = None
+    experts: int | None = None  # routed experts per MoE layer (None: a dense model)
+    experts_per_token: int | None = None
+
+
+class Health(ModelSize):
     """GET /health and GET /live: the replica's state, and the load a router or an autoscaler reads."""
 
     status: Literal["ok", "loading", "draining", "dead", "failed"]
@@ -317,7 +327,7 @@ class TextCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class ModelCard(BaseModel):
+class ModelCard(ModelSize):
     id: str
     object: Literal["model"] = "model"
     created: int

@@ -95,7 +95,8 @@ def router(auth: object) -> APIRouter:
         return ModelList(data=[ModelCard(id=serving.config.served_name, created=int(serving.created),
                                          max_model_len=serving.runtime.context, attention=cfg.attention,
                                          diffusion_block=cfg.denoise_block,
-                                         quantization=serving.runtime.quantization or "none")])
+                                         quantization=serving.runtime.quantization or "none",
+                                         **serving.runtime.model_size())])
 
     @r.post("/completions", response_model=TextCompletion,
             responses={**GENERATION_ERRORS, **error_responses(404),

@@ -24,7 +24,8 @@ def _health(serving: Serving) -> Health:
     return Health(status=serving.status, model=serving.config.served_name,  # type: ignore[arg-type]
                   running=running, waiting=waiting, max_batch_size=serving.config.max_batch_size,
                   max_num_batched_tokens=serving.config.max_num_batched_tokens, attention=attention,
-                  kv_cache_pages=pages, kv_cache_usage=usage, quantization=quantization)
+                  kv_cache_pages=pages, kv_cache_usage=usage, quantization=quantization,
+                  **(serving.runtime.model_size() if serving.runtime else {}))
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})

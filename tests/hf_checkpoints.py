@@ -1,4 +1,4 @@
-"""Tiny LLaDA, Dream and SDAR checkpoints written in their exact Hugging Face layout (no hub here).
+"""Tiny LLaDA, Dream, SDAR, SDAR-MoE and LLaDA2 checkpoints written in their exact Hugging Face layout (no hub here).
 
 Weights: a random SMDM of the family's configuration, written by tzd.hf.export under the family's
 tensor names. Tokenizer: a byte-level BPE trained on a few lines, with the family's special tokens
@@ -65,7 +65,7 @@ def tiny_config(family: str, vocab: int, **over: object) -> ModelConfig:
     elif family == "sdar":  # Qwen3 layout: q/k norms, a head size that is not width / heads, blocks of 4
         base.update(rope_base=1e6, norm_eps=1e-6, qk_norm=True, head_size=16, attention="block_causal",
                     diffusion_block=4, block_align="absolute")
-    else:
+    elif family == "Dream":
         base.update(rope_base=1e6, norm_eps=1e-6, qkv_bias=True, logit_shift=True)
     base.update(over)
     return ModelConfig(**base)
@@ -99,13 +99,14 @@ def write_llada(out: Path, shard_bytes: int | None = None, **over: object) -> Pa
     return out
 
 
-def write_sdar(out: Path, **over: object) -> Path:
-    """SDAR layout (Qwen3 tensors with q/k norms, GQA, block-causal with blocks of 4, ChatML)."""
+def write_sdar(out: Path, family: str = "sdar", seed: int = 2, **over: object) -> Path:
+    """SDAR layout (Qwen3 tensors with q/k norms, GQA, block-causal with blocks of 4, ChatML); `family`
+    sdar_moe writes SDAR-MoE's (Qwen3-MoE) layout of the same."""
     out.mkdir(parents=True, exist_ok=True)
     specials = {"<|endoftext|>": 300, "<|im_start|>": 301, "<|im_end|>": 302, "<|MASK|>": 303}
     cfg = tiny_config("sdar", 320, **over)
     special = {"eos_token_id": 302, "pad_token_id": 300, "bos_token_id": 300}  # the mask id: tokenizer_config
-    save_family(random_model(cfg, 2), FAMILIES["sdar"], out, special, generation={"eos_token_id": 302})
+    save_family(random_model(cfg, seed), FAMILIES[family], out, special, generation={"eos_token_id": 302})
     write_tokenizer(out, specials, 300, bos=None)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>",
@@ -126,3 +127,51 @@ def write_dream(out: Path, shard_bytes: int | None = 60_000, **over: object) -> 
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>",
         "chat_template": DREAM_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
     return out
+
+
+# LLaDA2.0's real special ids and vocabulary size (the mask and eos as its published generate() defaults)
+LLADA2_SPECIALS = {"<|endoftext|>": 156892, "<role>": 156900, "</role>": 156901, "<|mask|>": 156895}
+LLADA2_VOCAB = 157184
+LLADA2_TEMPLATE = (
+    "{%- for message in messages %}{{- '<role>' + message['role'] | upper + '</role>' + message['content'] }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<role>ASSISTANT</role>' }}{%- endif %}")
+
+
+def llada2_model_config(**over: object) -> ModelConfig:
+    """LLaDA2-mini's structure at a tiny width: a dense first layer, then 8 experts (top 3 of 4 groups, 2
+    chosen), a shared expert, sigmoid routing with the expert bias, partial RoPE, q/k norms, GQA, a head size
+    that is not width / heads, blocks of 32."""
+    base = dict(n_layer=3, n_head=4, n_kv_head=2, head_size=16, rope_base=600000.0, rotary_fraction=0.5,
+                norm_eps=1e-6, qk_norm=True, attention="block_causal", diffusion_block=32, block_align="absolute",
+                intermediate_size=48, n_experts=8, n_experts_per_token=3, moe_intermediate_size=16,
+                n_shared_experts=1, first_k_dense_replace=1, router_score="sigmoid", router_bias=True, n_group=4,
+                topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)
+    base.update(over)
+    return tiny_config("llada2", LLADA2_VOCAB, **base)
+
+
+def write_llada2(out: Path, shard_bytes: int | None = None, **over: object) -> Path:
+    """LLaDA2.0 layout (`LLaDA2MoeModelLM`): config.json without the mask and eos ids (pad 156892 only), as
+    published; the tokenizer's special tokens name them."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = random_model(llada2_model_config(**over), 3)
+    with torch.no_grad():  # a visible expert bias: selection must use it and weighting must not
+        for block in model.layers:
+            gate = getattr(block.feed_forward, "gate", None)
+            if gate is not None:
+                gate.expert_bias.normal_(0, 0.3)
+    save_family(model, FAMILIES["llada2_moe"], out, {"pad_token_id": 156892}, shard_bytes=shard_bytes,
+                generation={})
+    write_tokenizer(out, LLADA2_SPECIALS, 300, bos=None)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>",
+        "chat_template": LLADA2_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out
+
+
+def write_sdar_moe(out: Path, **over: object) -> Path:
+    """SDAR-MoE layout (`SDARMoeForCausalLM`: Qwen3-MoE tensors, a dense first layer via mlp_only_layers, 8
+    experts top 2 with softmax routing, blocks of 4 from position 0, ChatML)."""
+    moe = dict(n_layer=3, n_experts=8, n_experts_per_token=2, moe_intermediate_size=16, first_k_dense_replace=1,
+               router_score="softmax", norm_topk_prob=True)
+    return write_sdar(out, "sdar_moe", 4, **{**moe, **over})

@@ -26,15 +26,29 @@ def sdar(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Loaded]:
     return path, load_checkpoint(path, device="cpu", dtype=torch.float32)
 
 
-def qwen3_reference(path: Path) -> torch.nn.Module:
+QWEN3_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+              "tie_word_embeddings")
+QWEN3_MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                  "decoder_sparse_step", "mlp_only_layers")
+
+
+def qwen3_reference(path: Path, moe: bool = False) -> torch.nn.Module:
+    """transformers' Qwen3 (or Qwen3-MoE) with the directory's tensors, same names."""
     hf = json.loads((path / "config.json").read_text())
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "tie_word_embeddings")
-    cfg = transformers.Qwen3Config(**{k: hf[k] for k in keys}, attn_implementation="eager")
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    keys = QWEN3_KEYS + (QWEN3_MOE_KEYS if moe else ())
+    config_cls, model_cls = ((transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM) if moe
+                             else (transformers.Qwen3Config, transformers.Qwen3ForCausalLM))
+    model = model_cls(config_cls(**{k: hf[k] for k in keys}, attn_implementation="eager")).eval()
     model.load_state_dict(hf_tensors(path), strict=True)
     return model
+
+
+def absolute_block_mask(B: int, T: int, block: int) -> torch.Tensor:
+    """[B,1,T,T] additive mask of SDAR's layout: own block and earlier ones, blocks from position 0."""
+    blocks = block_ids(T, 0, block, align="absolute")
+    allowed = blocks[:, None, :] <= blocks[:, :, None]  # [1, T, T]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None].expand(B, 1, T, T)
 
 
 def test_config_and_special_ids(sdar) -> None:
@@ -54,9 +68,7 @@ def test_logits_match_qwen3_with_the_block_causal_mask(sdar) -> None:
     ids = torch.tensor([L.tokenizer.encode("To be, or not to be, that is the question")[:11],
                         L.tokenizer.encode("Hello world! the slings and arrows of")[:11]])
     ids[1, 6] = L.mask_id
-    blocks = block_ids(11, 0, 4, align="absolute")
-    allowed = blocks[:, None, :] <= blocks[:, :, None]  # [1, T, T]: own block and earlier
-    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None].expand(2, 1, 11, 11)
+    additive = absolute_block_mask(2, 11, 4)
     with torch.no_grad():
         want = qwen3_reference(path)(ids, attention_mask=additive).logits
         got = L.model(ids)  # a block-causal model's default layout: blocks of 4 from position 0

@@ -119,7 +119,7 @@ def check_checkpoint(path: str | Path) -> None:
     if Path(path).is_dir() and is_hf_checkpoint(path):
         cfg_path = Path(path) / CONFIG_FILE
         try:
-            family_of(json.loads(cfg_path.read_text()).get("model_type"))
+            family_of(json.loads(cfg_path.read_text()))
         except FamilyConfigError as e:
             raise CheckpointError(f"{cfg_path}: {e}") from None
         return

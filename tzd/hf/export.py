@@ -1,8 +1,8 @@
 """Write an SMDM model in a family's Hugging Face layout (config.json + safetensors, sharded or not).
 
-The inverse of tzd.hf.loader: fused tensors are split back into the family's own (q, k, v), the
-shards come with a `model.safetensors.index.json` as transformers writes it, and every file is
-written under a temporary name and renamed. The tokenizer files are the caller's (see
+The inverse of tzd.hf.loader: fused tensors are split back into the family's own (q, k, v; stacked
+experts into one tensor per expert), the shards come with a `model.safetensors.index.json` as
+transformers writes it, and every file is written under a temporary name and renamed. The tokenizer files are the caller's (see
 trainer.export for TZD's SentencePiece model, tests for tokenizers built in place).
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from tzd.hf.families import Family, part_sizes
+from tzd.hf.families import STACKED, Family, part_sizes
 from tzd.hf.loader import CONFIG_FILE, GENERATION_CONFIG, WEIGHTS_FILE, WEIGHTS_INDEX
 from tzd.models import model_config
 
@@ -28,7 +28,10 @@ def family_tensors(model: nn.Module, family: Family, dtype: torch.dtype | None =
     out: dict[str, torch.Tensor] = {}
     for key, names in family.tensor_sources(cfg).items():
         t = state[key].detach().to("cpu", dtype or state[key].dtype)
-        pieces = t.split(part_sizes(key, cfg, len(names))) if len(names) > 1 else [t]
+        if key.endswith(STACKED):  # one tensor per expert
+            pieces = list(t.unbind(0))
+        else:
+            pieces = t.split(part_sizes(key, cfg, len(names))) if len(names) > 1 else [t]
         out.update({n: p.contiguous().clone() for n, p in zip(names, pieces, strict=True)})
     return out
 

@@ -27,6 +27,15 @@ class Family:
     top_names: Callable[[ModelConfig], dict[str, list[str]]]  # embeddings, final norm, head
 
     hf_config: Callable[[ModelConfig], dict[str, Any]]  # the inverse of model_config (export, test checkpoints)
+    # config.json's `architectures` that name this family, matched before any `model_type` (LLaDA2's
+    # model_type has variants; LLaDA-MoE shares LLaDA's); the dense families go by model_type alone
+    architectures: tuple[str, ...] = ()
+    # special ids the family's published generate() assumes when neither config.json, generation_config.json
+    # nor the tokenizer's special tokens name them ({"mask": id, "eos": id})
+    default_ids: dict[str, int] | None = None
+    # (checkpoint tensor names, ModelConfig) -> None or FamilyConfigError: a layout check the names alone
+    # cannot do per tensor (an expert count that disagrees with config.json)
+    check_names: Callable[[set[str], ModelConfig], None] | None = None
 
     def tensor_sources(self, cfg: ModelConfig) -> dict[str, list[str]]:
         """Every SMDM state-dict key (tied head left out) -> the checkpoint tensors concatenated into it."""
@@ -196,11 +205,22 @@ def sdar_layer(i: int, cfg: ModelConfig) -> dict[str, list[str]]:
     return names
 
 
-FAMILIES: dict[str, Family] = {
-    "llada": Family("llada", "LLaDA", llada_config, llada_layer, llada_top, llada_hf_config),
-    "Dream": Family("Dream", "Dream", dream_config, dream_layer, dream_top, dream_hf_config),
-    "sdar": Family("sdar", "SDAR", sdar_config, sdar_layer, dream_top, sdar_hf_config),
-}
+def _families() -> dict[str, Family]:
+    from tzd.hf.moe_families import llada2_family, sdar_moe_family  # noqa: PLC0415 - builds on the helpers above
+
+    llada2, sdar_moe = llada2_family(), sdar_moe_family()
+    return {
+        "llada": Family("llada", "LLaDA", llada_config, llada_layer, llada_top, llada_hf_config),
+        "Dream": Family("Dream", "Dream", dream_config, dream_layer, dream_top, dream_hf_config),
+        "sdar": Family("sdar", "SDAR", sdar_config, sdar_layer, dream_top, sdar_hf_config),
+        llada2.model_type: llada2,
+        sdar_moe.model_type: sdar_moe,
+    }
+
+
+FAMILIES: dict[str, Family] = _families()
+
+STACKED = ("experts.w1", "experts.w2", "experts.w3")  # SMDM keys stacked from one tensor per expert
 
 
 def part_sizes(key: str, cfg: ModelConfig, parts: int) -> list[int]:
@@ -213,8 +233,17 @@ def part_sizes(key: str, cfg: ModelConfig, parts: int) -> list[int]:
     raise ValueError(f"{key}: no known split into {parts} tensors")
 
 
-def family_of(model_type: object) -> Family:
-    """The family of config.json's `model_type`, or FamilyConfigError listing the known ones."""
+def family_of(hf: dict[str, Any] | str) -> Family:
+    """The family of a config.json: the first of its `architectures` a family names, else its
+    `model_type` (a bare string is a model_type); FamilyConfigError listing the known ones."""
+    if isinstance(hf, dict):
+        for arch in hf.get("architectures") or ():
+            for family in FAMILIES.values():
+                if arch in family.architectures:
+                    return family
+        model_type = hf.get("model_type")
+    else:
+        model_type = hf
     family = FAMILIES.get(str(model_type))
     if family is None:
         raise FamilyConfigError(f"model_type={model_type!r}: not a family TZD reads "

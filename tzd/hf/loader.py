@@ -1,4 +1,4 @@
-"""Load a Hugging Face checkpoint directory (LLaDA, Dream) into SMDM, straight to the target device and dtype.
+"""Load a Hugging Face checkpoint directory (LLaDA, Dream, SDAR, LLaDA2) into SMDM, straight to the target device and dtype.
 
 The model is built on the meta device (no random init, no fp32 copy) and every tensor is read
 from its safetensors file once, converted, and assigned; a shard is closed as soon as no tensor
@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from tzd.hf.families import Family, FamilyConfigError, family_of
+from tzd.hf.families import STACKED, Family, FamilyConfigError, family_of
 from tzd.hf.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, HFTokenizer, read_json
-from tzd.models import ModelConfig, build_model
+from tzd.models import ModelConfig, build_model, linear_modules
 from tzd.quant import QuantConfig, Quantizer
 from tzd.tokenizer import SpecialIds
 
@@ -73,8 +73,11 @@ def _ids(value: Any) -> list[int]:
 
 
 def special_ids(path: Path, config: dict[str, Any], generation: dict[str, Any], tok_config: dict[str, Any],
-                token_id: Callable[[str], int | None]) -> tuple[SpecialIds, tuple[int, ...]]:
-    """(mask, bos, eos, pad ids; the eos set) from config.json, generation_config.json and tokenizer_config.json."""
+                token_id: Callable[[str], int | None], defaults: dict[str, int] | None = None
+                ) -> tuple[SpecialIds, tuple[int, ...]]:
+    """(mask, bos, eos, pad ids; the eos set) from config.json, generation_config.json and tokenizer_config.json;
+    `defaults` (a family's published generate() defaults: mask, eos) where none of them names one."""
+    defaults = defaults or {}
     from tzd.hf.chat import token_text
 
     def first(key: str) -> int | None:
@@ -83,7 +86,8 @@ def special_ids(path: Path, config: dict[str, Any], generation: dict[str, Any], 
             if ids:
                 return ids[0]
         text = token_text(tok_config.get(f"{key}_token"))
-        return token_id(text) if text is not None else None
+        found = token_id(text) if text is not None else None
+        return found if found is not None else defaults.get(key)
 
     mask = first("mask")
     if mask is None:
@@ -93,24 +97,30 @@ def special_ids(path: Path, config: dict[str, Any], generation: dict[str, Any], 
     eos_text = token_text(tok_config.get("eos_token"))
     if eos_text is not None and token_id(eos_text) is not None:
         eos.append(int(token_id(eos_text)))  # an instruct model's end of turn
+    if not eos and "eos" in defaults:
+        eos.append(defaults["eos"])
     eos_set = tuple(dict.fromkeys(e for e in eos if e != mask))
     return SpecialIds(mask=mask, bos=first("bos"), eos=eos_set[0] if eos_set else None, pad=first("pad"),
                       unk=first("unk")), eos_set
 
 
 def _linear_names(model: nn.Module) -> set[str]:
-    return {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)
-            for p, _ in mod.named_parameters(recurse=False)}
+    return {f"{m}.{p}" for m, mod in linear_modules(model) for p, _ in mod.named_parameters(recurse=False)}
 
 
 def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[str, torch.Size],
                  device: torch.device, dtype_of: Callable[[str], torch.dtype],
                  take: Callable[[str, torch.Tensor], bool] | None = None) -> dict[str, torch.Tensor]:
-    """SMDM's state dict, each tensor read once (parts concatenated), converted and on `device`.
+    """SMDM's state dict, each tensor read once (parts concatenated or stacked), converted and on `device`.
 
     `take(key, tensor)`: offered every tensor as soon as it is read; one it returns True for (a quantized
     layer's, which it has quantized) is dropped instead of kept in the state dict."""
     files = weight_files(path)
+    if family.check_names is not None:
+        try:
+            family.check_names(set(files), cfg)
+        except FamilyConfigError as e:
+            raise HFCheckpointError(f"{path / CONFIG_FILE}: {e}") from None
     sources = family.tensor_sources(cfg)
     for parts in sources.values():
         for name in parts:
@@ -124,21 +134,33 @@ def read_tensors(path: Path, family: Family, cfg: ModelConfig, expected: dict[st
     try:
         for i, (key, parts) in enumerate(sources.items()):
             want = expected[key]
-            tensors = []
-            for name in parts:
+            stacked = key.endswith(STACKED)  # [E, ...] from one tensor per expert, else parts along dim 0
+            single = len(parts) == 1 and not stacked  # read as it is; else filled slot by slot
+            merged = None if single else torch.empty(want, device=device, dtype=dtype_of(key))
+            offset = 0
+            for j, name in enumerate(parts):
                 file = files[name]
                 if file not in handles:
                     handles[file] = safe_open(str(file), framework="pt")
                 t = handles[file].get_tensor(name)
-                if t.shape[1:] != want[1:]:
+                if (t.shape if stacked else t.shape[1:]) != want[1:]:
+                    implied = ", ".join(map(str, want[1:])) if stacked else f"..., {', '.join(map(str, want[1:]))}"
                     raise HFCheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
-                                            f"(..., {', '.join(map(str, want[1:]))})")
-                tensors.append(t.to(device=device, dtype=dtype_of(key)))
-            merged = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-            del tensors
-            if merged.shape != want:
+                                            f"({implied})")
+                if merged is None:
+                    merged = t.to(device=device, dtype=dtype_of(key))
+                elif stacked:
+                    merged[j].copy_(t)  # into its slot: peak memory is the model plus one part in flight
+                else:
+                    if offset + t.shape[0] <= want[0]:
+                        merged[offset:offset + t.shape[0]].copy_(t)
+                    offset += t.shape[0]
+                del t
+            rows = merged.shape[0] if single else (want[0] if stacked else offset)
+            if (rows, *merged.shape[1:]) != tuple(want):
                 shapes = ", ".join(f"{n} {tuple(handles[files[n]].get_slice(n).get_shape())}" for n in parts)
-                raise HFCheckpointError(f"{files[parts[0]]}: {shapes} make {tuple(merged.shape)}; config.json implies "
+                made = tuple(merged.shape) if single else (rows, *want[1:])
+                raise HFCheckpointError(f"{files[parts[0]]}: {shapes} make {made}; config.json implies "
                                         f"{tuple(want)}")
             if take is None:
                 state[key] = merged
@@ -173,7 +195,7 @@ def load_hf_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtyp
     cfg_path = path / CONFIG_FILE
     try:
         hf = read_json(cfg_path)
-        family = family_of(hf.get("model_type"))
+        family = family_of(hf)
         model_cfg = family.model_config(hf)
     except (FamilyConfigError, ValueError) as e:
         raise HFCheckpointError(f"{cfg_path}: {e}") from None
@@ -191,7 +213,7 @@ def load_hf_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtyp
         tokenizer = HFTokenizer(tok_file, SpecialIds(), (), tok_config)
     except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception type
         raise HFCheckpointError(f"{tok_file}: {e}") from None
-    special, eos = special_ids(path, hf, generation, tok_config, tokenizer.token_id)
+    special, eos = special_ids(path, hf, generation, tok_config, tokenizer.token_id, family.default_ids)
     if not tokenizer.piece(special.mask):
         raise HFCheckpointError(f"{tok_file}: no token with the mask id {special.mask} (config.json's "
                                 f"mask_token_id)")

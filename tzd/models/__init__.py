@@ -8,7 +8,7 @@ import torch.nn as nn
 from tzd.models.config import BACKENDS, ModelConfig
 from tzd.models.context import ForwardContext
 
-__all__ = ["BACKENDS", "ForwardContext", "ModelConfig", "build_model", "count_params", "linear_weights_to",
+__all__ = ["BACKENDS", "ForwardContext", "ModelConfig", "build_model", "count_params", "linear_modules", "linear_weights_to",
            "model_config"]
 
 
@@ -40,13 +40,20 @@ def model_config(model: nn.Module) -> ModelConfig:
     return cfg
 
 
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module whose weights are GEMM weights: nn.Linear and the stacked experts."""
+    from tzd.models.moe import Experts  # noqa: PLC0415 - smdm imports this package
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Experts))]
+
+
 def linear_weights_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Store the weights of every nn.Linear in `dtype`, the rest (embeddings, norms) as they are.
+    """Store the weights of every nn.Linear (and stacked expert) in `dtype`, the rest (embeddings, norms,
+    the router) as they are.
 
     For inference under autocast to `dtype`: autocast would otherwise cast each fp32 weight again at
     every call (on CPU it cost 11-15% of a dual-cache step). The result is the same: that cast is a rounding.
     """
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.to(dtype)
+    for _, module in linear_modules(model):
+        module.to(dtype)
     return model

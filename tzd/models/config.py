@@ -8,6 +8,7 @@ from typing import Any
 BACKENDS = ("smdm", "litgpt")
 ATTENTION_KINDS = ("bidirectional", "block_causal")
 BLOCK_ALIGNS = ("prompt", "absolute")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -40,6 +41,23 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q/k/v projections (Dream, Qwen2 layout)
     tie_embeddings: bool = False  # the output head reuses the token embedding matrix
     logit_shift: bool = False  # position i's logits come from the output at i-1, the first's from itself (Dream)
+    # Mixture of experts (LLaDA2, LLaDA-MoE, SDAR-MoE; tzd.models.moe). 0 experts: a dense SwiGLU in every
+    # layer. Else layers >= first_k_dense_replace route each token to n_experts_per_token of n_experts
+    # SwiGLU experts of width moe_intermediate_size (the first layers stay dense, of intermediate_size),
+    # plus n_shared_experts always-on experts (one SwiGLU of n_shared_experts * moe_intermediate_size).
+    n_experts: int = 0
+    n_experts_per_token: int = 1
+    moe_intermediate_size: int | None = None
+    n_shared_experts: int = 0
+    first_k_dense_replace: int = 0
+    router_score: str = "softmax"  # scores from the router logits (fp32): softmax over experts or sigmoid each
+    router_bias: bool = False  # a per-expert bias added to the scores to choose experts (not to weight them)
+    # group-limited routing (DeepSeek-V3, LLaDA2): experts in n_group equal groups; a token picks the
+    # topk_group groups with the highest sum of their two best (biased) scores, then its experts among them
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True  # the chosen experts' weights divided by their sum (+ 1e-20)
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -73,6 +91,48 @@ class ModelConfig:
             raise ValueError("model.attention=block_causal is a diffusion layout: not with model.causal")
         if not 0.0 < self.rotary_fraction <= 1.0:
             raise ValueError(f"model.rotary_fraction={self.rotary_fraction}: must be in (0, 1]")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if int(self.n_experts) < 0:
+            raise ValueError(f"model.n_experts={self.n_experts}: must be >= 0 (0 = dense)")
+        if not self.n_experts:
+            return
+        if self.backend != "smdm":
+            raise ValueError(f"model.backend={self.backend!r}: mixture of experts is a switch of the smdm backend")
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        E, k, G, g = int(self.n_experts), int(self.n_experts_per_token), int(self.n_group), int(self.topk_group)
+        if not 1 <= k <= E:
+            raise ValueError(f"model.n_experts_per_token={k}: must be in 1..n_experts ({E})")
+        if G < 1 or E % G:
+            raise ValueError(f"model.n_group={G}: must be >= 1 and divide model.n_experts={E}")
+        if G > 1 and E // G < 2:
+            raise ValueError(f"model.n_group={G}: a group's score sums its top 2 experts; {E // G} per group")
+        if not 1 <= g <= G or k > g * (E // G):
+            raise ValueError(f"model.topk_group={g}: must be in 1..n_group ({G}) and hold n_experts_per_token ({k}) "
+                             "experts")
+        if self.router_score not in ROUTER_SCORES:
+            raise ValueError(f"model.router_score={self.router_score!r}: must be one of {', '.join(ROUTER_SCORES)}")
+        if not 0 <= int(self.first_k_dense_replace) <= self.n_layer:
+            raise ValueError(f"model.first_k_dense_replace={self.first_k_dense_replace}: must be in 0..n_layer")
+        for name in ("moe_intermediate_size", "n_shared_experts"):
+            if int(getattr(self, name)) < (1 if name == "moe_intermediate_size" else 0):
+                raise ValueError(f"model.{name}={getattr(self, name)}: must be >= "
+                                 f"{1 if name == 'moe_intermediate_size' else 0}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer` routes to experts (else a dense SwiGLU of intermediate_size)."""
+        return bool(self.n_experts) and layer >= self.first_k_dense_replace
+
+    def unrouted_params(self) -> int:
+        """Parameters a token does not use: the weights of the experts it is not routed to, in every
+        MoE layer (the model's parameter count minus this is its active parameter count)."""
+        unused = int(self.n_experts) - int(self.n_experts_per_token)
+        return self._moe_layers() * unused * 3 * self.n_embd * int(self.moe_intermediate_size or 0)
+
+    def _moe_layers(self) -> int:
+        return max(0, self.n_layer - self.first_k_dense_replace) if self.n_experts else 0
 
     @property
     def block_causal(self) -> bool:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import kernels
 from tzd.models.config import ModelConfig
 from tzd.models.context import ForwardContext
+from tzd.models.moe import Experts, MoEFeedForward, Router
 
 
 class RMSNorm(nn.Module):
@@ -51,14 +52,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """SwiGLU of `width` (default cfg.intermediate_size)."""
+
+    def __init__(self, cfg: ModelConfig, width: int | None = None) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.w3 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+        width = width or cfg.intermediate_size
+        self.w1 = nn.Linear(cfg.n_embd, width, bias=False)
+        self.w3 = nn.Linear(cfg.n_embd, width, bias=False)
+        self.w2 = nn.Linear(width, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def feed_forward(cfg: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s feed-forward: dense SwiGLU, or routed experts (+ shared ones) in an MoE layer."""
+    if not cfg.is_moe_layer(layer):
+        return FeedForward(cfg)
+    shared = FeedForward(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else None
+    return MoEFeedForward(cfg, shared)
 
 
 class Block(nn.Module):
@@ -67,7 +79,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.attention = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = feed_forward(cfg, layer)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, ctx)
@@ -90,7 +102,7 @@ class SMDM(nn.Module):
         self.init_rope()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of the residual projections
-            if name.endswith(("wo.weight", "w2.weight")):
+            if name.endswith(("wo.weight", "w2.weight", "experts.w2")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / (2 * cfg.n_layer) ** 0.5)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -102,8 +114,11 @@ class SMDM(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, Experts):
+            for w in (module.w1, module.w3, module.w2):
+                nn.init.normal_(w, mean=0.0, std=0.02)
 
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         cfg = self.config
