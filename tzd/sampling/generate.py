@@ -12,6 +12,7 @@ from tzd.models import model_config
 from tzd.sampling.batch import DenoiseBatch, SlotStep, eos_set
 from tzd.sampling.infill import Layout
 from tzd.sampling.params import SamplingParams, plan
+from tzd.sampling.scores import TokenScore, TokenScores
 
 
 @dataclass
@@ -26,7 +27,7 @@ class GenerationResult:
     # remaining blocks, so nfe + nfe_saved is the whole canvas's nfe for the fixed schedule and an upper
     # bound of it with threshold or entropy_bound (whose blocks may end before their budget); 0 otherwise
     nfe_saved: int = 0
-    logprobs: list[float] | None = None  # each token's log-probability at the step it was committed
+    logprobs: list[TokenScore] | None = None  # each token's log-probability (and alternatives) at its commit
     gaps: list[list[int]] | None = None  # an infill's (layouts): each gap's tokens, EOS padding removed
     gap_texts: list[str] | None = None  # with a tokenizer: their texts
 
@@ -121,6 +122,7 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
     results: list[GenerationResult | None] = [None] * len(prompts)
     waiting = list(range(len(prompts)))
     decode = tokenizer.decode if tokenizer is not None else None
+    scores = [TokenScores(p.max_tokens, p.params.top_logprobs) for p in plans]
     while waiting or len(batch):
         while waiting and batch.fits(plans[waiting[0]]):
             i = waiting.pop(0)
@@ -128,10 +130,11 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
         for ev in batch.step():
             if on_step is not None:
                 on_step(ev.handle, ev)
+            scores[ev.handle].add(ev)
             if ev.done:
                 p = plans[ev.handle]
                 f = finish_canvas(ev.canvas, ev.finish_reason, eos_id, p.params.stop, decode, p.layout)
                 results[ev.handle] = GenerationResult(f.tokens, ev.step + 1, ev.nfe, f.finish_reason, p.seed, f.text,
-                                                      ev.nfe_saved, ev.logprobs.logprob[f.positions].tolist(), f.gaps,
+                                                      ev.nfe_saved, scores[ev.handle].at(f.positions), f.gaps,
                                                       f.gap_texts)
     return results  # type: ignore[return-value]

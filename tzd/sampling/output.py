@@ -20,7 +20,7 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
             top: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[SlotStep]:
     """Events of `step` in its row order; `committed` [rows, P] as sample() returned it, on the host, with
     `probs` [rows, P] each token's probability and `top` (rows, ids, log-probs) the rows that asked for top
-    alternatives (sampler.Commits). A finished request's event carries its canvas's log-probabilities."""
+    alternatives (sampler.Commits): each event carries its commits' share."""
     c, host, offsets, slots = COLUMN, step.values.table, step.values.host_offsets, step.slots
     slot_of = host[:, c["slot"]]
     ri, ci = np.nonzero(committed >= 0)  # row-major: each row's commits in ascending offsets
@@ -30,14 +30,15 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
     table.open[slot_of[ri], off] = False
     table.gen[slot_of[ri], positions] = tokens
     step_probs = probs[ri, ci] if probs is not None else np.ones(len(ri), dtype=np.float32)
-    table.prob[slot_of[ri], positions] = step_probs
-    if top is not None:  # the asking rows' commits: where `committed` is set in those rows
+    top_ids = top_lps = None
+    if top is not None:  # the asking rows' alternatives, aligned with the commits (zeros for other rows)
         rows, ids, lps = top
-        k = ids.shape[-1]
-        tr, tc = np.nonzero(committed[rows] >= 0)
-        tpos = (host[rows, c["start"]] - host[rows, c["prompt_len"]])[tr] + offsets[rows][tr, tc]
-        top_ids, top_lps = table.top(k)
-        top_ids[slot_of[rows][tr], tpos, :k], top_lps[slot_of[rows][tr], tpos, :k] = ids[tr, tc], lps[tr, tc]
+        where = np.full(len(slots), -1)
+        where[rows] = np.arange(len(rows))
+        asked = where[ri] >= 0
+        top_ids = np.zeros((len(ri), ids.shape[-1]), dtype=np.int64)
+        top_lps = np.zeros((len(ri), ids.shape[-1]), dtype=np.float32)
+        top_ids[asked], top_lps[asked] = ids[where[ri[asked]], ci[asked]], lps[where[ri[asked]], ci[asked]]
     counts = np.bincount(ri, minlength=len(slots))
     ends = np.cumsum(counts)
     G = int(host[:, MAX_TOKENS].max())
@@ -69,8 +70,9 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
         ev = SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]], s.masked,
                       canvas[i, :s.plan.max_tokens], s.nfe, done, ("stop" if eos[i] else "length") if done else None,
                       probs=step_probs[a:ends[i]])
-        if done:  # the request's log-probabilities, read once
-            ev.logprobs = table.logprobs(int(slot_of[i]), s.plan.max_tokens, s.plan.params.top_logprobs)
+        k = s.plan.params.top_logprobs
+        if k and top_ids is not None:
+            ev.top_ids, ev.top_logprobs = top_ids[a:ends[i], :k], top_lps[a:ends[i], :k]
         if eos[i] and s.masked:  # ended before its plan did
             ev.masked, ev.filled, ev.nfe_saved = 0, int(filled[i]), s.planned_forwards_left()
         events.append(ev)

@@ -17,7 +17,6 @@ import numpy as np
 from tzd.sampling.params import RequestPlan
 from tzd.sampling.rows import FIELDS, float_bits
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's bound (SamplingParams.top_logprobs)
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
 # host-only columns of Slot.row
 LENGTH, MAX_TOKENS, EARLY_EXIT, TOP_LOGPROBS = len(FIELDS), len(FIELDS) + 1, len(FIELDS) + 2, len(FIELDS) + 3
@@ -53,18 +52,10 @@ class SlotStep:
     # threshold or entropy_bound)
     filled: int = 0
     nfe_saved: int = 0
-    probs: np.ndarray | None = None  # [k] float32: the probability of each token this step committed
-    logprobs: TokenLogprobs | None = None  # once done: the log-probability of every canvas position
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    """A finished request's canvas scores, each read at the step its position was committed: the committed
-    token's log-probability (un-tempered), and the top alternatives then where the request asked."""
-
-    logprob: np.ndarray  # [max_tokens] float32 (-inf at positions an early exit filled without committing)
-    top_ids: np.ndarray | None = None  # [max_tokens, top_logprobs] int64, most likely first
-    top_logprobs: np.ndarray | None = None  # [max_tokens, top_logprobs] float32
+    probs: np.ndarray | None = None  # [k] float32: each committed token's probability (its confidence)
+    # for a request that asked (SamplingParams.top_logprobs): the top alternatives at each committed position
+    top_ids: np.ndarray | None = None  # [k, top_logprobs] int64, most likely first
+    top_logprobs: np.ndarray | None = None  # [k, top_logprobs] float32
 
     @property
     def committed(self) -> np.ndarray:
@@ -161,24 +152,6 @@ class SlotTable:
         self.slots: list[Slot | None] = [None] * capacity
         self.open = np.zeros((capacity, context), dtype=bool)
         self.gen = np.full((capacity, context), mask_id, dtype=np.int64)
-        self.prob = np.zeros((capacity, context), dtype=np.float32)  # each committed token's probability
-        self._top: tuple[np.ndarray, np.ndarray] | None = None  # top alternatives: made when first asked for
-
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The (ids, log-probs) [capacity, context, >= k] arrays of the top alternatives at each position."""
-        if self._top is None or self._top[0].shape[2] < k:
-            shape = (*self.gen.shape, max(k, MAX_TOP_LOGPROBS))
-            self._top = (np.zeros(shape, dtype=np.int64), np.full(shape, -np.inf, dtype=np.float32))
-        return self._top
-
-    def logprobs(self, row: int, length: int, k: int) -> TokenLogprobs:
-        """Row `row`'s first `length` canvas positions' scores (copies: the row is reused)."""
-        with np.errstate(divide="ignore"):
-            out = TokenLogprobs(np.log(self.prob[row, :length]))
-        if k:
-            ids, lps = self.top(k)
-            out.top_ids, out.top_logprobs = ids[row, :length, :k].copy(), lps[row, :length, :k].copy()
-        return out
 
     def __len__(self) -> int:
         return sum(s is not None for s in self.slots)
@@ -192,7 +165,6 @@ class SlotTable:
         s = self.slots[row]
         s.fresh = False
         self.gen[row] = self.mask_id
-        self.prob[row] = 0.0
         if s.plan.layout is not None:
             self.gen[row, :s.plan.max_tokens] = s.plan.layout.canvas(self.mask_id)
         self.open_block(row)
