@@ -230,13 +230,13 @@ class GenerateRequest(SamplingParams):
     @field_validator("prompt")
     @classmethod
     def _prompt_or_messages(cls, v: object, info: ValidationInfo) -> object:
-        given = [k for k in ("messages", "infill") if info.data.get(k) is not None] + (["prompt"] if v is not None
-                                                                                    else [])
+        given = (["prompt"] if v is not None else []) + [k for k in ("messages", "infill")
+                                                          if info.data.get(k) is not None]
         failed = not {"messages", "infill"} <= info.data.keys()  # one of them was given and is invalid
         if not given and not failed:
             raise ValueError("Field required (a prompt, chat messages, or an infill)")
         if len(given) > 1:
-            raise ValueError(f"give exactly one of prompt, messages and infill (got {' and '.join(given)})")
+            raise ValueError(f"give exactly one of {' and '.join(given)} (a prompt, chat messages, or an infill)")
         return v
 
     @field_validator("suffix")
@@ -472,13 +472,6 @@ class ChatCompletionRequest(SamplingParams):
     @classmethod
     def _off_only(cls, v: object, info: ValidationInfo) -> object:
         _unsupported(info.field_name, v in (None, False, 0, 0.0, {}, [], "none"))
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs needs logprobs=true")
         return v
 
     def sampling_params(self) -> SamplingParams:

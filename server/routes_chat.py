@@ -26,7 +26,7 @@ from clients.protocol import (
     ErrorBody,
     Usage,
 )
-from server.errors import GENERATION_ERRORS, ApiError, error_responses, request_id
+from server.errors import GENERATION_ERRORS, ApiError, InvalidRequest, error_responses, request_id
 from server.logprobs import chat
 from server.openapi import data_events, sse_content
 from server.output import Result
@@ -91,6 +91,8 @@ def router(auth: object) -> APIRouter:
         if body.n > engine.scheduler.max_waiting:  # could never be queued: not a retry-later 429
             raise ApiError(400, f"n: {body.n} choices exceed this server's queue of {engine.scheduler.max_waiting}",
                            param="n", reason="invalid")
+        if body.top_logprobs and not body.logprobs:  # OpenAI's rule
+            raise InvalidRequest("top_logprobs", "top_logprobs: needs logprobs=true")
         prompt = serving.chat_prompt(body.messages)
         group = serving.new_group("chatcmpl", [prompt] * body.n, choice_params(body.sampling_params(), body.n),
                                   "prefix" if body.stream else "none", n=body.n, request_id=request_id(http),
