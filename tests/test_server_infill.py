@@ -33,26 +33,19 @@ def srv(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def client():
-    with httpx.Client(timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def oa(srv: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
 
 
-def post(client: httpx.Client, url: str, body: dict) -> dict:
-    r = client.post(url, json=body)
+def post(url: str, body: dict) -> dict:
+    r = httpx.post(url, json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def test_generate_suffix_matches_offline_and_keeps_the_canvas_length(srv: ServerProcess,
-                                                                     client: httpx.Client) -> None:
+def test_generate_suffix_matches_offline_and_keeps_the_canvas_length(srv: ServerProcess) -> None:
     body = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 12, "seed": 4, "logprobs": True}
-    out = post(client, f"{srv.url}/generate", body)
+    out = post(f"{srv.url}/generate", body)
     ckpt = load_checkpoint(MODEL, device="cpu", dtype=torch.float32)
     tok = ckpt.tokenizer
     [want] = generate(ckpt.model, [tok.encode(PREFIX)], SamplingParams(max_tokens=12, seed=4), ckpt.mask_id,
@@ -63,7 +56,8 @@ def test_generate_suffix_matches_offline_and_keeps_the_canvas_length(srv: Server
     assert [t["id"] for t in out["logprobs"]] == out["tokens"]
     assert [round(t["logprob"], 4) for t in out["logprobs"]] == [round(s.logprob, 4) for s in want.logprobs]
 
-    events = stream_generate(client, srv.url, body)
+    with httpx.Client(timeout=120) as client:
+        events = stream_generate(client, srv.url, body)
     steps = [d for e, d in events if e == "step"]
     assert len(steps) == 12 and all(len(s["text"]) > 0 for s in steps)
     assert all(c["logprob"] <= 0 for s in steps for c in s["committed"])  # each commit's confidence
@@ -71,13 +65,12 @@ def test_generate_suffix_matches_offline_and_keeps_the_canvas_length(srv: Server
     assert events[-1][0] == "done" and done["tokens"] == out["tokens"] and done["logprobs"] == out["logprobs"]
 
 
-def test_completions_suffix_through_the_openai_client(srv: ServerProcess, oa: openai.OpenAI,
-                                                      client: httpx.Client) -> None:
+def test_completions_suffix_through_the_openai_client(srv: ServerProcess, oa: openai.OpenAI) -> None:
     model = oa.models.list().data[0].id
     extra = {"seed": 7, "temperature": 0.9}
     done = oa.completions.create(model=model, prompt=PREFIX, suffix=SUFFIX, max_tokens=10, n=2, logprobs=2,
                                  extra_body=extra)
-    native = post(client, f"{srv.url}/generate", {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 10, **extra})
+    native = post(f"{srv.url}/generate", {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 10, **extra})
     assert done.choices[0].text == native["text"]  # choice j has seed + j: choice 0 is the native answer
     assert done.choices[1].text != done.choices[0].text
     for c in done.choices:
@@ -102,15 +95,15 @@ def test_completions_suffix_through_the_openai_client(srv: ServerProcess, oa: op
         assert r.choices[0].finish_reason in ("length", "stop")
 
 
-def test_infill_of_several_gaps(srv: ServerProcess, client: httpx.Client) -> None:
+def test_infill_of_several_gaps(srv: ServerProcess) -> None:
     parts = [{"text": "ROMEO:\n"}, {"gap": 6}, {"text": " soft, what light"}, {"gap": 5}, {"text": " window breaks?"}]
-    out = post(client, f"{srv.url}/generate", {"infill": parts, "seed": 1, "top_logprobs": 2})
+    out = post(f"{srv.url}/generate", {"infill": parts, "seed": 1, "top_logprobs": 2})
     a, b = out["gaps"]
     assert out["text"] == f"ROMEO:\n{a} soft, what light{b} window breaks?"
     assert len(out["logprobs"]) == len(out["tokens"]) and all(len(t["top_logprobs"]) == 2 for t in out["logprobs"])
     positions = [t["position"] for t in out["logprobs"]]
     assert all(p < 6 or p >= 6 + 3 for p in positions)  # the text between the gaps is never generated
-    alone = post(client, f"{srv.url}/generate", {"infill": parts, "seed": 1})
+    alone = post(f"{srv.url}/generate", {"infill": parts, "seed": 1})
     assert alone["tokens"] == out["tokens"]
 
 
@@ -130,8 +123,8 @@ BAD = [
 
 
 @pytest.mark.parametrize(("body", "param"), BAD, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD)])
-def test_bad_generate_input_names_the_field(srv: ServerProcess, client: httpx.Client, body: dict, param: str) -> None:
-    r = client.post(f"{srv.url}/generate", json=body)
+def test_bad_generate_input_names_the_field(srv: ServerProcess, body: dict, param: str) -> None:
+    r = httpx.post(f"{srv.url}/generate", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
