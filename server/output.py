@@ -78,6 +78,7 @@ class RequestOutput:
                  layout: Layout | None = None, logprobs: bool = False, top_logprobs: int = 0) -> None:
         self.tok, self.mode, self.stop = tokenizer, mode, stop
         self.layout = layout  # an infill's canvas and suffix: EOS in a gap is padding, removed
+        self.fillable = layout.masked if layout is not None else max_tokens  # positions the model writes
         self.scores = TokenScores(max_tokens, top_logprobs) if logprobs else None
         # the committed left-to-right text is the output's: a plain canvas, or one gap before a suffix (an
         # infill of several gaps applies its stop strings to each gap at the end)
@@ -117,7 +118,7 @@ class RequestOutput:
         if ev.done or stopped:
             self.finished = True
             canvas = ev.canvas if ev.done or self.layout is not None else ev.canvas[:self.prefix_len]
-            committed = self.max_tokens - ev.masked - ev.filled  # an early exit's EOS fill is not committed
+            committed = self.fillable - ev.masked - ev.filled  # an early exit's EOS fill is not committed
             up.result = self._result(canvas, ev.finish_reason or "stop", ev.step + 1, ev.nfe, committed,
                                      ev.nfe_saved)
             if self.mode == "prefix":
@@ -131,7 +132,7 @@ class RequestOutput:
         EOS or a stop string), finish_reason "timeout"."""
         self.finished = True
         canvas = self.canvas if self.canvas is not None else np.zeros(0, dtype=np.int64)
-        committed = self.max_tokens - int((canvas == self.mask_id).sum()) if len(canvas) else 0
+        committed = self.fillable - int((canvas == self.mask_id).sum()) if len(canvas) else 0
         if self.layout is None:  # the committed left-to-right prefix; an infill's gaps keep what they have
             canvas = canvas[:self._first_mask(canvas)]
         if self.layout is not None and not len(canvas):

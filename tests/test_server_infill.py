@@ -150,3 +150,16 @@ def test_block_causal_model_refuses_a_suffix(tmp_path: Path) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "infill"
         ok = oa.completions.create(model=model, prompt=PREFIX, max_tokens=8, logprobs=1)  # logprobs do work
         assert len(ok.choices[0].logprobs.token_logprobs) == len(ok.choices[0].logprobs.tokens)
+
+
+def test_the_sdk_sends_suffix_and_infill(srv: ServerProcess) -> None:
+    from clients import BadRequest, TZDClient
+
+    with TZDClient(srv.url) as c:
+        out = c.generate(infill=[{"text": "ROMEO:\n"}, {"gap": 4}, {"text": " light"}], seed=1, logprobs=True)
+        assert out.text == f"ROMEO:\n{out.gaps[0]} light" and len(out.logprobs) == len(out.tokens)
+        mid = c.generate(PREFIX, suffix=SUFFIX, max_tokens=6, seed=1)
+        assert mid.gaps == [mid.text]
+        with pytest.raises(BadRequest) as e:  # checked before anything is sent
+            c.generate(infill=[{"gap": 0}])
+        assert e.value.param == "infill"
