@@ -163,3 +163,22 @@ def test_the_sdk_sends_suffix_and_infill(srv: ServerProcess) -> None:
         with pytest.raises(BadRequest) as e:  # checked before anything is sent
             c.generate(infill=[{"gap": 0}])
         assert e.value.param == "infill"
+
+
+def test_an_empty_prompt_before_a_suffix_is_fine_on_a_bidirectional_model(srv: ServerProcess) -> None:
+    out = post(f"{srv.url}/generate", {"prompt": "", "suffix": " window breaks?", "max_tokens": 4, "seed": 2})
+    assert out["usage"]["prompt_tokens"] == 0 and len(out["tokens"]) <= 4
+    lead = post(f"{srv.url}/generate", {"infill": [{"gap": 4}, {"text": " window breaks?"}], "seed": 2})
+    assert lead["tokens"] == out["tokens"] and lead["text"] == out["text"] + " window breaks?"
+
+
+def test_the_cli_fills_between_prompt_and_suffix(srv: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from clients.__main__ import main
+
+    assert main([PREFIX, "--url", srv.url, "--suffix", SUFFIX, "--max-tokens", "6", "--seed", "1", "--logprobs",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = post(f"{srv.url}/generate", {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 6, "seed": 1})
+    assert out["text"] == want["text"] and len(out["logprobs"]) == len(out["tokens"])
