@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's flags; the sampling flags are generated from SamplingParams (same names, dashes for _)."""
     p = argparse.ArgumentParser(prog="python -m clients", description="Generate text with a TZD server.")
     p.add_argument("prompt", nargs="?", help="the prompt ('-' reads it from stdin)")
+    p.add_argument("--suffix", default=None, metavar="TEXT",
+                   help="text after the generated canvas: fill max_tokens positions between prompt and it")
+    p.add_argument("--logprobs", action="store_true", help="return each token's log-probability (with --json)")
     p.add_argument("--stream", action="store_true", help="show the canvas denoising step by step")
     p.add_argument("--json", action="store_true", help="print JSON (one line per event with --stream)")
     p.add_argument("--health", action="store_true", help="print the server's health and exit")
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     params = {name: getattr(args, name) for name in SamplingParams.model_fields if hasattr(args, name)}
+    params.update({k: v for k, v in (("suffix", args.suffix), ("logprobs", args.logprobs or None)) if v is not None})
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if prompt is None and not (args.health or args.models):
         parser.error("a prompt is required (or --health / --models)")

@@ -10,7 +10,9 @@ from typing import Annotated, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -18,6 +20,9 @@ from pydantic import (
 )
 
 MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs bound (OpenAI's); completions' logprobs stops at 5
+MAX_COMPLETION_LOGPROBS = 5
+VERY_UNLIKELY = -9999.0  # OpenAI's log-probability for a token too unlikely to represent (probability 0)
 # stop's wire form: one string, a list of them, or null (the validators below turn it into a list)
 STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
                          {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
@@ -63,6 +68,8 @@ class SamplingParams(BaseModel):
                                                                  "ties in arrival order (generate() ignores it)")
     stop: Annotated[list[str], WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list,
                                                                      max_length=MAX_STOP_STRINGS)
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="the most likely alternatives to report at "
+                              "each generated position, read at the step it was committed (0 = none)")
 
     @field_validator("entropy_bound")
     @classmethod
@@ -180,23 +187,77 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1)]
 
 # ---- POST /generate --------------------------------------------------------------------------------
 
+class InfillText(BaseModel):
+    """Fixed text of an infill, kept verbatim."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str
+
+
+class InfillGap(BaseModel):
+    """A gap of an infill: `gap` positions the model fills (EOS it writes there is padding, removed)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    gap: int = Field(ge=1, description="positions to fill (an upper bound on the fill's tokens)")
+
+
+def _infill_kind(v: object) -> str:
+    """Which part a JSON object is: a gap if it has `gap`, else text (so that an error names one schema)."""
+    return "gap" if (isinstance(v, dict) and "gap" in v) or isinstance(v, InfillGap) else "text"
+
+
+InfillPart = Annotated[Annotated[InfillText, Tag("text")] | Annotated[InfillGap, Tag("gap")],
+                       Discriminator(_infill_kind)]
+Suffix = Annotated[str | list[TokenId] | None, Field(description=(
+    "text (or token ids) after the generated canvas, which a bidirectional model sees while it fills the "
+    "canvas of max_tokens between prompt and suffix; not part of the returned text. Block-causal models "
+    "cannot see it (400)"))]
+
+
 class GenerateRequest(SamplingParams):
-    """POST /generate: a prompt (text or token ids) or chat `messages` (rendered by the model's chat
-    template), the SamplingParams fields, and whether to stream."""
+    """POST /generate: a prompt (text or token ids), chat `messages` (rendered by the model's chat
+    template) or an `infill` (text and gaps), the SamplingParams fields, and whether to stream."""
 
     messages: Messages | None = None  # before prompt: prompt's check below sees it
+    infill: list[InfillPart] | None = Field(None, min_length=1, description=(
+        "text segments and gaps, in order, e.g. [{\"text\": \"def f(\"}, {\"gap\": 8}, {\"text\": \"):\"}]: "
+        "several gaps filled at once; instead of prompt (text before the first gap is the prompt, after "
+        "the last the suffix) and of max_tokens (the gaps give the lengths)"))
     prompt: str | list[TokenId] | None = Field(None, validate_default=True)
+    suffix: Suffix = None
+    logprobs: bool = Field(False, description="return each generated token's log-probability at the step it "
+                                              "was committed (and top_logprobs alternatives)")
     stream: bool = False
     timeout: Timeout = None
+
+    @field_validator("infill")
+    @classmethod
+    def _has_a_gap(cls, v: list[InfillPart] | None) -> list[InfillPart] | None:
+        if v is not None and not any(isinstance(p, InfillGap) for p in v):
+            raise ValueError("needs at least one {\"gap\": n} part")
+        return v
 
     @field_validator("prompt")
     @classmethod
     def _prompt_or_messages(cls, v: object, info: ValidationInfo) -> object:
-        has_messages = info.data.get("messages") is not None
-        if v is None and not has_messages:
-            raise ValueError("Field required (a prompt, or chat messages)")
-        if v is not None and has_messages:
-            raise ValueError("give exactly one of prompt and messages")
+        given = (["prompt"] if v is not None else []) + [k for k in ("messages", "infill")
+                                                          if info.data.get(k) is not None]
+        failed = not {"messages", "infill"} <= info.data.keys()  # one of them was given and is invalid
+        if not given and not failed:
+            raise ValueError("Field required (a prompt, chat messages, or an infill)")
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of {' and '.join(given)} (a prompt, chat messages, or an infill)")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_with_prompt(cls, v: object, info: ValidationInfo) -> object:
+        if v in ("", []):
+            return None
+        if v is not None and info.data.get("prompt") is None:
+            raise ValueError("give suffix with a prompt (an infill has its own trailing text)")
         return v
 
     def sampling_params(self) -> SamplingParams:
@@ -225,12 +286,31 @@ class GenerateResponse(BaseModel):
     nfe: int  # forward passes (model evaluations) for this request
     seed: int  # the seed used (drawn when the request left it out): resend it to reproduce
     timings: Timings
+    gaps: list[str] | None = None  # with suffix or infill: each gap's text (EOS padding removed), in order
+    logprobs: list[TokenLogprob] | None = None  # with logprobs: one per token of `tokens`
+
+
+class TopToken(BaseModel):
+    id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A generated token's score, read at the step it was committed."""
+
+    position: int  # canvas position, counted from the first generated token
+    id: int
+    token: str
+    logprob: float  # log-probability under the model (un-tempered); VERY_UNLIKELY for probability 0
+    top_logprobs: list[TopToken] = Field(default_factory=list)  # the top_logprobs most likely then, best first
 
 
 class CommittedToken(BaseModel):
     position: int  # counted from the first generated token
     id: int
     text: str
+    logprob: float | None = None  # its log-probability at this step (the confidence it was committed with)
 
 
 class StepEvent(BaseModel):
@@ -271,9 +351,10 @@ class CompletionRequest(SamplingParams):
     timeout: Timeout = None
     user: str | None = None
     echo: bool = Field(False, json_schema_extra=off_only(False))
-    logprobs: int | None = Field(None, json_schema_extra=off_only(None, 0))
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, description=(
+        "return each token's log-probability at the step it was committed, and this many alternatives"))
     best_of: int | None = Field(None, description="only n (or null) is supported")
-    suffix: str | None = Field(None, json_schema_extra=off_only(None, ""))
+    suffix: Suffix = None
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra=off_only(None, {}))
     frequency_penalty: float = Field(0.0, json_schema_extra=off_only(0))
     presence_penalty: float = Field(0.0, json_schema_extra=off_only(0))
@@ -285,7 +366,12 @@ class CompletionRequest(SamplingParams):
             raise ValueError("must be a string or a non-empty list")
         return v
 
-    @field_validator("echo", "logprobs", "suffix", "logit_bias", "frequency_penalty", "presence_penalty")
+    @field_validator("suffix")
+    @classmethod
+    def _empty_suffix_is_none(cls, v: object) -> object:
+        return None if v in ("", []) else v
+
+    @field_validator("echo", "logit_bias", "frequency_penalty", "presence_penalty")
     @classmethod
     def _off_only(cls, v: object, info: ValidationInfo) -> object:
         _unsupported(info.field_name, v in (None, False, 0, 0.0, "", {}))
@@ -305,13 +391,23 @@ class CompletionRequest(SamplingParams):
         return list(p)  # type: ignore[arg-type]
 
     def sampling_params(self) -> SamplingParams:
-        return sampling_fields(self)
+        p = sampling_fields(self)  # OpenAI's logprobs=N is the number of alternatives
+        return p if self.logprobs is None else p.model_copy(update={"top_logprobs": self.logprobs})
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None  # streamed: the whole list on the choice's last chunk
     finish_reason: FinishReason | None = None
 
 
@@ -364,8 +460,10 @@ class ChatCompletionRequest(SamplingParams):
     stream_options: StreamOptions | None = None
     timeout: Timeout = None
     user: str | None = None
-    logprobs: bool | None = Field(False, json_schema_extra=off_only(None, False))
-    top_logprobs: int | None = Field(None, json_schema_extra=off_only(None, 0))
+    logprobs: bool | None = Field(False, description="return each token's log-probability at the step it was "
+                                                     "committed")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token "
+                                     "(needs logprobs)")
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra=off_only(None, {}))
     frequency_penalty: float = Field(0.0, json_schema_extra=off_only(0))
     presence_penalty: float = Field(0.0, json_schema_extra=off_only(0))
@@ -383,15 +481,15 @@ class ChatCompletionRequest(SamplingParams):
             data = {**data, "max_tokens": data["max_completion_tokens"]}
         return data
 
-    @field_validator("logprobs", "top_logprobs", "logit_bias", "frequency_penalty", "presence_penalty", "tools",
-                     "tool_choice")
+    @field_validator("logit_bias", "frequency_penalty", "presence_penalty", "tools", "tool_choice")
     @classmethod
     def _off_only(cls, v: object, info: ValidationInfo) -> object:
         _unsupported(info.field_name, v in (None, False, 0, 0.0, {}, [], "none"))
         return v
 
     def sampling_params(self) -> SamplingParams:
-        return sampling_fields(self)
+        return SamplingParams.model_validate({**self.model_dump(include=set(SamplingParams.model_fields)),
+                                              "top_logprobs": self.top_logprobs or 0})
 
 
 class AssistantMessage(BaseModel):
@@ -399,10 +497,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -426,7 +538,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None  # the whole list on the choice's last chunk
     finish_reason: FinishReason | None = None
 
 

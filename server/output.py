@@ -14,7 +14,9 @@ import numpy as np
 
 from clients.protocol import MASK_PLACEHOLDER, CommittedToken, StepEvent
 from server.detokenize import CanvasText, PrefixText, decode_canvas
-from tzd.sampling import SlotStep, finish
+from server.logprobs import of_prob
+from tzd.sampling import Layout, SlotStep, finish_canvas
+from tzd.sampling.scores import TokenScore, TokenScores
 from tzd.tokenizer import TextTokenizer
 
 StreamMode = Literal["none", "events", "prefix"]  # /generate without stream, /generate stream, OpenAI stream
@@ -29,6 +31,8 @@ class Result:
     nfe: int
     committed: int  # positions committed when it finished (max_tokens unless EOS/stop ended it early)
     nfe_saved: int = 0  # forwards an early exit saved (SlotStep.nfe_saved)
+    gaps: list[str] | None = None  # an infill's: each gap's text (the text is them joined)
+    scores: list[TokenScore] | None = None  # one per token, where the request asked for logprobs
 
 
 @dataclass
@@ -70,8 +74,15 @@ class RequestOutput:
     """Per-request view of the canvas: stop strings, stream rendering, the final cut. Its text is kept
     incrementally (server.detokenize): a step decodes the tokens it committed, not the canvas again."""
 
-    def __init__(self, tokenizer: TextTokenizer, mode: StreamMode, stop: list[str], max_tokens: int) -> None:
+    def __init__(self, tokenizer: TextTokenizer, mode: StreamMode, stop: list[str], max_tokens: int,
+                 layout: Layout | None = None, logprobs: bool = False, top_logprobs: int = 0) -> None:
         self.tok, self.mode, self.stop = tokenizer, mode, stop
+        self.layout = layout  # an infill's canvas and suffix: EOS in a gap is padding, removed
+        self.fillable = layout.masked if layout is not None else max_tokens  # positions the model writes
+        self.scores = TokenScores(max_tokens, top_logprobs) if logprobs else None
+        # the committed left-to-right text is the output's: a plain canvas, or one gap before a suffix (an
+        # infill of several gaps applies its stop strings to each gap at the end)
+        self._one_gap = layout is None or len(layout.gaps()) == 1
         self.mask_id, self.eos_ids = tokenizer.mask_id, tokenizer.eos_ids
         self._eos = np.array(self.eos_ids, dtype=np.int64)
         self.max_tokens = max_tokens
@@ -93,21 +104,23 @@ class RequestOutput:
         """The client update for one step; a result when the sampler finished it or a stop string did."""
         up = Update()
         self.canvas, self.steps, self.nfe = ev.canvas, ev.step + 1, ev.nfe
+        if self.scores is not None:
+            self.scores.add(ev)
         if self.mode == "events":
-            committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t]))
-                         for p, t in zip(ev.positions.tolist(), ev.tokens.tolist(), strict=True)]
+            probs = ev.probs.tolist() if ev.probs is not None else [None] * len(ev.positions)
+            committed = [CommittedToken(position=p, id=t, text=self.tok.decode([t]), logprob=of_prob(q))
+                         for p, t, q in zip(ev.positions.tolist(), ev.tokens.tolist(), probs, strict=True)]
             up.event = StepEvent(step=ev.step, steps=ev.steps, committed=committed, masked=ev.masked,
                                  text=self._canvas_text.update(ev.canvas))
         stopped = False
-        if (self.stop or self.mode == "prefix") and not ev.done:
+        if (self.stop or self.mode == "prefix") and not ev.done and self._one_gap:
             stopped = self._advance_prefix(ev.canvas)
         if ev.done or stopped:
             self.finished = True
-            canvas = ev.canvas if ev.done else ev.canvas[:self.prefix_len]
-            tokens, reason, text = finish(canvas, ev.finish_reason or "stop", self.eos_ids, self.stop,
-                                          self.tok.decode)
-            committed = self.max_tokens - ev.masked - ev.filled  # an early exit's EOS fill is not committed
-            up.result = Result(tokens, text or "", reason, ev.step + 1, ev.nfe, committed, ev.nfe_saved)
+            canvas = ev.canvas if ev.done or self.layout is not None else ev.canvas[:self.prefix_len]
+            committed = self.fillable - ev.masked - ev.filled  # an early exit's EOS fill is not committed
+            up.result = self._result(canvas, ev.finish_reason or "stop", ev.step + 1, ev.nfe, committed,
+                                     ev.nfe_saved)
             if self.mode == "prefix":
                 up.delta = self._delta(up.result.text)
         elif self.mode == "prefix":
@@ -119,13 +132,22 @@ class RequestOutput:
         EOS or a stop string), finish_reason "timeout"."""
         self.finished = True
         canvas = self.canvas if self.canvas is not None else np.zeros(0, dtype=np.int64)
-        tokens, reason, text = finish(canvas[:self._first_mask(canvas)], "timeout", self.eos_ids, self.stop,
-                                      self.tok.decode)
-        committed = self.max_tokens - int((canvas == self.mask_id).sum()) if len(canvas) else 0
-        up = Update(result=Result(tokens, text or "", reason, self.steps, nfe, committed))
+        committed = self.fillable - int((canvas == self.mask_id).sum()) if len(canvas) else 0
+        if self.layout is None:  # the committed left-to-right prefix; an infill's gaps keep what they have
+            canvas = canvas[:self._first_mask(canvas)]
+        if self.layout is not None and not len(canvas):
+            canvas = self.layout.canvas(self.mask_id)
+        up = Update(result=self._result(canvas, "timeout", self.steps, nfe, committed))
         if self.mode == "prefix":
             up.delta = self._delta(up.result.text)
         return up
+
+    def _result(self, canvas: np.ndarray, reason: str, steps: int, nfe: int, committed: int,
+                nfe_saved: int = 0) -> Result:
+        """The result of a finished canvas: cut at EOS and stop (an infill: its gaps' fills), with scores."""
+        f = finish_canvas(canvas, reason, self.eos_ids, self.stop, self.tok.decode, self.layout, self.mask_id)
+        scores = self.scores.at(f.positions) if self.scores is not None else None
+        return Result(f.tokens, f.text or "", f.finish_reason, steps, nfe, committed, nfe_saved, f.gap_texts, scores)
 
     def _first_mask(self, canvas: np.ndarray) -> int:
         is_mask = canvas == self.mask_id
@@ -134,7 +156,11 @@ class RequestOutput:
     def _advance_prefix(self, canvas: np.ndarray) -> bool:
         """Track the committed prefix (up to the first mask, cut at EOS); True once it holds a stop string."""
         n = self._first_mask(canvas)
-        if len(self._eos):
+        ids = canvas
+        if self.layout is not None:  # an infill's gap (the first): its EOS is padding, dropped
+            ids = canvas[:n][~np.isin(canvas[:n], self._eos)]
+            n = len(ids)
+        elif len(self._eos):
             is_eos = np.isin(canvas[:n], self._eos)
             if is_eos.any():  # cut at the first EOS
                 n = int(is_eos.argmax())
@@ -142,7 +168,7 @@ class RequestOutput:
             return False
         before = len(self.prefix_text)
         self.prefix_len = n
-        text = self._prefix.update(canvas, n)
+        text = self._prefix.update(ids, n)
         tail = text[max(0, before - self._hold):]  # only the new text can complete a stop string
         return any(s in tail for s in self.stop)
 

@@ -32,6 +32,7 @@ class PlaygroundStatus(BaseModel):
     auth: bool  # /generate needs `Authorization: Bearer <key>`
     context: int | None  # the model's context in tokens (prompt + max_tokens must fit); None until loaded
     chat: bool = False  # the model has a chat template: the page offers its chat mode (`messages`)
+    infill: bool = False  # the model is bidirectional: the page offers its infill mode (`suffix`)
     max_tokens_limit: int
     max_batch_size: int
     running: int  # requests in the running batch (the batch size of the next step)
@@ -52,6 +53,7 @@ def status(serving: Serving) -> PlaygroundStatus:
         status=serving.status, model=cfg.served_name, auth=bool(cfg.api_keys),
         context=serving.runtime.context if serving.runtime is not None else None,
         chat=serving.runtime is not None and serving.runtime.loaded.tokenizer.chat is not None,
+        infill=serving.runtime is not None and serving.runtime.loaded.model_config.denoise_block is None,
         max_tokens_limit=cfg.max_tokens_limit, max_batch_size=cfg.max_batch_size,
         running=int(value("tzd_requests_running")), waiting=int(value("tzd_requests_waiting")),
         steps=int(steps), mean_batch_size=requests / steps if steps else None)

@@ -15,12 +15,15 @@ from clients.protocol import (
     ErrorBody,
     GenerateRequest,
     GenerateResponse,
+    InfillGap,
+    InfillText,
     StepEvent,
     Timings,
     Usage,
 )
 from server.engine import Engine
-from server.errors import GENERATION_ERRORS, error_body, request_id
+from server.errors import GENERATION_ERRORS, InvalidRequest, error_body, request_id
+from server.logprobs import native
 from server.openapi import named_events, sse_content
 from server.output import Result
 from server.request import Request, RequestFailed, RequestGroup
@@ -34,13 +37,33 @@ STREAM_CONTENT = sse_content(
     "the connection alive")
 
 
-def response(serving: Serving, group: RequestGroup, req: Request, result: Result) -> GenerateResponse:
-    """The final answer (also the `done` event's data)."""
+def filled_text(parts: list[InfillText | InfillGap], gaps: list[str]) -> str:
+    """An infill's document: its text parts verbatim, each gap's fill in its place."""
+    fills = iter(gaps)
+    out, last_gap = [], False
+    for p in parts:
+        if isinstance(p, InfillText):
+            out.append(p.text)
+            last_gap = False
+        elif not last_gap:  # adjacent gaps are one gap
+            out.append(next(fills))
+            last_gap = True
+    return "".join(out)
+
+
+def response(serving: Serving, group: RequestGroup, req: Request, result: Result,
+             infill: list[InfillText | InfillGap] | None = None) -> GenerateResponse:
+    """The final answer (also the `done` event's data). An infill's text is the whole filled document."""
     end = req.finished or req.arrival
     admitted = req.admitted or end
     n_prompt, n_gen = len(req.prompt_ids), len(result.tokens)
+    text = filled_text(infill, result.gaps or []) if infill is not None else result.text
+    logprobs = None
+    if result.scores is not None:
+        logprobs = native(serving.runtime.loaded.tokenizer, result.tokens, result.scores)  # type: ignore[union-attr]
     return GenerateResponse(
-        id=group.id, model=serving.config.served_name, text=result.text, tokens=result.tokens,
+        id=group.id, model=serving.config.served_name, text=text, tokens=result.tokens, gaps=result.gaps,
+        logprobs=logprobs,
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen),
         steps=result.steps, nfe=result.nfe, seed=req.plan.seed,
@@ -49,8 +72,8 @@ def response(serving: Serving, group: RequestGroup, req: Request, result: Result
                         total=end - req.arrival))
 
 
-async def step_events(serving: Serving, engine: Engine, group: RequestGroup, http: HttpRequest
-                      ) -> AsyncIterator[ServerSentEvent]:
+async def step_events(serving: Serving, engine: Engine, group: RequestGroup, http: HttpRequest,
+                      infill: list[InfillText | InfillGap] | None = None) -> AsyncIterator[ServerSentEvent]:
     """`step` per denoising step, then `done`; `error` if it fails; a disconnect cancels the request."""
     ended = False
     track(http, group)
@@ -59,7 +82,7 @@ async def step_events(serving: Serving, engine: Engine, group: RequestGroup, htt
             if up.event is not None:
                 yield sse(up.event.model_dump_json(), STEP_EVENT)
             if up.result is not None:
-                yield sse(response(serving, group, req, up.result).model_dump_json(), DONE_EVENT)
+                yield sse(response(serving, group, req, up.result, infill).model_dump_json(), DONE_EVENT)
         ended = True
     except RequestFailed as e:
         ended = True
@@ -80,14 +103,17 @@ def router(auth: object) -> APIRouter:
     async def generate(body: GenerateRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
         serving: Serving = http.app.state.serving
         engine = serving.ready_engine()
+        if body.infill is not None and "max_tokens" in body.model_fields_set:
+            raise InvalidRequest("max_tokens", "max_tokens: an infill's gaps give the lengths; leave it out")
         prompt = body.prompt if body.messages is None else serving.chat_prompt(body.messages)
-        group = serving.new_group("gen", [prompt], [body.sampling_params()],
+        group = serving.new_group("gen", [prompt], [body.sampling_params()],  # type: ignore[list-item]
                                   "events" if body.stream else "none", request_id=request_id(http),
-                                  timeout=body.timeout)
+                                  timeout=body.timeout, suffix=body.suffix, infill=body.infill,
+                                  logprobs=body.logprobs or body.top_logprobs > 0)
         engine.submit(group)
         if body.stream:
-            return stream_response(http, step_events(serving, engine, group, http))
+            return stream_response(http, step_events(serving, engine, group, http, body.infill))
         [result] = await collect(engine, group, http)
-        return response(serving, group, group.requests[0], result)
+        return response(serving, group, group.requests[0], result, body.infill)
 
     return r

@@ -10,6 +10,7 @@ from sse_starlette import ServerSentEvent
 
 from clients.protocol import (
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ErrorBody,
     ModelCard,
@@ -20,10 +21,13 @@ from clients.protocol import (
 )
 from server.engine import Engine
 from server.errors import GENERATION_ERRORS, ApiError, error_body, error_responses, request_id
+from server.logprobs import completion
 from server.openapi import data_events, sse_content
+from server.output import Result
 from server.request import RequestFailed, RequestGroup
 from server.serving import Serving
 from server.streams import collect, set_outcome, sse, stream_response, track
+from tzd.tokenizer import TextTokenizer
 
 SEED_SPACE = 2**63
 STREAM_CONTENT = sse_content(data_events([TextCompletion, ErrorBody], "[DONE]"),
@@ -65,8 +69,14 @@ async def openai_stream(engine: Engine, group: RequestGroup, http: HttpRequest,
             engine.cancel(group)
 
 
-async def chunks(group: RequestGroup, model: str, usage: bool, n: int) -> AsyncIterator[ServerSentEvent]:
-    """The committed left-to-right prefix of each choice as it grows; usage last if asked."""
+def choice_logprobs(tok: TextTokenizer, result: Result, top: bool) -> CompletionLogprobs | None:
+    return completion(tok, result.tokens, result.scores, top) if result.scores is not None else None
+
+
+async def chunks(group: RequestGroup, model: str, usage: bool, n: int, tok: TextTokenizer, top: bool
+                 ) -> AsyncIterator[ServerSentEvent]:
+    """The committed left-to-right prefix of each choice as it grows (its logprobs, when asked, whole on its
+    last chunk); usage last if asked."""
     n_gen, n_prompt = 0, prompt_tokens(group, n)
 
     def chunk(choices: list[CompletionChoice], use: Usage | None = None) -> ServerSentEvent:
@@ -76,7 +86,9 @@ async def chunks(group: RequestGroup, model: str, usage: bool, n: int) -> AsyncI
     async for req, up in group.updates():
         if up.delta or up.result is not None:
             reason = up.result.finish_reason if up.result is not None else None
-            yield chunk([CompletionChoice(index=req.index, text=up.delta, finish_reason=reason)])  # type: ignore[arg-type]
+            lp = choice_logprobs(tok, up.result, top) if up.result is not None else None
+            yield chunk([CompletionChoice(index=req.index, text=up.delta, finish_reason=reason,  # type: ignore[arg-type]
+                                          logprobs=lp)])
         if up.result is not None:
             n_gen += len(up.result.tokens)
     if usage:
@@ -114,17 +126,21 @@ def router(auth: object) -> APIRouter:
                                 f"{engine.scheduler.max_waiting}; ask for fewer", param="n", reason="invalid")
         params = [p for _ in body.prompts() for p in choice_params(body.sampling_params(), body.n)]
         group = serving.new_group("cmpl", prompts, params, "prefix" if body.stream else "none", n=body.n,
-                                  request_id=request_id(http), timeout=body.timeout)
+                                  request_id=request_id(http), timeout=body.timeout, suffix=body.suffix,
+                                  logprobs=body.logprobs is not None)
         engine.submit(group)
+        tok, top = serving.runtime.loaded.tokenizer, bool(body.logprobs)  # type: ignore[union-attr]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return stream_response(http, openai_stream(engine, group, http, chunks(group, name, include_usage, body.n)))
+            return stream_response(http, openai_stream(engine, group, http,
+                                                       chunks(group, name, include_usage, body.n, tok, top)))
         results = await collect(engine, group, http)
         n_prompt = prompt_tokens(group, body.n)
         n_gen = sum(len(r.tokens) for r in results)
         return TextCompletion(
             id=group.id, created=group.created, model=name,
-            choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)  # type: ignore[arg-type]
+            choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,  # type: ignore[arg-type]
+                                      logprobs=choice_logprobs(tok, r, top))
                      for i, r in enumerate(results)],
             usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen))
 

@@ -10,13 +10,13 @@ from collections.abc import Callable
 
 import torch
 
-from clients.protocol import ChatMessage, SamplingParams
+from clients.protocol import ChatMessage, InfillGap, InfillText, SamplingParams
 from server.config import ServerConfig
 from server.engine import Engine, Unavailable
 from server.keys import KeyLimiter
 from server.metrics import Metrics
 from server.output import RequestOutput, StreamMode
-from server.prepare import ChatPrompt, prepare, render_chat
+from server.prepare import ChatPrompt, infill_layout, prepare, render_chat
 from server.request import RequestGroup
 from server.runtime import Runtime, load_runtime
 from tzd.sampling.batch import compute_dtype
@@ -97,19 +97,25 @@ class Serving:
 
     def new_group(self, prefix: str, prompts: list[str | list[int]], params: list[SamplingParams],
                   mode: StreamMode, n: int = 1, request_id: str | None = None,
-                  timeout: float | None = None) -> RequestGroup:
+                  timeout: float | None = None, suffix: str | list[int] | None = None,
+                  infill: list[InfillText | InfillGap] | None = None, logprobs: bool = False) -> RequestGroup:
         """Checked requests, one per (prompt, params) pair (each prompt `n` times in a row); InvalidRequest
-        names the bad field. The deadline is `timeout` or --request-timeout from now, whichever is sooner."""
+        names the bad field. The deadline is `timeout` or --request-timeout from now, whichever is sooner.
+        `suffix` (after every prompt) or `infill` (instead of the prompts): an infill's layout; `logprobs`:
+        the results carry each token's scores."""
         assert self.runtime is not None
         rt, group = self.runtime, RequestGroup(prefix, n, request_id)
         tok = rt.loaded.tokenizer
         mc = rt.loaded.model_config
         for prompt, p in zip(prompts, params, strict=True):
+            prompt, layout = infill_layout(tok, prompt, suffix, infill, p.max_tokens, mc.vocab_size)
             ids, plan = prepare(tok, prompt, p, rt.context, mc.vocab_size, self.config.max_tokens_limit,
-                                int(mc.logit_shift), mc.denoise_block, mc.block_align == "absolute")
+                                int(mc.logit_shift), mc.denoise_block, mc.block_align == "absolute", layout,
+                                "infill" if infill is not None else "suffix")
             if self.engine is not None:
                 self.engine.check_fits(plan)
-            req = group.add(ids, plan, RequestOutput(tok, mode, list(p.stop), plan.max_tokens))
+            output = RequestOutput(tok, mode, list(p.stop), plan.max_tokens, layout, logprobs, p.top_logprobs)
+            req = group.add(ids, plan, output)
             req.priority = p.priority
             limits = [t for t in (timeout, self.config.request_timeout) if t is not None]
             req.deadline = req.arrival + min(limits) if limits else None

@@ -305,3 +305,48 @@ def test_chat_mode_on_a_model_with_a_chat_template(browser: BrowserContext, tmp_
         page.click("#chat-clear")
         assert page.is_hidden("#history")
         page.close()
+
+
+def test_infill_mode_fills_a_gap_between_prompt_and_suffix(srv: ServerProcess, browser: BrowserContext,
+                                                           tmp_path: Path) -> None:
+    """The infill mode sends prompt + suffix; the canvas is the gap, the suffix comes back verbatim around
+    the text; on a block-causal model the mode is not offered and a forced suffix is a 400 naming it."""
+    page = open_page(browser, srv.url, [])
+    page.fill("#api_key", KEY)
+    page.wait_for_function("() => !document.getElementById('infill-field').hidden")
+    assert page.is_hidden("#suffix")
+    page.check("#infill")
+    assert page.is_visible("#suffix") and page.inner_text("#max_tokens-label") == "Gap (tokens)"
+    body = {"max_tokens": 12, "steps": 12, "block_length": 12, "seed": 3}
+    prompt, suffix = "ROMEO:\nBut soft, what light through yonder", " window breaks?\nIt is the east."
+    page.fill("#prompt", prompt)
+    page.fill("#suffix", suffix)
+    fill(page, **body)
+    page.press("#prompt", "Enter")
+    assert wait_state(page, "done", "error", "stopped") == "done", page.inner_text("#message")
+    want = httpx.post(f"{srv.url}/generate", json={"prompt": prompt, "suffix": suffix, **body}, headers=AUTH,
+                      timeout=60).json()
+    assert page.text_content("#text") == prompt + want["text"] + suffix
+    assert page.eval_on_selector_all("#text .fixed", "els => els.map(e => e.textContent)") == [prompt, suffix]
+    assert page.eval_on_selector_all("#canvas .cell", "els => els.length") == body["max_tokens"]
+    assert page.eval_on_selector_all("#canvas .cell", "els => els.every(e => / p 0?\\.\\d+|p 1\\.0+/.test(e.title))")
+    browser.grant_permissions(["clipboard-read", "clipboard-write"], origin=srv.url)
+    page.click("#copy")
+    assert page.evaluate("() => navigator.clipboard.readText()") == prompt + want["text"] + suffix
+    page.screenshot(path=str(ARTIFACTS / "playground-infill.png"), full_page=True)
+    page.close()
+
+    with ServerProcess(ROOT / "models" / "shakespeare-small-bd", "--dtype", "float32", log_dir=tmp_path) as bd:
+        page = open_page(browser, bd.url, [])
+        page.wait_for_timeout(300)  # a status poll has answered (the page waited for it): no infill offered
+        assert page.is_hidden("#infill-field")
+        page.evaluate("() => { document.getElementById('infill-field').hidden = false; }")
+        page.check("#infill")
+        page.fill("#prompt", "ROMEO:")
+        fill(page, max_tokens=8, steps=8, block_length=None)
+        page.press("#prompt", "Enter")
+        assert wait_state(page, "error", "done") == "error"
+        msg = page.inner_text("#message")
+        assert msg.startswith("400 Bad request: suffix:") and "bidirectional" in msg, msg
+        assert page.get_attribute("#suffix", "aria-invalid") == "true"
+        page.close()

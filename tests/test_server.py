@@ -233,7 +233,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "echo": True}, "echo", "not supported"),
     ("/v1/completions", {"prompt": []}, "prompt", "non-empty"),
     ("/v1/completions", {"prompt": "x", "n": 0}, "n", ""),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs", "less than or equal to 5"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of", "not supported"),
     ("/v1/completions", {"prompt": "x", "steps": 0}, "steps", ""),
     ("/v1/completions", {"prompt": "x", "max_tokens": 99}, "max_tokens", "<= 64"),

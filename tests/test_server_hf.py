@@ -80,9 +80,19 @@ def test_openai_chat_and_completions(family) -> None:
     done = oa.completions.create(model=model, prompt="To be, or", max_tokens=16, extra_body=EXTRA)
     assert done.choices[0].text == httpx.post(f"{srv.url}/generate", json={"prompt": "To be, or", "max_tokens": 16,
                                                                            **EXTRA}, timeout=60).json()["text"]
+    scored = oa.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=2,
+                                        extra_body=EXTRA)
+    content = scored.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == scored.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    streamed = list(oa.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, logprobs=True,
+                                               stream=True, extra_body=EXTRA))
+    last = [c for ch in streamed for c in ch.choices if c.finish_reason][-1]
+    assert [t.logprob for t in last.logprobs.content] == [t.logprob for t in content]  # whole, on the last chunk
     with pytest.raises(openai.BadRequestError) as e:
-        oa.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, logprobs=True)
-    assert "logprobs" in str(e.value)
+        oa.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model=model, messages=[], max_tokens=8)
     assert e.value.body["param"] == "messages"

@@ -65,11 +65,33 @@ function drawHistory() {
   historyList.hidden = !chatting() || history.length === 0;
 }
 
+// infill mode (bidirectional models): the canvas is a gap between the prompt and a suffix
+const infillBox = $("infill"), suffixBox = $("suffix");
+
+let infillOffered = false;  // as the status last said (the field changes only when that does)
+
+function infilling() { return !$("infill-field").hidden && infillBox.checked; }
+
+function drawInfill() {
+  const on = infilling();
+  $("suffix-field").hidden = !on;
+  $("max_tokens-label").textContent = on ? "Gap (tokens)" : "Max tokens";
+  if (on && chatBox.checked) { chatBox.checked = false; drawHistory(); }  // one mode at a time
+}
+
+function showText(text, body) {
+  // the result box: the generated text, and in infill mode the prompt and suffix around it (greyed)
+  if (body.suffix === undefined) { textBox.textContent = text; return; }
+  const part = (t, cls) => { const s = document.createElement("span"); s.textContent = t; s.className = cls; return s; };
+  textBox.replaceChildren(part(body.prompt, "fixed"), part(text, "gap"), part(body.suffix, "fixed"));
+}
+
 function readBody() {
   // -> [body, JSON text]; the seed goes as its digits (seeds reach 2^63, past a JS number's exact integers)
   const body = chatting()
     ? {messages: [...history, {role: "user", content: promptBox.value}], stream: true, cache: $("cache").value}
     : {prompt: promptBox.value, stream: true, cache: $("cache").value};
+  if (!chatting() && infilling()) body.suffix = suffixBox.value;
   for (const name of NUMBER_FIELDS) {
     const raw = $(name).value.trim();
     if (raw !== "" && name !== "seed") body[name] = Number(raw);
@@ -157,7 +179,8 @@ function onStep(ev) {
     const c = run.cells[t.position];
     if (!c || !c.classList.contains("mask")) continue;  // never re-mask or overwrite a committed cell
     c.textContent = visible(t.text);
-    c.title = `#${t.position}: ${JSON.stringify(t.text)} (id ${t.id})`;
+    const p = t.logprob == null ? "" : `, p ${Math.exp(t.logprob).toFixed(3)}`;  // its confidence when committed
+    c.title = `#${t.position}: ${JSON.stringify(t.text)} (id ${t.id}${p})`;
     c.className = "cell new";
     run.newCells.push(c);
     run.committed++;
@@ -168,7 +191,7 @@ function onStep(ev) {
   stat.step.textContent = `${run.step} / ${ev.steps}`;
   stat.masked.textContent = String(run.masked);
   stat.nfe.textContent = String(run.step);  // one forward pass per step (the page sends no guidance)
-  textBox.textContent = ev.text;
+  showText(ev.text, run.body);
 }
 
 function onDone(res, seed, body) {
@@ -177,8 +200,8 @@ function onDone(res, seed, body) {
     promptBox.value = "";
     drawHistory();
   }
-  finalText = res.text;
-  textBox.textContent = res.text;
+  finalText = body.suffix == null ? res.text : body.prompt + res.text + body.suffix;  // infill: the whole text
+  showText(res.text, body);
   textBox.classList.add("final");
   copyBtn.disabled = false;
   for (const c of run.cells) if (c.classList.contains("mask")) c.className = "cell cut";  // cut by a stop string
@@ -207,7 +230,7 @@ async function generate() {
   const [body, json] = readBody();
   const n = Math.max(0, Math.floor(body.max_tokens || 0));
   run = {controller: new AbortController(), cells: buildCanvas(n), newCells: [], committed: 0, masked: n,
-         step: 0, steps: null, started: performance.now(), live: true};
+         step: 0, steps: null, started: performance.now(), live: true, body};
   finalText = "";
   textBox.textContent = "";
   textBox.classList.remove("final");
@@ -316,6 +339,11 @@ async function poll() {
       $("chat-field").hidden = false;
       chatBox.checked = true;
     }
+    if (s.infill !== infillOffered) {  // a block-causal model cannot see a suffix: no infill mode
+      infillOffered = s.infill;
+      $("infill-field").hidden = !s.infill;
+      drawInfill();
+    }
     const max = s.context == null ? s.max_tokens_limit : Math.min(s.max_tokens_limit, s.context - 1);
     for (const name of ["max_tokens", "steps", "block_length"]) $(name).max = String(max);
   } catch {
@@ -339,6 +367,10 @@ promptBox.addEventListener("keydown", (e) => {
 document.addEventListener("keydown", (e) => { if (e.key === "Escape") stop(); });
 document.addEventListener("visibilitychange", () => { if (!document.hidden) pollSoon(0); });
 form.addEventListener("input", (e) => e.target.removeAttribute?.("aria-invalid"));
-chatBox.addEventListener("change", drawHistory);
+chatBox.addEventListener("change", () => {
+  if (chatBox.checked && infillBox.checked) { infillBox.checked = false; drawInfill(); }
+  drawHistory();
+});
+infillBox.addEventListener("change", drawInfill);
 $("chat-clear").addEventListener("click", () => { history = []; drawHistory(); promptBox.focus(); });
 poll();

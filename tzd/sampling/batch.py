@@ -25,7 +25,7 @@ from tzd.sampling.model_runner import ModelRunner
 from tzd.sampling.output import process
 from tzd.sampling.params import RequestPlan
 from tzd.sampling.prefix_pool import PrefixPool, block_hashes
-from tzd.sampling.rows import COLUMN, upload
+from tzd.sampling.rows import COLUMN, download, upload
 from tzd.sampling.sampler import sample
 from tzd.sampling.slot import Slot, SlotStep, SlotTable, eos_set
 from tzd.sampling.step_plan import StepPlan, plan_step
@@ -114,9 +114,12 @@ class DenoiseBatch:
 
     @torch.inference_mode()
     def add(self, prompt: list[int], plan: RequestPlan, handle: Any = None) -> int:
-        """Place a request in a free slot; its canvas is the prompt followed by max_tokens masks."""
+        """Place a request in a free slot; its row is the prompt followed by max_tokens masks (an infill's
+        canvas and suffix: plan.layout)."""
         if plan.total_len > self.context:
             raise ValueError(f"prompt + max_tokens = {plan.total_len} exceeds the context of {self.context}")
+        if plan.layout is not None and self.block is not None:
+            raise ValueError("suffix: a block-causal model cannot see text after its canvas (no infilling)")
         if self.shift and not prompt:
             raise ValueError("a model with shifted logits needs a prompt of at least one token")
         if self.block is not None and (plan.block_length != min(self.block, plan.max_tokens) or
@@ -132,8 +135,10 @@ class DenoiseBatch:
         self.kv.allocate(slot, plan.total_len if need else 0)  # MemoryError when too few pages are free
         row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
         row[:len(prompt)] = prompt
+        if plan.layout is not None:  # an infill: its canvas's fixed text, then the suffix
+            row[len(prompt):plan.total_len] = np.concatenate([plan.layout.canvas(self.mask_id), plan.layout.suffix])
         self.canvas[slot] = upload(row, self.device)
-        s = self.slots[slot] = Slot(handle, plan, masked=plan.max_tokens,
+        s = self.slots[slot] = Slot(handle, plan, masked=plan.masked,
                                     exact=self.block is not None and plan.params.cache != "none")
         if s.exact and self.pool is not None and plan.params.cfg_scale == 0:
             s.hashes = block_hashes(prompt, self.block)
@@ -193,8 +198,10 @@ class DenoiseBatch:
         if not active:
             return []
         plan = plan_step(self.table, active, self.shift, self.context, self.device)
-        committed = sample(self.runner.logits(plan), plan.values, self.canvas, self.mask_id)
-        events = process(plan, committed.cpu().numpy(), self.table, self._eos_host)  # the one device-to-host copy
+        c = sample(self.runner.logits(plan), plan.values, self.canvas, self.mask_id)
+        tokens, probs, top_ids, top_lps = download(c.tokens, c.probs, c.top_ids, c.top_logprobs)  # the one copy
+        top = (c.top_rows, top_ids, top_lps) if top_ids is not None else None
+        events = process(plan, tokens, self.table, self._eos_host, probs, top)
         self._after_step(plan, events)
         return events
 

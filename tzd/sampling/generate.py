@@ -10,7 +10,9 @@ import torch.nn as nn
 
 from tzd.models import model_config
 from tzd.sampling.batch import DenoiseBatch, SlotStep, eos_set
+from tzd.sampling.infill import Layout
 from tzd.sampling.params import SamplingParams, plan
+from tzd.sampling.scores import TokenScore, TokenScores
 
 
 @dataclass
@@ -25,6 +27,9 @@ class GenerationResult:
     # remaining blocks, so nfe + nfe_saved is the whole canvas's nfe for the fixed schedule and an upper
     # bound of it with threshold or entropy_bound (whose blocks may end before their budget); 0 otherwise
     nfe_saved: int = 0
+    logprobs: list[TokenScore] | None = None  # each token's log-probability (and alternatives) at its commit
+    gaps: list[list[int]] | None = None  # an infill's (layouts): each gap's tokens, EOS padding removed
+    gap_texts: list[str] | None = None  # with a tokenizer: their texts
 
 
 def finish(canvas: Sequence[int] | np.ndarray, finish_reason: str, eos_id: int | Sequence[int] | None, stop: Sequence[str],
@@ -48,29 +53,76 @@ def finish(canvas: Sequence[int] | np.ndarray, finish_reason: str, eos_id: int |
     return tokens, finish_reason, text
 
 
+@dataclass
+class Fill:
+    """A finished canvas read out: the tokens kept (an infill's gaps' in order), their canvas positions,
+    and each gap's tokens and text (an infill's: one entry per gap; a plain request's: None)."""
+
+    tokens: list[int]
+    positions: list[int]
+    finish_reason: str
+    text: str | None
+    gaps: list[list[int]] | None = None
+    gap_texts: list[str] | None = None
+
+
+def finish_canvas(canvas: np.ndarray, finish_reason: str, eos_id: int | Sequence[int] | None, stop: Sequence[str],
+                  decode: Callable[[list[int]], str] | None, layout: Layout | None = None,
+                  mask_id: int | None = None) -> Fill:
+    """`finish` for any request. An infill's gaps lose their EOS padding (and, when it ended early, their
+    masks: `mask_id`), then each is cut at its first stop string; its finish_reason is "stop" when a gap
+    held EOS or a stop string, else the given one. Its text is the gaps' texts joined."""
+    if layout is None:
+        tokens, reason, text = finish(canvas, finish_reason, eos_id, stop, decode)
+        return Fill(tokens, list(range(len(tokens))), reason, text)
+    canvas = np.asarray(canvas)
+    eos = np.array(eos_set(eos_id), dtype=np.int64)
+    fill = Fill([], [], finish_reason, None, [], [] if decode is not None else None)
+    for off, n in layout.gaps():
+        ids = canvas[off:off + n]
+        keep = ~np.isin(ids, eos) & (ids != (mask_id if mask_id is not None else -1))
+        tokens, reason, text = finish(ids[keep], "length", None, stop, decode)
+        if finish_reason != "timeout" and (reason == "stop" or np.isin(ids, eos).any()):
+            fill.finish_reason = "stop"
+        fill.tokens += tokens
+        fill.positions += (off + np.flatnonzero(keep)[:len(tokens)]).tolist()
+        fill.gaps.append(tokens)  # type: ignore[union-attr]
+        if fill.gap_texts is not None:
+            fill.gap_texts.append(text or "")
+    if fill.gap_texts is not None:
+        fill.text = "".join(fill.gap_texts)
+    return fill
+
+
 def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
              mask_id: int, on_step: Callable[[int, SlotStep], None] | None = None,
              eos_id: int | Sequence[int] | None = None,
              tokenizer=None, max_batch: int | None = None,
-             kv_cache_bytes: int | None = None) -> list[GenerationResult]:
+             kv_cache_bytes: int | None = None,
+             layouts: Sequence[Layout | None] | None = None) -> list[GenerationResult]:
     """Generate for every prompt; `on_step(i, event)` sees each step of prompt i.
 
     Prompts are admitted in order as slots and KV pages free up (at most `max_batch` at once, default
     all; `kv_cache_bytes` of KV pages, default enough for every slot). With a `tokenizer`, stop strings
     are applied and results carry text. With `eos_id`, results are cut at the first EOS, and a request
     with `early_exit` (the default) stops denoising once that EOS is in its committed left part.
+    `layouts[i]`: prompt i is an infill's (tzd.sampling.infill): its result's tokens are its gaps' fills.
     """
     plist = params if isinstance(params, list) else [params] * len(prompts)
     if len(plist) != len(prompts):
         raise ValueError(f"params: {len(plist)} given for {len(prompts)} prompts")
+    lays = list(layouts) if layouts is not None else [None] * len(prompts)
+    if len(lays) != len(prompts):
+        raise ValueError(f"layouts: {len(lays)} given for {len(prompts)} prompts")
     cfg = model_config(model)
-    plans = [plan(p, len(pr), cfg.block_size, cfg.denoise_block, cfg.block_align == "absolute")
-             for p, pr in zip(plist, prompts, strict=True)]
+    plans = [plan(p, len(pr), cfg.block_size, cfg.denoise_block, cfg.block_align == "absolute", lay)
+             for p, pr, lay in zip(plist, prompts, lays, strict=True)]
     batch = DenoiseBatch(model, mask_id, capacity=min(max_batch or len(prompts), len(prompts)) or 1,
                          eos_id=eos_id, kv_cache_bytes=kv_cache_bytes)
     results: list[GenerationResult | None] = [None] * len(prompts)
     waiting = list(range(len(prompts)))
     decode = tokenizer.decode if tokenizer is not None else None
+    scores = [TokenScores(p.max_tokens, p.params.top_logprobs) for p in plans]
     while waiting or len(batch):
         while waiting and batch.fits(plans[waiting[0]]):
             i = waiting.pop(0)
@@ -78,9 +130,11 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
         for ev in batch.step():
             if on_step is not None:
                 on_step(ev.handle, ev)
+            scores[ev.handle].add(ev)
             if ev.done:
-                tokens, reason, text = finish(ev.canvas, ev.finish_reason, eos_id, plans[ev.handle].params.stop,
-                                              decode)
-                results[ev.handle] = GenerationResult(tokens, ev.step + 1, ev.nfe, reason, plans[ev.handle].seed,
-                                                      text, ev.nfe_saved)
+                p = plans[ev.handle]
+                f = finish_canvas(ev.canvas, ev.finish_reason, eos_id, p.params.stop, decode, p.layout)
+                results[ev.handle] = GenerationResult(f.tokens, ev.step + 1, ev.nfe, f.finish_reason, p.seed, f.text,
+                                                      ev.nfe_saved, scores[ev.handle].at(f.positions), f.gaps,
+                                                      f.gap_texts)
     return results  # type: ignore[return-value]

@@ -15,8 +15,12 @@ from tzd.sampling.slot import EARLY_EXIT, MAX_TOKENS, SlotStep, SlotTable
 from tzd.sampling.step_plan import StepPlan
 
 
-def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np.ndarray) -> list[SlotStep]:
-    """Events of `step` in its row order; `committed` [rows, P] as sample() returned it, on the host."""
+def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np.ndarray,
+            probs: np.ndarray | None = None,
+            top: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[SlotStep]:
+    """Events of `step` in its row order; `committed` [rows, P] as sample() returned it, on the host, with
+    `probs` [rows, P] each token's probability and `top` (rows, ids, log-probs) the rows that asked for top
+    alternatives (sampler.Commits): each event carries its commits' share."""
     c, host, offsets, slots = COLUMN, step.values.table, step.values.host_offsets, step.slots
     slot_of = host[:, c["slot"]]
     ri, ci = np.nonzero(committed >= 0)  # row-major: each row's commits in ascending offsets
@@ -25,6 +29,16 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
     tokens = committed[ri, ci]
     table.open[slot_of[ri], off] = False
     table.gen[slot_of[ri], positions] = tokens
+    step_probs = probs[ri, ci] if probs is not None else np.ones(len(ri), dtype=np.float32)
+    top_ids = top_lps = None
+    if top is not None:  # the asking rows' alternatives, aligned with the commits (zeros for other rows)
+        rows, ids, lps = top
+        where = np.full(len(slots), -1)
+        where[rows] = np.arange(len(rows))
+        asked = where[ri] >= 0
+        top_ids = np.zeros((len(ri), ids.shape[-1]), dtype=np.int64)
+        top_lps = np.zeros((len(ri), ids.shape[-1]), dtype=np.float32)
+        top_ids[asked], top_lps[asked] = ids[where[ri[asked]], ci[asked]], lps[where[ri[asked]], ci[asked]]
     counts = np.bincount(ri, minlength=len(slots))
     ends = np.cumsum(counts)
     G = int(host[:, MAX_TOKENS].max())
@@ -48,12 +62,17 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
         s.nfe += 2 if host[i, c["cfg_scale"]] else 1
         s.block_step += 1
         if s.masked and s.block_done():
-            s.block, s.block_step = s.block + 1, 0
-            table.open[int(slot_of[i]), :s.block_bounds()[1]] = True
+            while s.block_done():  # the next block with masks (an infill's fixed text alone takes no step)
+                s.block, s.block_step = s.block + 1, 0
+            table.open_block(int(slot_of[i]))
         done = bool(eos[i]) or s.masked == 0
         a = int(ends[i]) - int(counts[i])
         ev = SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]], s.masked,
-                      canvas[i, :s.plan.max_tokens], s.nfe, done, ("stop" if eos[i] else "length") if done else None)
+                      canvas[i, :s.plan.max_tokens], s.nfe, done, ("stop" if eos[i] else "length") if done else None,
+                      probs=step_probs[a:ends[i]])
+        k = s.plan.params.top_logprobs
+        if k and top_ids is not None:
+            ev.top_ids, ev.top_logprobs = top_ids[a:ends[i], :k], top_lps[a:ends[i], :k]
         if eos[i] and s.masked:  # ended before its plan did
             ev.masked, ev.filled, ev.nfe_saved = 0, int(filled[i]), s.planned_forwards_left()
         events.append(ev)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from clients.protocol import SamplingParams
+import numpy as np
+
+from clients.protocol import DEFAULT_BLOCK_LENGTH, SamplingParams
+from tzd.sampling.infill import GAP, Layout
 
 __all__ = ["RequestPlan", "SamplingParams", "SamplingParamsError", "plan"]
 
@@ -31,6 +34,35 @@ class RequestPlan:
     num_blocks: int
     seed: int
     first_block: int = 0  # length of block 0 when it differs (absolute block alignment); 0 = block_length
+    layout: Layout | None = None  # an infill's canvas (fixed text between gaps) and suffix; None = all masks
+    # masked positions of each block at the start (a block's length, less an infill's fixed text), and
+    # each block's rank among the blocks that have any: steps are spread over those (plan())
+    block_open: tuple[int, ...] = ()
+    block_rank: tuple[int, ...] = ()
+
+    @property
+    def masked(self) -> int:
+        """Positions the sampler fills: max_tokens, or an infill's gaps."""
+        return sum(self.block_open)
+
+    @property
+    def suffix_len(self) -> int:
+        return len(self.layout.suffix) if self.layout is not None else 0
+
+    @property
+    def early_exit(self) -> bool:
+        """An EOS in the committed left part ends the request; never an infill's (its EOS is padding)."""
+        return self.params.early_exit and self.layout is None
+
+    @property
+    def active_blocks(self) -> int:
+        """Blocks with masked positions: the ones steps are spread over."""
+        return self.block_rank[-1] + (self.block_open[-1] > 0)
+
+    def masked_after(self, block: int) -> int:
+        """Masked positions, at the start, of the blocks after `block` (nothing right of the current block
+        is committed, so the block is done once no more than these are masked)."""
+        return sum(self.block_open[block + 1:])
 
     def block_start(self, block: int) -> int:
         """Offset (from the first generated token) where `block` starts."""
@@ -40,11 +72,18 @@ class RequestPlan:
 
     @property
     def total_len(self) -> int:
-        return self.prompt_len + self.max_tokens
+        """The row: prompt + canvas + suffix."""
+        return self.prompt_len + self.max_tokens + self.suffix_len
+
+
+def blocks_open(fill: np.ndarray, starts: list[int]) -> tuple[int, ...]:
+    """Masked positions of each block of the canvas `fill` (GAP where masked), blocks starting at `starts`."""
+    bounds = [*starts, len(fill)]
+    return tuple(int((fill[a:b] == GAP).sum()) for a, b in zip(bounds, bounds[1:], strict=False))
 
 
 def plan(params: SamplingParams, prompt_len: int, context: int, model_block: int | None = None,
-         absolute_blocks: bool = False) -> RequestPlan:
+         absolute_blocks: bool = False, layout: Layout | None = None) -> RequestPlan:
     """Resolve and check `params` for a prompt of `prompt_len` tokens on a model with `context` positions.
 
     `model_block`: the block size of a block-causal model; its blocks are the model's, so block_length
@@ -52,18 +91,35 @@ def plan(params: SamplingParams, prompt_len: int, context: int, model_block: int
     model's blocks start at multiples of model_block from position 0 (SDAR), so block 0 is the rest of the
     block the prompt ends in.
 
+    `layout`: an infill (tzd.sampling.infill): the canvas is its fill (max_tokens becomes its length),
+    followed by its suffix; steps default to its gaps' total. Block-causal models cannot see a suffix.
+
     Steps are spread over blocks: block b gets steps // num_blocks steps, the first steps % num_blocks
-    blocks one more (capped at the block's length). Where steps divides evenly this is LLaDA's rule.
+    blocks one more (capped at the block's length). Where steps divides evenly this is LLaDA's rule. An
+    infill's blocks that hold only fixed text take no step and do not count.
     """
     if prompt_len < 0:
         raise SamplingParamsError("prompt", "must be a list of token ids")
-    g = params.max_tokens
-    if prompt_len + g > context:
+    g = layout.canvas_len if layout is not None else params.max_tokens
+    suffix = len(layout.suffix) if layout is not None else 0
+    if layout is not None and model_block is not None:
+        raise SamplingParamsError("suffix", "this block-diffusion model attends causally across blocks, so it "
+                                            "cannot see text after the generated canvas; infilling needs a "
+                                            "bidirectional model")
+    if layout is not None and params.cfg_scale > 0:
+        raise SamplingParamsError("cfg_scale", "classifier-free guidance masks the prompt only; it is not "
+                                               "available with a suffix or an infill")
+    if layout is not None and not layout.masked:
+        raise SamplingParamsError("infill", "needs at least one gap of >= 1 positions")
+    if prompt_len + g + suffix > context:
+        field, what = ("suffix", f" + suffix ({suffix})") if suffix else ("max_tokens", "")
         raise SamplingParamsError(
-            "max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({g}) = {prompt_len + g} exceeds the "
-                          f"model's context of {context} tokens; max_tokens must be <= {max(context - prompt_len, 0)}")
-    steps = params.resolved_steps()
-    block = params.resolved_block_length()
+            field, f"prompt ({prompt_len} tokens) + max_tokens ({g}){what} = {prompt_len + g + suffix} exceeds "
+                   f"the model's context of {context} tokens; max_tokens must be <= "
+                   f"{max(context - prompt_len - suffix, 0)}")
+    masked = layout.masked if layout is not None else g
+    steps = params.steps if params.steps is not None else masked
+    block = params.block_length if params.block_length is not None else min(DEFAULT_BLOCK_LENGTH, g)
     if model_block is not None:
         if params.block_length is not None and params.block_length not in (model_block, min(model_block, g)):
             raise SamplingParamsError(
@@ -72,14 +128,20 @@ def plan(params: SamplingParams, prompt_len: int, context: int, model_block: int
         block = min(model_block, g)
     if block > g:
         raise SamplingParamsError("block_length", f"must be in [1, max_tokens={g}], got {block}")
-    if steps > g:
-        raise SamplingParamsError("steps", f"must be in [1, max_tokens={g}], got {steps}")
+    if steps > masked:
+        what = f"the gaps' {masked} positions" if layout is not None else f"max_tokens={g}"
+        raise SamplingParamsError("steps", f"must be in [1, {what}], got {steps}")
     first = 0
     if model_block is not None and absolute_blocks and prompt_len % model_block:
         first = min(model_block - prompt_len % model_block, g)
     num_blocks = 1 + math.ceil((g - first) / block) if first else math.ceil(g / block)
-    if steps < num_blocks:
-        raise SamplingParamsError("steps", f"must be >= the number of blocks (ceil({g}/{block}) = {num_blocks}), "
-                                           f"got {steps}")
+    p = RequestPlan(params, prompt_len, g, steps, block, num_blocks, 0, first, layout)
+    fill = np.array(layout.fill) if layout is not None else np.full(g, GAP)
+    open_ = blocks_open(fill, [p.block_start(b) for b in range(num_blocks)])
+    rank = tuple(np.cumsum([0, *(n > 0 for n in open_[:-1])]).tolist())
+    active = sum(n > 0 for n in open_)
+    if steps < active:
+        raise SamplingParamsError("steps", f"must be >= the number of blocks with masked positions "
+                                           f"({active}, blocks of {block}), got {steps}")
     seed = params.seed if params.seed is not None else secrets.randbelow(2**62)
-    return RequestPlan(params, prompt_len, g, steps, block, num_blocks, seed, first)
+    return replace(p, seed=seed, block_open=open_, block_rank=rank)

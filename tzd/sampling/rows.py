@@ -28,6 +28,24 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
+def download(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
+    """Device tensors on the host in one copy (one sync): flattened into one int64 vector (float32 as its
+    bits), split and reshaped back on the host. None stays None."""
+    given = [t for t in tensors if t is not None]
+    flat = torch.cat([(t.view(torch.int32) if t.dtype == torch.float32 else t).reshape(-1).long() for t in given])
+    host = flat.cpu().numpy()
+    out: list[np.ndarray | None] = []
+    at = 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        part = host[at:at + t.numel()].reshape(t.shape)
+        at += t.numel()
+        out.append(part.astype(np.int32).view(np.float32) if t.dtype == torch.float32 else part)
+    return out
+
+
 def float_bits(value: float) -> int:
     """A float as the int64 of its float64 bits (how the table carries floats)."""
     return int(np.float64(value).view(np.int64))

@@ -104,13 +104,21 @@ def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 
 def confidence(logits: torch.Tensor, tokens: torch.Tensor, random_remask: torch.Tensor, seed: torch.Tensor,
-               step: torch.Tensor, positions: torch.Tensor, any_random: bool) -> torch.Tensor:
-    """Un-tempered softmax probability of the chosen token; uniform noise for `random` remasking rows."""
-    conf = logits.float().softmax(dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+               step: torch.Tensor, positions: torch.Tensor, any_random: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, probability): the un-tempered softmax probability of the chosen token, and the
+    confidence the commit rule ranks by: that probability, or uniform noise for `random` remasking rows."""
+    prob = logits.float().softmax(dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    conf = prob
     if any_random:
         u = rng.uniform(rng.keys(seed, step, positions, rng.STREAM_REMASK)).float()
-        conf = torch.where(random_remask[:, None], u, conf)
-    return conf
+        conf = torch.where(random_remask[:, None], u, prob)
+    return conf, prob
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, log-probabilities) [B,P,k] of the k most likely tokens of each position, most likely first
+    (un-tempered log-softmax: the distribution `confidence` reads)."""
+    return tuple(reversed(logits.float().log_softmax(dim=-1).topk(k, dim=-1)))  # type: ignore[return-value]
 
 
 def _halving_sum(x: torch.Tensor) -> torch.Tensor:

@@ -2,21 +2,39 @@
 
 Per row: a token for every open position (argmax, or a seeded Gumbel-max draw after top-k/top-p), its
 confidence (or seeded random remasking), then the positions the schedule (or a threshold, or an entropy
-bound) commits. The committed tokens go into the device canvas; the result stays on the device until the
-output processor copies it to the host: the step's one sync.
+bound) commits. The committed tokens go into the device canvas; the result (with each token's probability,
+and the top alternatives for the rows that asked) stays on the device until the output processor copies
+it to the host in one copy: the step's one sync.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from tzd.sampling import rules
-from tzd.sampling.rows import COLUMN, RowValues, float_bits
+from tzd.sampling.rows import COLUMN, RowValues, float_bits, upload
+from tzd.sampling.slot import TOP_LOGPROBS
 
 
-def sample(logits: torch.Tensor, rv: RowValues, canvas: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Commit this step's tokens into `canvas`; returns [rows, P] the committed id per open offset, -1 where
-    none (padding offsets included)."""
+@dataclass
+class Commits:
+    """One step's commits, on the device until the output processor copies them (rows.download)."""
+
+    tokens: torch.Tensor  # [rows, P] the committed id per open offset, -1 where none (padding included)
+    probs: torch.Tensor  # [rows, P] float32: each chosen token's probability (its confidence at commit)
+    # the rows that asked for top log-probabilities (SamplingParams.top_logprobs), their row indices on the
+    # host, and the top-k (k the largest asked) ids and log-probabilities [len(top_rows), P, k] at each offset
+    top_rows: np.ndarray
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+def sample(logits: torch.Tensor, rv: RowValues, canvas: torch.Tensor, mask_id: int) -> Commits:
+    """Commit this step's tokens into `canvas`; returns what was committed, with each token's probability
+    and (for the rows that asked) the top alternatives, for every open offset."""
     table = rv.table
     # the open offsets are exactly the block's masked positions; padding columns read and write the
     # canvas's scratch column (no boolean indexing, a device sync, and no duplicates in the canvas)
@@ -28,10 +46,15 @@ def sample(logits: torch.Tensor, rv: RowValues, canvas: torch.Tensor, mask_id: i
     any_threshold = bool(table[:, c["threshold"]].any())
     tokens = rules.choose_tokens(logits, rv.temperature, rv.top_k, rv.top_p, rv.seed, rv.steps_done, pos,
                                  sampling, filtering)
-    conf = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, pos, any_random)
+    conf, prob = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, pos, any_random)
     # entropy-bounded rows: each open position's predictive entropy (one more pass over [rows, P, V])
     entropy = rules.entropy(logits) if table[:, c["entropy_bound"]].any() else None
     select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold, rv.commits,
                                      entropy, rv.entropy_bound)
     canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, mask_id))
-    return torch.where(select, tokens, -1)
+    out = Commits(torch.where(select, tokens, -1), prob, np.flatnonzero(table[:, TOP_LOGPROBS]))
+    if len(out.top_rows):  # only the rows that asked: the host table says which, no device value is read
+        k = int(table[out.top_rows, TOP_LOGPROBS].max())
+        rows = upload(out.top_rows.astype(np.int64), logits.device)
+        out.top_ids, out.top_logprobs = rules.top_logprobs(logits[rows], k)
+    return out

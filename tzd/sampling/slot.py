@@ -18,7 +18,8 @@ from tzd.sampling.params import RequestPlan
 from tzd.sampling.rows import FIELDS, float_bits
 
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
-LENGTH, MAX_TOKENS, EARLY_EXIT = len(FIELDS), len(FIELDS) + 1, len(FIELDS) + 2  # host-only columns of Slot.row
+# host-only columns of Slot.row
+LENGTH, MAX_TOKENS, EARLY_EXIT, TOP_LOGPROBS = len(FIELDS), len(FIELDS) + 1, len(FIELDS) + 2, len(FIELDS) + 3
 
 
 def eos_set(eos: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -51,6 +52,10 @@ class SlotStep:
     # threshold or entropy_bound)
     filled: int = 0
     nfe_saved: int = 0
+    probs: np.ndarray | None = None  # [k] float32: each committed token's probability (its confidence)
+    # for a request that asked (SamplingParams.top_logprobs): the top alternatives at each committed position
+    top_ids: np.ndarray | None = None  # [k, top_logprobs] int64, most likely first
+    top_logprobs: np.ndarray | None = None  # [k, top_logprobs] float32
 
     @property
     def committed(self) -> np.ndarray:
@@ -84,7 +89,7 @@ class Slot:
 
     def row(self, slot: int, shift: int) -> tuple[int, ...]:
         """This request's values for one step in rows.FIELDS order (floats as their float64 bits), then
-        three host-only columns: the current block's length, max_tokens and early_exit."""
+        four host-only columns: the current block's length, max_tokens, early_exit and top_logprobs."""
         start, length = self.block_bounds()
         first, cols, keys = self.window(shift)
         if self._fixed is None:  # the plan never changes: its part of the row is computed once
@@ -94,16 +99,15 @@ class Slot:
                            float_bits(sp.cfg_scale), float_bits(sp.entropy_bound or 0.0))
         return (slot, start, first, keys, cols, self.steps_done, max(self.block_budget() - self.block_step, 1),
                 0, *self._fixed, length, self.plan.max_tokens,
-                int(self.plan.params.early_exit))  # 0: `commits`, set by _row_values
+                int(self.plan.early_exit), self.plan.params.top_logprobs)  # 0: `commits`, set by _row_values
 
     def block_budget(self, block: int | None = None) -> int:
         """Steps for the current block (or `block`): steps // blocks, the first steps % blocks one more, <= its
-        length."""
+        masked positions (blocks of an infill's fixed text alone: none, and they do not count)."""
         p = self.plan
         b = self.block if block is None else block
-        base, extra = divmod(p.steps, p.num_blocks)
-        length = p.first_block if b == 0 and p.first_block else p.block_length
-        return min(base + (1 if b < extra else 0), length, p.max_tokens - p.block_start(b))
+        base, extra = divmod(p.steps, p.active_blocks)
+        return min(base + (1 if p.block_rank[b] < extra else 0), p.block_open[b])
 
     def planned_forwards_left(self) -> int:
         """Forwards the plan still has for this request: the current block's budget left and every later
@@ -130,9 +134,7 @@ class Slot:
 
     def block_done(self) -> bool:
         """Every position of the current block is committed (and so is every earlier block)."""
-        start, length = self.block_bounds()
-        committed_before = start - self.plan.prompt_len
-        return self.plan.max_tokens - self.masked >= committed_before + length
+        return self.masked <= self.plan.masked_after(self.block)
 
     def needs_full_forward(self) -> bool:
         if self.cache_mode == 0 or self.plan.params.cfg_scale > 0:
@@ -159,9 +161,18 @@ class SlotTable:
         return self.slots.index(None)
 
     def start(self, row: int) -> None:
-        """A slot's first step: a masked canvas, its first block all open."""
+        """A slot's first step: a masked canvas (an infill's fixed text in place), its first block open."""
         s = self.slots[row]
         s.fresh = False
         self.gen[row] = self.mask_id
+        if s.plan.layout is not None:
+            self.gen[row, :s.plan.max_tokens] = s.plan.layout.canvas(self.mask_id)
+        self.open_block(row)
+
+    def open_block(self, row: int) -> None:
+        """The slot's current block becomes open: its positions still masked (an infill's fixed text is not)."""
+        s = self.slots[row]
+        start, length = s.block_bounds()
+        off = start - s.plan.prompt_len
         self.open[row] = False
-        self.open[row, :s.block_bounds()[1]] = True
+        self.open[row, :length] = self.gen[row, off:off + length] == self.mask_id
