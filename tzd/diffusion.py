@@ -66,18 +66,25 @@ class BlockNoise:
 
 
 def block_forward_process(ids: torch.Tensor, mask_id: int, block: int, eps: float = EPS,
-                          generator: torch.Generator | None = None) -> BlockNoise:
+                          generator: torch.Generator | None = None, prompt_len: torch.Tensor | None = None,
+                          align: str = "prompt") -> BlockNoise:
     """Per sequence a prompt length P ~ U{0..T-1} (the block layout) and per block t ~ U(0,1); each token
     is masked with its block's p = (1-eps)*t + eps. The draws have shapes independent of P, so a seed
-    always gives the same noise."""
+    always gives the same noise. Given `prompt_len` (task rows: a real prompt), the blocks are laid out
+    from it (`align` as the model's) and only what follows it is masked."""
     B, T = ids.shape
     dev = _draw_device(ids, generator)
-    prompt_len = torch.randint(0, T, (B,), device=dev, generator=generator).to(ids.device)
-    blocks = block_ids(T, prompt_len, block)
+    if prompt_len is None:
+        prompt_len = torch.randint(0, T, (B,), device=dev, generator=generator).to(ids.device)
+        response = torch.ones(B, T, dtype=torch.bool, device=ids.device)
+    else:
+        prompt_len = prompt_len.to(ids.device)
+        response = torch.arange(T, device=ids.device)[None] >= prompt_len[:, None]
+    blocks = block_ids(T, prompt_len, block, align=align)
     # at most ceil(P/block) + ceil((T-P)/block) <= T // block + 2 blocks per row
     t = torch.rand(B, T // block + 2, device=dev, generator=generator).to(ids.device)
     p = ((1 - eps) * t + eps).gather(1, blocks)
-    masked = torch.rand(B, T, device=dev, generator=generator).to(ids.device) < p
+    masked = (torch.rand(B, T, device=dev, generator=generator).to(ids.device) < p) & response
     return BlockNoise(torch.where(masked, torch.full_like(ids, mask_id), ids), masked, p, blocks)
 
 
@@ -118,20 +125,12 @@ def sft_loss(model: nn.Module, ids: torch.Tensor, prompt_len: torch.Tensor, mask
 
 
 def block_sft_loss(model: nn.Module, ids: torch.Tensor, prompt_len: torch.Tensor, mask_id: int, block: int,
-                   align: str = "prompt", eps: float = EPS, generator: torch.Generator | None = None) -> torch.Tensor:
+                   align: str = "prompt", generator: torch.Generator | None = None) -> torch.Tensor:
     """sft_loss for a block-causal model: the blocks laid out from the real prompt as the sampler lays them,
     one t per block (BD3-LM), only response positions masked, every block against the clean blocks before
     it in one two-stream forward."""
-    B, T = ids.shape
-    dev = _draw_device(ids, generator)
-    prompt_len = prompt_len.to(ids.device)
-    blocks = block_ids(T, prompt_len, block, align=align)
-    t = torch.rand(B, T // block + 2, device=dev, generator=generator).to(ids.device)
-    p = ((1 - eps) * t + eps).gather(1, blocks)
-    response = torch.arange(T, device=ids.device)[None] >= prompt_len[:, None]
-    masked = (torch.rand(B, T, device=dev, generator=generator).to(ids.device) < p) & response
-    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    return response_nelbo(two_stream_logits(model, ids, noisy, blocks), ids, masked, p, prompt_len)
+    d = block_forward_process(ids, mask_id, block, generator=generator, prompt_len=prompt_len, align=align)
+    return response_nelbo(two_stream_logits(model, ids, d.noisy, d.blocks), ids, d.masked, d.p, prompt_len)
 
 
 def response_nelbo(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, p: torch.Tensor,
