@@ -296,16 +296,3 @@ def test_batch_capacity_and_cancel(ckpt: Loaded) -> None:
     assert [e.handle for e in events] == [handles[1]]
 
 
-@pytest.mark.parametrize("shape", [(16, 32, 4096), (3, 5, 128), (2, 7, 96), (1, 1, 64)])
-def test_grouped_argmax_is_torch_argmax(shape: tuple[int, ...]) -> None:
-    """The CPU argmax of the commit rule gives torch's indices, ties (the first maximum) and -inf rows too."""
-    from tzd.sampling.rules import argmax
-
-    g = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        ties = torch.randint(-3, 3, shape, generator=g).float()  # many equal maxima per row
-        assert torch.equal(argmax(ties), ties.argmax(dim=-1))
-        x = torch.randn(shape, generator=g)
-        x[..., 0] = float("-inf")
-        x[0, 0] = float("-inf")  # a row of -inf only: index 0, as torch
-        assert torch.equal(argmax(x), x.argmax(dim=-1))

@@ -32,6 +32,8 @@ def download(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
     """Device tensors on the host in one copy (one sync): flattened into one int64 vector (float32 as its
     bits), split and reshaped back on the host. None stays None."""
     given = [t for t in tensors if t is not None]
+    if all(t.device.type == "cpu" for t in given):  # already on the host: numpy views, no copy
+        return [t.numpy() if t is not None else None for t in tensors]
     flat = torch.cat([(t.view(torch.int32) if t.dtype == torch.float32 else t).reshape(-1).long() for t in given])
     host = flat.cpu().numpy()
     out: list[np.ndarray | None] = []
@@ -82,6 +84,11 @@ class RowValues:
               device: torch.device) -> RowValues:
         """`table` [rows, >= len(FIELDS)] int64 in FIELDS order (floats as float64 bits; columns past
         FIELDS are the host's own); `offsets` and `positions` the [rows, P] int64 matrices."""
+        if device.type == "cpu":  # the host arrays are the values: each field's tensor is made where read
+            self = cls()
+            self.table, self.host_offsets = table, offsets
+            self.offsets, self.positions = torch.from_numpy(offsets), torch.from_numpy(positions)
+            return self
         n, F, P = table.shape[0], len(FIELDS), offsets.shape[1]
         host = np.empty((F + 2 * P, n), dtype=np.int64)  # a field per row: contiguous slices
         host[:F] = table[:, :F].T
@@ -100,11 +107,25 @@ class RowValues:
         self.table, self.host_offsets = table, offsets
         return self
 
+    def __getattr__(self, name: str) -> torch.Tensor:
+        """A field not made yet (CPU: build leaves them to the first read, most steps read a few)."""
+        col = COLUMN.get(name)
+        if col is None or "table" not in self.__dict__:
+            raise AttributeError(name)
+        t = torch.from_numpy(np.ascontiguousarray(self.table[:, col]))
+        if name in BOOL_FIELDS:
+            t = t.bool()
+        elif name in FLOAT_FIELDS:
+            t = t.view(torch.float64).float()
+        setattr(self, name, t)
+        return t
+
     def rows(self, start: int, stop: int) -> RowValues:
         """The values of rows [start, stop) (this object itself when that is all of them)."""
-        if start == 0 and stop == len(self.slot):
+        if start == 0 and stop == len(self.table):
             return self
         part = RowValues()
-        for name in (*FIELDS, "offsets", "positions", "table", "host_offsets"):
+        made = [n for n in FIELDS if n in self.__dict__]  # on CPU the others stay to be made from the table
+        for name in (*made, "offsets", "positions", "table", "host_offsets"):
             setattr(part, name, getattr(self, name)[start:stop])
         return part

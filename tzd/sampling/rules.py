@@ -61,30 +61,13 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, key: torch.Te
     return best_idx
 
 
-# Vocabulary entries per group of the CPU argmax: torch's CPU argmax does not vectorise, its max does.
-ARGMAX_GROUP = 64
-
-
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(dim=-1), the same indices (the first maximum on ties), in a few vectorised passes on
-    CPU: the max of each group of ARGMAX_GROUP entries, the first group holding the row's max, the first
-    index of it in that group (measured 2.5 ms -> 0.7 ms at [16, 32, 4096] on one core). A NaN row gives
-    0 where argmax gives the NaN's index: its logits mean nothing either way."""
-    V = logits.shape[-1]
-    if logits.device.type != "cpu":
+    """logits.argmax(dim=-1), the same indices (the first maximum on ties, a NaN's index where a row has
+    one). On CPU through numpy's argmax, which vectorises where torch's CPU argmax runs a scalar loop
+    (bench.engine's host-overhead figures show the difference)."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
         return logits.argmax(dim=-1)
-    if V % ARGMAX_GROUP or V < 32 * ARGMAX_GROUP:  # small V: one op is cheaper
-        # max's indices are argmax's (the first maximum on ties too), 2.3x faster on CPU ([16, 32, 256]:
-        # 93 against 212 us, one core; torch 2.13)
-        return logits.max(dim=-1).indices
-    lead = logits.shape[:-1]
-    groups = logits.reshape(-1, V // ARGMAX_GROUP, ARGMAX_GROUP)
-    group_max = groups.amax(dim=-1)
-    row_max = group_max.amax(dim=-1, keepdim=True)
-    g = (group_max == row_max).byte().argmax(dim=-1)  # argmax over few bytes: the first group with the max
-    inside = groups[torch.arange(groups.shape[0], device=logits.device), g]
-    k = (inside == row_max).byte().argmax(dim=-1)
-    return (g * ARGMAX_GROUP + k).view(lead)
+    return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))
 
 
 def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -103,11 +86,16 @@ def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.where((temperature > 0)[:, None], sampled, greedy)
 
 
+def token_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B,P] float32: the un-tempered softmax probability of each chosen token."""
+    return logits.float().softmax(dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
 def confidence(logits: torch.Tensor, tokens: torch.Tensor, random_remask: torch.Tensor, seed: torch.Tensor,
                step: torch.Tensor, positions: torch.Tensor, any_random: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence, probability): the un-tempered softmax probability of the chosen token, and the
     confidence the commit rule ranks by: that probability, or uniform noise for `random` remasking rows."""
-    prob = logits.float().softmax(dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    prob = token_probability(logits, tokens)
     conf = prob
     if any_random:
         u = rng.uniform(rng.keys(seed, step, positions, rng.STREAM_REMASK)).float()
@@ -198,3 +186,34 @@ def select_commits(conf: torch.Tensor, is_mask: torch.Tensor, steps_left: torch.
         count = torch.minimum(torch.where(entropy_bound > 0, torch.maximum(count, within), count), remaining)
     rank = order.argsort(dim=1)  # the inverse permutation: each position's place in the order
     return (rank < count[:, None]) & is_mask, count
+
+
+def _prefix_sums_host(x: np.ndarray) -> np.ndarray:
+    """_prefix_sums on a host array: the same additions in the same order, so the same float32 sums."""
+    shift = 1
+    while shift < x.shape[1]:
+        x = np.concatenate([x[:, :shift], x[:, shift:] + x[:, :-shift]], axis=1)
+        shift *= 2
+    return x
+
+
+def select_commits_host(conf: np.ndarray, is_mask: np.ndarray, count: np.ndarray, threshold: np.ndarray | None,
+                        entropy: np.ndarray | None = None, entropy_bound: np.ndarray | None = None) -> np.ndarray:
+    """select_commits on host arrays, for the CPU step: the same choice (tests/test_commit_host.py holds
+    them equal) in a few numpy calls instead of a dozen torch ops, each of which costs more to dispatch on
+    a [rows, P] matrix than it computes. `count` the schedule's counts (schedule_count); `threshold` float32
+    [rows] (0 = none) or None where no row has one; `entropy_bound` float32 [rows] (0 = none) with `entropy`."""
+    conf = np.where(is_mask, conf, np.float32(-np.inf))
+    remaining = is_mask.sum(axis=1) if threshold is not None or entropy is not None else None
+    if threshold is not None:
+        above = ((conf >= threshold[:, None]) & is_mask).sum(axis=1)
+        count = np.minimum(np.where(threshold > 0, np.maximum(count, above), count), remaining)
+    order = np.argsort(-conf, axis=1, kind="stable")  # descending, ties by position (torch's stable sort)
+    if entropy is not None:
+        ranked = np.take_along_axis(np.where(is_mask, entropy, np.float32(np.inf)), order, axis=1)
+        within = (_prefix_sums_host(ranked) <= entropy_bound[:, None]).sum(axis=1)
+        count = np.minimum(np.where(entropy_bound > 0, np.maximum(count, within), count), remaining)
+    taken = np.arange(order.shape[1])[None, :] < count[:, None]  # in confidence order: the first `count`
+    select = np.empty_like(taken)
+    select[np.arange(len(order))[:, None], order] = taken  # back to positions
+    return select & is_mask

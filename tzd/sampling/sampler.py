@@ -38,23 +38,48 @@ def sample(logits: torch.Tensor, rv: RowValues, canvas: torch.Tensor, mask_id: i
     table = rv.table
     # the open offsets are exactly the block's masked positions; padding columns read and write the
     # canvas's scratch column (no boolean indexing, a device sync, and no duplicates in the canvas)
-    in_block, pos = rv.offsets >= 0, rv.positions
     c = COLUMN  # flags from the host table: positive float64 bits order as the floats do
     sampling = bool(table[:, c["temperature"]].any())
-    filtering = bool(table[:, c["top_k"]].any() or (table[:, c["top_p"]] < float_bits(1.0)).any())
     any_random = bool(table[:, c["random_remask"]].any())
-    any_threshold = bool(table[:, c["threshold"]].any())
-    tokens = rules.choose_tokens(logits, rv.temperature, rv.top_k, rv.top_p, rv.seed, rv.steps_done, pos,
-                                 sampling, filtering)
-    conf, prob = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, pos, any_random)
+    # a field is read only where a flag says some row needs it (on CPU each is made on its first read)
+    if sampling:
+        filtering = bool(table[:, c["top_k"]].any() or (table[:, c["top_p"]] < float_bits(1.0)).any())
+        tokens = rules.choose_tokens(logits, rv.temperature, rv.top_k, rv.top_p, rv.seed, rv.steps_done,
+                                     rv.positions, sampling, filtering)
+    else:
+        tokens = rules.argmax(logits)
+    if any_random:
+        conf, prob = rules.confidence(logits, tokens, rv.random_remask, rv.seed, rv.steps_done, rv.positions, True)
+    else:
+        conf = prob = rules.token_probability(logits, tokens)
     # entropy-bounded rows: each open position's predictive entropy (one more pass over [rows, P, V])
     entropy = rules.entropy(logits) if table[:, c["entropy_bound"]].any() else None
-    select, _ = rules.select_commits(conf, in_block, rv.steps_left, rv.threshold, any_threshold, rv.commits,
-                                     entropy, rv.entropy_bound)
-    canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, mask_id))
-    out = Commits(torch.where(select, tokens, -1), prob, np.flatnonzero(table[:, TOP_LOGPROBS]))
+    if logits.device.type == "cpu":  # the host's own arrays: the choice and the commit in numpy
+        committed = _commit_host(conf.numpy(), tokens.numpy(), entropy, rv, canvas, mask_id)
+    else:
+        pos = rv.positions
+        select, _ = rules.select_commits(conf, rv.offsets >= 0, rv.steps_left, rv.threshold,
+                                         bool(table[:, c["threshold"]].any()), rv.commits, entropy, rv.entropy_bound)
+        canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, mask_id))
+        committed = torch.where(select, tokens, -1)
+    out = Commits(committed, prob, np.flatnonzero(table[:, TOP_LOGPROBS]))
     if len(out.top_rows):  # only the rows that asked: the host table says which, no device value is read
         k = int(table[out.top_rows, TOP_LOGPROBS].max())
         rows = upload(out.top_rows.astype(np.int64), logits.device)
         out.top_ids, out.top_logprobs = rules.top_logprobs(logits[rows], k)
     return out
+
+
+def _commit_host(conf: np.ndarray, tokens: np.ndarray, entropy: torch.Tensor | None, rv: RowValues,
+                 canvas: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The CPU step's commit: select_commits_host on the host table's values, the committed tokens written
+    into the canvas (a CPU tensor: its numpy view); returns the committed id per open offset, -1 elsewhere."""
+    table, c = rv.table, COLUMN
+    is_mask = rv.host_offsets >= 0
+    threshold = table[:, c["threshold"]]
+    threshold = threshold.view(np.float64).astype(np.float32) if threshold.any() else None
+    bound = table[:, c["entropy_bound"]].view(np.float64).astype(np.float32) if entropy is not None else None
+    select = rules.select_commits_host(conf, is_mask, table[:, c["commits"]], threshold,
+                                       entropy.numpy() if entropy is not None else None, bound)
+    canvas.numpy()[table[:, c["slot"], None], rv.positions.numpy()] = np.where(select, tokens, mask_id)
+    return torch.from_numpy(np.where(select, tokens, -1))

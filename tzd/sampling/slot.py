@@ -79,6 +79,8 @@ class Slot:
     pooled: int = 0  # leading prompt blocks already in the pool (found there, or put there by this request)
     waits_for: bytes | None = None  # a block another request is computing now: this one starts after it
     _fixed: tuple[int, ...] | None = field(default=None, repr=False)  # the plan's part of `row`
+    _tail: tuple[int, ...] = field(default=(), repr=False)  # its host-only columns
+    _block_row: tuple | None = field(default=None, repr=False)  # the block's part of `row`, keyed by its block
 
     def block_bounds(self) -> tuple[int, int]:
         """(start, length) of the current block in canvas coordinates."""
@@ -90,16 +92,22 @@ class Slot:
     def row(self, slot: int, shift: int) -> tuple[int, ...]:
         """This request's values for one step in rows.FIELDS order (floats as their float64 bits), then
         four host-only columns: the current block's length, max_tokens, early_exit and top_logprobs."""
-        start, length = self.block_bounds()
-        first, cols, keys = self.window(shift)
+        key = (self.block, self.kv_valid)
+        if self._block_row is None or self._block_row[0] != key:  # changes only with the block or the cache
+            start, length = self.block_bounds()
+            first, cols, keys = self.window(shift)
+            self._block_row = (key, (slot, start, first, keys, cols), self.block_budget(), length)
         if self._fixed is None:  # the plan never changes: its part of the row is computed once
             p, sp = self.plan, self.plan.params
-            self._fixed = (p.total_len, p.prompt_len, p.seed, sp.top_k, int(sp.remasking == "random"),
+            self._fixed = (0, p.total_len, p.prompt_len, p.seed, sp.top_k, int(sp.remasking == "random"),
                            float_bits(sp.temperature), float_bits(sp.top_p), float_bits(sp.threshold or 0.0),
                            float_bits(sp.cfg_scale), float_bits(sp.entropy_bound or 0.0))
-        return (slot, start, first, keys, cols, self.steps_done, max(self.block_budget() - self.block_step, 1),
-                0, *self._fixed, length, self.plan.max_tokens,
-                int(self.plan.early_exit), self.plan.params.top_logprobs)  # 0: `commits`, set by _row_values
+            self._tail = (p.max_tokens, int(p.early_exit), sp.top_logprobs)
+        _, head, budget, length = self._block_row
+        if head[0] != slot:
+            head = (slot, *head[1:])
+        # the 0 leading _fixed is `commits`, set by plan_step
+        return (*head, self.steps_done, max(budget - self.block_step, 1), *self._fixed, length, *self._tail)
 
     def block_budget(self, block: int | None = None) -> int:
         """Steps for the current block (or `block`): steps // blocks, the first steps % blocks one more, <= its
