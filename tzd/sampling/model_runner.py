@@ -52,17 +52,19 @@ class ModelRunner:
 
     def full_logits(self, rv: RowValues, slots: list[Slot]) -> torch.Tensor:
         """Whole-canvas forward for these rows; logits at the open positions of each row's block [n, P, V]."""
-        if len({s.plan.total_len for s in slots}) > 1:
+        lengths = rv.table[:, COLUMN["total_len"]]
+        if lengths.min() != lengths.max():
             return self.packed_logits(rv, slots)
         return self.padded_logits(rv, slots)
 
     def padded_logits(self, rv: RowValues, slots: list[Slot]) -> torch.Tensor:
         """full_logits with the rows padded to the longest (keys past a row's length masked)."""
-        L = max(s.plan.total_len for s in slots)
+        lengths = rv.table[:, COLUMN["total_len"]]
+        L = int(lengths.max())
         ids = self.canvas[rv.slot, :L]
         seqlens = rv.total_len
         pos = rv.start[:, None] + rv.offsets.clamp(min=0)  # padding columns read the block's first position
-        cfg_rows = [i for i, s in enumerate(slots) if s.plan.params.cfg_scale > 0]
+        cfg_rows = np.flatnonzero(rv.table[:, COLUMN["cfg_scale"]].view(np.float64) > 0).tolist()
         if cfg_rows:  # unconditional copies with the prompt masked, in the same forward
             ci = upload(np.array(cfg_rows, dtype=np.int64), self.device)
             in_prompt = torch.arange(L, device=self.device)[None, :] < rv.prompt_len[ci][:, None]
@@ -73,7 +75,7 @@ class ModelRunner:
         if self.block is not None:  # block-causal: every row's own layout (its prompt is its leading span)
             prompt_len = rv.prompt_len if not cfg_rows else torch.cat([rv.prompt_len, rv.prompt_len[ci]])
             blocks = block_ids(L, prompt_len, self.block, align=self.align)
-        if all(s.plan.total_len == L for s in slots):
+        if lengths.min() == L:
             seqlens = None  # no padding: attention takes its unmasked fast path
         record = any(s.cache_mode and not s.exact for s in slots)
         cache = RecordView(self.kv, rv.slot, seqlens, L) if record else None

@@ -47,7 +47,7 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
     if len(eos_ids):  # early exit: an EOS inside the fully committed left part ends the request
         is_mask = canvas == table.mask_id
         first_mask = np.where(is_mask.any(axis=1), is_mask.argmax(axis=1), G)
-        at_eos = np.isin(canvas, eos_ids) & (np.arange(G) < first_mask[:, None])
+        at_eos = (canvas[..., None] == eos_ids).any(axis=-1) & (np.arange(G) < first_mask[:, None])  # np.isin sorts
         eos = at_eos.any(axis=1) & (host[:, EARLY_EXIT] != 0)
         # every position after that EOS is EOS (dInfer's early exit): the still-masked ones, all right of it
         # (everything left of it is committed), show its id; past a row's max_tokens stays masked
@@ -56,24 +56,28 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
             canvas = np.where(fill, canvas[np.arange(len(slots)), at_eos.argmax(axis=1)][:, None], canvas)
             filled = fill.sum(axis=1)
     events = []
-    for i, s in enumerate(slots):
-        s.masked -= int(counts[i])
+    # host lists: a numpy scalar read per request costs more than the loop's own work
+    forwards = np.where(host[:, c["cfg_scale"]] != 0, 2, 1).tolist()
+    for i, s, n, end, stop, fw in zip(range(len(slots)), slots, counts.tolist(), ends.tolist(), eos.tolist(),
+                                      forwards, strict=True):
+        s.masked -= n
         s.steps_done += 1
-        s.nfe += 2 if host[i, c["cfg_scale"]] else 1
+        s.nfe += fw
         s.block_step += 1
         if s.masked and s.block_done():
             while s.block_done():  # the next block with masks (an infill's fixed text alone takes no step)
                 s.block, s.block_step = s.block + 1, 0
             table.open_block(int(slot_of[i]))
-        done = bool(eos[i]) or s.masked == 0
-        a = int(ends[i]) - int(counts[i])
-        ev = SlotStep(s.handle, s.steps_done - 1, s.plan.steps, positions[a:ends[i]], tokens[a:ends[i]], s.masked,
-                      canvas[i, :s.plan.max_tokens], s.nfe, done, ("stop" if eos[i] else "length") if done else None,
-                      probs=step_probs[a:ends[i]])
-        k = s.plan.params.top_logprobs
+        done = stop or s.masked == 0
+        a = end - n
+        p = s.plan
+        ev = SlotStep(s.handle, s.steps_done - 1, p.steps, positions[a:end], tokens[a:end], s.masked,
+                      canvas[i, :p.max_tokens], s.nfe, done, ("stop" if stop else "length") if done else None,
+                      probs=step_probs[a:end])
+        k = p.params.top_logprobs
         if k and top_ids is not None:
-            ev.top_ids, ev.top_logprobs = top_ids[a:ends[i], :k], top_lps[a:ends[i], :k]
-        if eos[i] and s.masked:  # ended before its plan did
+            ev.top_ids, ev.top_logprobs = top_ids[a:end, :k], top_lps[a:end, :k]
+        if stop and s.masked:  # ended before its plan did
             ev.masked, ev.filled, ev.nfe_saved = 0, int(filled[i]), s.planned_forwards_left()
         events.append(ev)
     return events

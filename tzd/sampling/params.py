@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class RequestPlan:
     block_open: tuple[int, ...] = ()
     block_rank: tuple[int, ...] = ()
 
-    @property
+    @cached_property
     def masked(self) -> int:
         """Positions the sampler fills: max_tokens, or an infill's gaps."""
         return sum(self.block_open)
@@ -54,7 +55,7 @@ class RequestPlan:
         """An EOS in the committed left part ends the request; never an infill's (its EOS is padding)."""
         return self.params.early_exit and self.layout is None
 
-    @property
+    @cached_property
     def active_blocks(self) -> int:
         """Blocks with masked positions: the ones steps are spread over."""
         return self.block_rank[-1] + (self.block_open[-1] > 0)
@@ -62,7 +63,11 @@ class RequestPlan:
     def masked_after(self, block: int) -> int:
         """Masked positions, at the start, of the blocks after `block` (nothing right of the current block
         is committed, so the block is done once no more than these are masked)."""
-        return sum(self.block_open[block + 1:])
+        return self._masked_after[block]
+
+    @cached_property
+    def _masked_after(self) -> tuple[int, ...]:  # the step reads it for every request: summed once
+        return tuple(sum(self.block_open[b + 1:]) for b in range(len(self.block_open)))
 
     def block_start(self, block: int) -> int:
         """Offset (from the first generated token) where `block` starts."""
@@ -70,7 +75,7 @@ class RequestPlan:
             return block * self.block_length
         return self.first_block + (block - 1) * self.block_length
 
-    @property
+    @cached_property
     def total_len(self) -> int:
         """The row: prompt + canvas + suffix."""
         return self.prompt_len + self.max_tokens + self.suffix_len

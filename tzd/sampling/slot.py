@@ -81,6 +81,10 @@ class Slot:
     _fixed: tuple[int, ...] | None = field(default=None, repr=False)  # the plan's part of `row`
     _tail: tuple[int, ...] = field(default=(), repr=False)  # its host-only columns
     _block_row: tuple | None = field(default=None, repr=False)  # the block's part of `row`, keyed by its block
+    cache_mode: int = field(init=False)  # CACHE_MODES of the plan's cache
+
+    def __post_init__(self) -> None:
+        self.cache_mode = CACHE_MODES[self.plan.params.cache]
 
     def block_bounds(self) -> tuple[int, int]:
         """(start, length) of the current block in canvas coordinates."""
@@ -123,9 +127,6 @@ class Slot:
         steps = sum(self.block_budget(b) for b in range(self.block, self.plan.num_blocks)) - self.block_step
         return max(steps, 0) * (2 if self.plan.params.cfg_scale > 0 else 1)
 
-    @property
-    def cache_mode(self) -> int:
-        return CACHE_MODES[self.plan.params.cache]
 
     def window(self, shift: int = 0) -> tuple[int, int, int]:
         """(first column, columns, keys) of a cached forward. Approximate cache: prefix runs the block and

@@ -36,8 +36,9 @@ class StepPlan:
 
 def plan_step(table: SlotTable, active: list[int], shift: int, context: int, device: torch.device) -> StepPlan:
     """The plan for one step over the slot rows `active` (non-empty)."""
-    full = [i for i in active if table.slots[i].needs_full_forward()]
-    rows = full + [i for i in active if not table.slots[i].needs_full_forward()]
+    wants = [table.slots[i].needs_full_forward() for i in active]
+    full = [i for i, w in zip(active, wants, strict=True) if w]
+    rows = full + [i for i, w in zip(active, wants, strict=True) if not w] if len(full) < len(active) else full
     slots = [table.slots[r] for r in rows]
     for r, s in zip(rows, slots, strict=True):
         if s.fresh:  # joined since the last step
