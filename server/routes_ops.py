@@ -49,8 +49,11 @@ async def live(http: HttpRequest) -> JSONResponse:
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text exposition format 0.0.4 (every tzd_* metric)",
                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
-async def metrics(http: HttpRequest) -> Response:
-    """The server's Prometheus metrics (open without an API key, like /health)."""
+def metrics(http: HttpRequest) -> Response:
+    """The server's Prometheus metrics (open without an API key, like /health).
+
+    A plain def: FastAPI renders it on its thread pool, so a scrape (every replica's, every few seconds)
+    never holds the event loop that writes the streams' step events."""
     serving: Serving = http.app.state.serving
     data, content_type = serving.metrics.render()
     return Response(data, media_type=content_type)

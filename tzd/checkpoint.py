@@ -46,10 +46,6 @@ class Loaded:
     def mask_id(self) -> int:
         return self.special.mask
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
 
 def save_checkpoint(out_dir: str | Path, model: nn.Module | Mapping[str, torch.Tensor], model_config: ModelConfig,
                     tokenizer_path: str | Path, metadata: dict[str, Any] | None = None,

@@ -41,11 +41,6 @@ def token_block_ids(positions: torch.Tensor, prompt_len: torch.Tensor, block: in
                        prompt_blocks + (positions - prompt_len).clamp(min=0) // block)
 
 
-def visible(q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
-    """[B,1,T,S] bool: query i sees key j iff k_blocks[b, j] <= q_blocks[b, i]."""
-    return (k_blocks[:, None, None, :] <= q_blocks[:, None, :, None])
-
-
 def two_stream_mask(blocks: torch.Tensor) -> torch.Tensor:
     """[B,1,2T,2T] bool mask of BD3-LM's training layout: the noised sequence (first T) beside the clean one.
 
