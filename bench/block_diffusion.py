@@ -105,7 +105,8 @@ def main() -> None:
     if args.budget:
         rts["budget"] = load_runtime(args.budget, args.device, args.dtype)
     nelbo = {} if args.skip_nelbo else {
-        name: {"checkpoint": str(rt.loaded.path), "tokens_seen": rt.loaded.config.get("training", {}).get("tokens_seen"),
+        name: {"checkpoint": str(rt.loaded.path),
+               "tokens_seen": rt.loaded.config.get("training", {}).get("tokens_seen"),
                **held_out_nelbo(rt)} for name, rt in rts.items()}
     print(json.dumps(nelbo), flush=True)
     chosen = set(args.configs.split(",")) if args.configs else None

@@ -172,7 +172,8 @@ def bench_attention_equal(shape: dict) -> dict:
     row["triton"] = _bench(lambda: triton_attention.attention(q, k, v))
     flops = _flops(B, H, S, S, D)
     row["triton_TFLOPs"] = flops / row["triton"]["ms"] / 1e9
-    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
         out, timing = _sdpa(backend, q, k, v)
         row[name] = timing
         if out is not None:
@@ -341,7 +342,8 @@ def print_tables(res: dict) -> None:
     for r in res.get("attention_block_causal", []):
         dims = ",".join(str(r[k]) for k in ("B", "H", "Hk", "T", "S", "D", "block"))
         print(f"{r['name']:<12}{dims:<24}{r['visible_fraction']:>6.2f}{_fmt(r, 'triton'):>9}"
-              f"{_fmt(r, 'triton_bidirectional'):>9}{_fmt(r, 'masked_sdpa'):>9}{_ratio(r, 'speedup_vs_masked_sdpa'):>11}"
+              f"{_fmt(r, 'triton_bidirectional'):>9}{_fmt(r, 'masked_sdpa'):>9}"
+              f"{_ratio(r, 'speedup_vs_masked_sdpa'):>11}"
               f"{_ratio(r, 'speedup_vs_bidirectional'):>10}")
     print("\nAttention, packed (varlen) vs padded, lengths in [16, 256]")
     print(f"{'shape':<14}{'B,H,Hk,D,blk':<18}{'pairs':>6}{'varlen':>9}{'pad-trit':>9}{'pad-sdpa':>9}{'vs p-trit':>10}"

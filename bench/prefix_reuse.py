@@ -60,7 +60,8 @@ def main() -> None:
 
     rt = load_runtime(args.checkpoint, args.device, args.dtype)
     if not rt.loaded.model_config.block_causal:
-        raise SystemExit(f"{args.checkpoint}: not a block-causal model (prefix reuse needs model.attention=block_causal)")
+        raise SystemExit(f"{args.checkpoint}: not a block-causal model "
+                         "(prefix reuse needs model.attention=block_causal)")
     cuts = held_out_prompts(rt.loaded, args.requests + 1, args.prefix_len + args.suffix_len)
     prefix = cuts[0][:args.prefix_len]
     prompts = [prefix + c[:args.suffix_len] for c in cuts[1:]]

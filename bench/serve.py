@@ -158,7 +158,8 @@ async def run_level(url: str, bodies: list[dict], concurrency: int, rate: float,
     ms = {f"{name}_p{q}": pct([getattr(s, attr) for s in ok], q)
           for name, attr in (("ttfs", "ttfs"), ("ttft", "ttft"), ("e2e", "latency")) for q in (50, 90, 99)}
     ms["step_mean"] = step_time / steps * 1000 if steps else math.nan
-    return Level(concurrency, rate if math.isfinite(rate) else None, len(bodies), len(ok), [s.error for s in samples if not s.ok][:5], duration,
+    return Level(concurrency, rate if math.isfinite(rate) else None, len(bodies), len(ok),
+                 [s.error for s in samples if not s.ok][:5], duration,
                  len(ok) / duration, tokens / duration, tokens, batch_sum / steps if steps else math.nan, steps, ms)
 
 

@@ -27,7 +27,7 @@ from clients.protocol import ChatCompletion, CommittedToken, Health, ModelCard, 
 
 __all__ = [
     "DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "APIConnectionError", "APIError", "APITimeout", "AsyncTZDClient",
-    "AuthenticationError", "BadRequest", "ChatCompletion", "CommittedToken", "Completion", "Event", "EventStream", "Health",
-    "ModelCard", "RateLimited", "RetryPolicy", "SamplingParams", "ServerUnavailable", "StepEvent",
+    "AuthenticationError", "BadRequest", "ChatCompletion", "CommittedToken", "Completion", "Event", "EventStream",
+    "Health", "ModelCard", "RateLimited", "RetryPolicy", "SamplingParams", "ServerUnavailable", "StepEvent",
     "StreamInterrupted", "TZDClient", "TZDError", "TextCompletion", "Usage",
 ]

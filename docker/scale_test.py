@@ -489,7 +489,8 @@ async def measure(args: argparse.Namespace, params: dict) -> dict:
         "target_pct": 5.0,
         "step_gap_p90_direct_ms": d["step_gap_p90_ms"], "step_gap_p90_via_lb_ms": v["step_gap_p90_ms"],
         "step_gap_p90_added_ms": round(v["step_gap_p90_ms"] - d["step_gap_p90_ms"], 2), "target_ms": 5.0,
-        "outside_server_p50_direct_ms": d["outside_server_p50_ms"], "outside_server_p50_via_lb_ms": v["outside_server_p50_ms"],
+        "outside_server_p50_direct_ms": d["outside_server_p50_ms"],
+        "outside_server_p50_via_lb_ms": v["outside_server_p50_ms"],
         "proxy_added_p50_ms": round(v["outside_server_p50_ms"] - d["outside_server_p50_ms"], 2),
         "proxy_added_pct_of_p50": round(100 * (v["outside_server_p50_ms"] - d["outside_server_p50_ms"])
                                         / (1000 * d["latency_p50_s"]), 3),

@@ -131,7 +131,8 @@ def attend_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, q_lim, q_valid, stride_kn, st
 # Tuned per (query-length bucket, head dim, dtypes): the autotuner adds the dtypes to the key itself.
 # HAS_KLIM is left out of the key: a block-causal call reuses the bidirectional tuning of its shape
 # (one more compile, not a second search).
-@triton.autotune(configs=tile_configs(), key=["T_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": prune_tiles})
+@triton.autotune(configs=tile_configs(), key=["T_BUCKET", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": prune_tiles})
 @triton.jit
 def _attn_fwd(Q, K, V, Out, SEQLENS, KLIM, qk_scale,
               sq_b, sq_h, sq_t, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_t, skl_b,

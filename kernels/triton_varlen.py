@@ -34,7 +34,8 @@ __all__ = ["varlen_attention", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 
 
 # Tuned per (longest-row bucket, head dim, dtypes), as the padded kernel is per query-length bucket.
-@triton.autotune(configs=tile_configs(), key=["T_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": prune_tiles})
+@triton.autotune(configs=tile_configs(), key=["T_BUCKET", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": prune_tiles})
 @triton.jit
 def _varlen_fwd(Q, K, V, Out, CU_Q, CU_K, KLIM, qk_scale,
                 sq_t, sq_h, sk_n, sk_h, sv_n, sv_h, so_t, so_h, GROUP, T_BUCKET,

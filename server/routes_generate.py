@@ -98,8 +98,9 @@ def router(auth: object) -> APIRouter:
     r = APIRouter()
 
     @r.post("/generate", response_model=GenerateResponse, dependencies=[Depends(auth)],
-            responses={**GENERATION_ERRORS, 200: {"content": STREAM_CONTENT,
-                                                  "description": "JSON, or with stream=true the step/done/error events"}})
+            responses={**GENERATION_ERRORS,
+                       200: {"content": STREAM_CONTENT,
+                             "description": "JSON, or with stream=true the step/done/error events"}})
     async def generate(body: GenerateRequest, http: HttpRequest):  # noqa: ANN202 - JSON or a stream
         serving: Serving = http.app.state.serving
         engine = serving.ready_engine()

@@ -56,13 +56,15 @@ class Runtime:
         cfg = self.loaded.model_config
         moe = bool(cfg.n_experts)
         return {"parameters": self.params, "active_parameters": self.params - cfg.unrouted_params(),
-                "experts": cfg.n_experts if moe else None, "experts_per_token": cfg.n_experts_per_token if moe else None}
+                "experts": cfg.n_experts if moe else None,
+                "experts_per_token": cfg.n_experts_per_token if moe else None}
 
     def describe(self) -> str:
         cfg = self.loaded.model_config
         experts = (f" ({(self.params - cfg.unrouted_params()) / 1e6:.2f}M active: {cfg.n_experts_per_token} of "
                    f"{cfg.n_experts} experts)") if cfg.n_experts else ""
-        return (f"{self.loaded.path}: {self.params / 1e6:.2f}M params{experts}, device {self.device}, dtype {self.dtype_name}, "
+        return (f"{self.loaded.path}: {self.params / 1e6:.2f}M params{experts}, device {self.device}, "
+                f"dtype {self.dtype_name}, "
                 f"quantization {self.quantization or 'none'} ({self.weight_bytes / 2**20:.1f} MiB of weights), "
                 f"context {self.context}, vocab {self.loaded.model_config.vocab_size}, "
                 f"{torch.get_num_threads()} CPU threads, deterministic {'on' if self.deterministic else 'off'}")

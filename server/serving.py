@@ -73,7 +73,8 @@ class Serving:
         kv = engine.batch.kv
         log.info("ready: serving %r, max batch %d, token budget %s, queue %d, KV cache %d pages of %d positions "
                  "(%.2f GiB)", cfg.served_name, cfg.max_batch_size, cfg.max_num_batched_tokens or "none",
-                 cfg.max_queue, kv.num_pages, kv.page_size, kv.capacity_bytes(compute_dtype(rt.loaded.model)) / (1 << 30))
+                 cfg.max_queue, kv.num_pages, kv.page_size,
+                 kv.capacity_bytes(compute_dtype(rt.loaded.model)) / (1 << 30))
 
     @property
     def status(self) -> str:

@@ -203,7 +203,8 @@ def test_packed_rows_equal_padded_rows(block_causal: bool) -> None:
     rv, slots = step.values, step.slots  # every row through both whole-canvas paths (a cached one too)
     with torch.inference_mode():
         packed = batch.runner.packed_logits(rv, slots)
-        recorded = None if block_causal else batch.kv.gather(1, slice(0, 35))[0]  # a block-causal cache is exact: no record
+        # a block-causal cache is exact: no record
+        recorded = None if block_causal else batch.kv.gather(1, slice(0, 35))[0]
         if recorded is not None:
             batch.kv.k.zero_()
         padded = batch.runner.padded_logits(rv, slots)

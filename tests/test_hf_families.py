@@ -50,14 +50,18 @@ def llama_reference(path: Path) -> torch.nn.Module:
     model = transformers.LlamaForCausalLM(cfg).eval()
     t = hf_tensors(path)
     sd = {"model.embed_tokens.weight": t["model.transformer.wte.weight"],
-          "model.norm.weight": t["model.transformer.ln_f.weight"], "lm_head.weight": t["model.transformer.ff_out.weight"]}
+          "model.norm.weight": t["model.transformer.ln_f.weight"],
+          "lm_head.weight": t["model.transformer.ff_out.weight"]}
     for i in range(hf["n_layers"]):
         b, o = f"model.transformer.blocks.{i}.", f"model.layers.{i}."
         sd.update({o + "input_layernorm.weight": t[b + "attn_norm.weight"],
                    o + "post_attention_layernorm.weight": t[b + "ff_norm.weight"],
-                   o + "self_attn.q_proj.weight": t[b + "q_proj.weight"], o + "self_attn.k_proj.weight": t[b + "k_proj.weight"],
-                   o + "self_attn.v_proj.weight": t[b + "v_proj.weight"], o + "self_attn.o_proj.weight": t[b + "attn_out.weight"],
-                   o + "mlp.gate_proj.weight": t[b + "ff_proj.weight"], o + "mlp.up_proj.weight": t[b + "up_proj.weight"],
+                   o + "self_attn.q_proj.weight": t[b + "q_proj.weight"],
+                   o + "self_attn.k_proj.weight": t[b + "k_proj.weight"],
+                   o + "self_attn.v_proj.weight": t[b + "v_proj.weight"],
+                   o + "self_attn.o_proj.weight": t[b + "attn_out.weight"],
+                   o + "mlp.gate_proj.weight": t[b + "ff_proj.weight"],
+                   o + "mlp.up_proj.weight": t[b + "up_proj.weight"],
                    o + "mlp.down_proj.weight": t[b + "ff_out.weight"]})
     model.load_state_dict(sd, strict=True)
     return model

@@ -55,7 +55,8 @@ def unknown_fields(given: Any, kept: Any, path: str = "") -> list[str]:
         return [p for k, v in given.items()
                 for p in ([f"{path}/{k}"] if k not in kept else unknown_fields(v, kept[k], f"{path}/{k}"))]
     if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
-        return [p for i, (g, k) in enumerate(zip(given, kept, strict=True)) for p in unknown_fields(g, k, f"{path}/{i}")]
+        return [p for i, (g, k) in enumerate(zip(given, kept, strict=True))
+                for p in unknown_fields(g, k, f"{path}/{i}")]
     return []
 
 

@@ -55,7 +55,8 @@ def test_page_table_reads_and_writes_match_a_dense_store() -> None:
             dense_k[s, layer, :, pos[i]] = k[i]
             dense_v[s, layer, :, pos[i]] = v[i]
         read_k, read_v = kv.read(layer, kv.flat(slots, torch.arange(keys).expand(len(rows), -1)))
-        assert torch.equal(read_k, dense_k[rows, layer, :, :keys]) and torch.equal(read_v, dense_v[rows, layer, :, :keys])
+        assert (torch.equal(read_k, dense_k[rows, layer, :, :keys])
+                and torch.equal(read_v, dense_v[rows, layer, :, :keys]))
         strided = kv.strided_rows(np.array(rows), keys)
         if strided is not None:
             sk, sv = kv.read_strided(layer, len(rows), *strided, keys)

@@ -219,7 +219,8 @@ def test_loglikelihood_rolling_sums_windows(tiny: Path) -> None:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
-    return {"llada": write_llada(root / "llada"), "dream": write_dream(root / "dream"), "sdar": write_sdar(root / "sdar")}
+    return {"llada": write_llada(root / "llada"), "dream": write_dream(root / "dream"),
+            "sdar": write_sdar(root / "sdar")}
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -347,7 +348,8 @@ def test_server_with_local_completions() -> None:
 def test_server_with_local_chat_completions(families: dict[str, Path]) -> None:
     with ServerProcess(families["dream"], "--deterministic", "on", "--model-name", "tiny-dream") as srv:
         res = lm_eval.simple_evaluate(
-            model="local-chat-completions", model_args=api_args(srv.url, "chat/completions", "tiny-dream", num_concurrent=2),
+            model="local-chat-completions",
+            model_args=api_args(srv.url, "chat/completions", "tiny-dream", num_concurrent=2),
             tasks=["tzd_addition"], limit=2, log_samples=True, apply_chat_template=True,
             task_manager=tasks())
         samples = res["samples"]["tzd_addition"]

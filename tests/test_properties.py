@@ -89,7 +89,8 @@ def test_the_schedule_adds_up(request: tuple[SamplingParams, int]) -> None:
     budgets = [min(base + (1 if b < extra else 0), lengths[b]) for b in range(p.num_blocks)]
     assert sum(lengths) == p.max_tokens and all(n >= 1 for n in lengths)
     assert all(1 <= k <= n for k, n in zip(budgets, lengths, strict=True))
-    assert sum(budgets) <= p.steps and (sum(budgets) == p.steps or any(k == n for k, n in zip(budgets, lengths, strict=True)))
+    assert sum(budgets) <= p.steps and (sum(budgets) == p.steps
+                                         or any(k == n for k, n in zip(budgets, lengths, strict=True)))
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +105,8 @@ MASK = 63
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(st.lists(requests(), min_size=1, max_size=3))
-def test_each_step_commits_within_its_block_and_never_changes_a_token(model: torch.nn.Module,
-                                                                        batch: list[tuple[SamplingParams, int]]) -> None:
+def test_each_step_commits_within_its_block_and_never_changes_a_token(
+        model: torch.nn.Module, batch: list[tuple[SamplingParams, int]]) -> None:
     denoise = DenoiseBatch(model, MASK, capacity=len(batch), eos_id=None)
     plans = {}
     for i, (params, prompt_len) in enumerate(batch):

@@ -252,7 +252,8 @@ def eos_model() -> Loaded:
 
 EOS_PROMPTS = ["KING.\nNow is the", "ROMEO:", "First Citizen:\nWe are"]
 EXIT_CASES = [dict(max_tokens=32, block_length=8), dict(max_tokens=32, block_length=8, steps=16),
-              dict(max_tokens=24, block_length=8, threshold=0.3), dict(max_tokens=24, block_length=8, entropy_bound=3.0),
+              dict(max_tokens=24, block_length=8, threshold=0.3),
+              dict(max_tokens=24, block_length=8, entropy_bound=3.0),
               dict(max_tokens=24, block_length=8, cache="dual", temperature=1.0, seed=4)]
 
 

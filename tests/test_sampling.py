@@ -95,7 +95,8 @@ def test_seeds(ckpt: Loaded) -> None:
     p = prompts(ckpt)[:1]
 
     def run(seed: int | None) -> list[int]:
-        return generate(ckpt.model, p, SamplingParams(max_tokens=24, temperature=1.0, seed=seed), ckpt.mask_id)[0].tokens
+        return generate(ckpt.model, p, SamplingParams(max_tokens=24, temperature=1.0, seed=seed),
+                        ckpt.mask_id)[0].tokens
 
     assert run(1) == run(1)
     assert run(1) != run(2)

@@ -186,7 +186,8 @@ def test_more_choices_than_the_queue_holds_is_400_not_429(srv: ServerProcess, cl
     assert err["param"] == "n" and "33 completions" in err["message"] and "queue of 32" in err["message"]
     after = metrics(srv.url)
     assert after['tzd_rejected_total{reason="invalid"}'] - before['tzd_rejected_total{reason="invalid"}'] == 1
-    assert after.get('tzd_rejected_total{reason="queue_full"}', 0) == before.get('tzd_rejected_total{reason="queue_full"}', 0)
+    assert (after.get('tzd_rejected_total{reason="queue_full"}', 0)
+            == before.get('tzd_rejected_total{reason="queue_full"}', 0))
     # exactly the queue's size is accepted (an idle server: every choice finds a place)
     r = client.post(f"{srv.url}/v1/completions", json={"prompt": ["a", "b"], "n": 16, "max_tokens": 2})
     assert r.status_code == 200, r.text

@@ -70,7 +70,8 @@ def test_the_spec_documents_every_answer() -> None:
     body = doc["components"]["schemas"]["GenerateRequest"]["properties"]
     assert body["max_tokens"]["maximum"] == 16  # this server's --max-tokens-limit
     assert doc["components"]["securitySchemes"]["bearer"] == {
-        "type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["bearer"]["description"]}
+        "type": "http", "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["bearer"]["description"]}
     assert ops["POST", "/generate"]["security"] == [{"bearer": []}] and "security" not in ops["GET", "/health"]
     open_doc = spec(api_keys=())  # an open server: no security, no 401
     assert "securitySchemes" not in open_doc["components"] and '"401"' not in json.dumps(open_doc["paths"])
@@ -96,7 +97,8 @@ def test_request_id_is_on_every_answer_and_error_body(srv: ServerProcess) -> Non
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         r = c.post("/generate", json={"prompt": "x", "max_tokens": 2}, headers={**AUTH, "X-Request-Id": "trace-1"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "trace-1"
-        for call, status in [(lambda h: c.post("/generate", json={"prompt": "x", "max_tokens": 99}, headers={**AUTH, **h}), 400),
+        for call, status in [(lambda h: c.post("/generate", json={"prompt": "x", "max_tokens": 99},
+                                               headers={**AUTH, **h}), 400),
                              (lambda h: c.post("/generate", json={"prompt": "x"}, headers=h), 401),
                              (lambda h: c.get("/nope", headers=h), 404),
                              (lambda h: c.delete("/generate", headers=h), 405),
@@ -155,7 +157,8 @@ def test_key_limits_are_429_naming_the_limit(srv: ServerProcess) -> None:
     rpm = {"Authorization": "Bearer rpm-key", "X-Request-Id": "rpm-limited"}
     body = {"prompt": "ROMEO:", "max_tokens": 4, "steps": 2}
     assert [httpx.post(f"{srv.url}/generate", json=body, headers=rpm).status_code for _ in range(2)] == [200, 200]
-    for r in (httpx.post(f"{srv.url}/generate", json=body, headers=rpm), httpx.get(f"{srv.url}/v1/models", headers=rpm)):
+    for r in (httpx.post(f"{srv.url}/generate", json=body, headers=rpm),
+              httpx.get(f"{srv.url}/v1/models", headers=rpm)):
         assert r.status_code == 429, r.text
         err = r.json()["error"]
         assert err["code"] == "key_rpm_limit" and err["type"] == "rate_limit_error"

@@ -53,7 +53,8 @@ def run_server(*args: str) -> subprocess.CompletedProcess:
 
 def test_bad_quantization_is_a_usage_error(tiny_checkpoint: Path) -> None:
     proc = run_server("--checkpoint", str(tiny_checkpoint), "--quantization", "int3")
-    assert proc.returncode == 2 and "--quantization: Input should be 'int8', 'int4' or 'fp8'" in proc.stderr, proc.stderr
+    assert (proc.returncode == 2
+            and "--quantization: Input should be 'int8', 'int4' or 'fp8'" in proc.stderr), proc.stderr
     proc = run_server("--checkpoint", str(tiny_checkpoint), "--quantization", "int4",
                       "--quantization-group-size", "48")
     assert proc.returncode == 2 and "--quantization-group-size" in proc.stderr, proc.stderr

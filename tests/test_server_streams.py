@@ -95,11 +95,13 @@ def test_timeout_ends_with_the_text_so_far_and_frees_the_slot(srv: ServerProcess
     assert [e for e, _ in events] == ["done"] and waited.finish_reason == "timeout"
     assert (waited.steps, waited.tokens, waited.text) == (0, [], "")
     chunk_events = []
-    with httpx.stream("POST", f"{srv.url}/v1/completions", json={**long, "stream": True, "timeout": 0.3}, timeout=60) as r:
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json={**long, "stream": True, "timeout": 0.3},
+                      timeout=60) as r:
         chunk_events = [d for _, d in sse_events(r)]
     assert chunk_events[-1] == "[DONE]" and json.loads(chunk_events[-2])["choices"][0]["finish_reason"] == "timeout"
     t.join(60)
-    assert wait_for(lambda: metrics(srv.url)["tzd_requests_running"] == 0 and metrics(srv.url)["tzd_requests_waiting"] == 0)
+    assert wait_for(lambda: metrics(srv.url)["tzd_requests_running"] == 0
+                    and metrics(srv.url)["tzd_requests_waiting"] == 0)
     assert metrics(srv.url)["tzd_request_timeouts_total"] - before["tzd_request_timeouts_total"] == 3
     r = httpx.post(f"{srv.url}/generate", json={"prompt": "x", "timeout": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "timeout"

@@ -43,7 +43,8 @@ def test_flags_override_environment_override_defaults(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("argv", "env", "text"), [
-    (["--port", "0"], {}, "--port"), (["--dtype", "fp8"], {}, "--dtype"), ([], {"TZD_MAX_QUEUE": "many"}, "TZD_MAX_QUEUE"),
+    (["--port", "0"], {}, "--port"), (["--dtype", "fp8"], {}, "--dtype"),
+    ([], {"TZD_MAX_QUEUE": "many"}, "TZD_MAX_QUEUE"),
     ([], {"TZD_DEVICE": "tpu"}, "TZD_DEVICE"), (["--api-key-file", "/nonexistent/keys"], {}, "--api-key-file"),
     (["--deterministic", "yes"], {}, "--deterministic"),
 ])

@@ -2,8 +2,9 @@
 
 The inverse of tzd.hf.loader: fused tensors are split back into the family's own (q, k, v; stacked
 experts into one tensor per expert), the shards come with a `model.safetensors.index.json` as
-transformers writes it, and every file is written under a temporary name and renamed. The tokenizer files are the caller's (see
-trainer.export for TZD's SentencePiece model, tests for tokenizers built in place).
+transformers writes it, and every file is written under a temporary name and renamed. The tokenizer
+files are the caller's (see trainer.export for TZD's SentencePiece model, tests for tokenizers built
+in place).
 """
 
 from __future__ import annotations

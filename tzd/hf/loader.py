@@ -1,4 +1,5 @@
-"""Load a Hugging Face checkpoint directory (LLaDA, Dream, SDAR, LLaDA2) into SMDM, straight to the target device and dtype.
+"""Load a Hugging Face checkpoint directory (LLaDA, Dream, SDAR, LLaDA2) into SMDM, straight to the
+target device and dtype.
 
 The model is built on the meta device (no random init, no fp32 copy) and every tensor is read
 from its safetensors file once, converted, and assigned; a shard is closed as soon as no tensor

@@ -186,7 +186,8 @@ def sdar_moe_config(hf: dict[str, Any]) -> ModelConfig:
         raise FamilyConfigError(f"mlp_only_layers={dense}: TZD builds the dense layers first only (0..k-1)")
     cfg = sdar_config({**hf, "intermediate_size": hf.get("intermediate_size", hf.get("moe_intermediate_size"))})
     try:
-        return replace(cfg, n_experts=int(_get(hf, "num_experts")), n_experts_per_token=int(_get(hf, "num_experts_per_tok")),
+        return replace(cfg, n_experts=int(_get(hf, "num_experts")),
+                       n_experts_per_token=int(_get(hf, "num_experts_per_tok")),
                        moe_intermediate_size=int(_get(hf, "moe_intermediate_size")), first_k_dense_replace=len(dense),
                        router_score="softmax", norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)))
     except ValueError as e:

@@ -8,8 +8,8 @@ import torch.nn as nn
 from tzd.models.config import BACKENDS, ModelConfig
 from tzd.models.context import ForwardContext
 
-__all__ = ["BACKENDS", "ForwardContext", "ModelConfig", "build_model", "count_params", "linear_modules", "linear_weights_to",
-           "model_config"]
+__all__ = ["BACKENDS", "ForwardContext", "ModelConfig", "build_model", "count_params", "linear_modules",
+           "linear_weights_to", "model_config"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

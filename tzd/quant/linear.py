@@ -102,7 +102,8 @@ class Int4Linear(QuantizedLinear):
         def quantize_and_pack(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             q, scale, zero = formats.int4_groups(rows, group)
             if self.cuda:
-                return torch._convert_weight_to_int4pack(formats.nibbles_pack(q).contiguous(), inner_k_tiles), scale, zero
+                return (torch._convert_weight_to_int4pack(formats.nibbles_pack(q).contiguous(), inner_k_tiles),
+                        scale, zero)
             return torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1), scale, zero
 
         packed, scale, zero = formats.in_row_chunks(quantize_and_pack, w)

@@ -32,8 +32,8 @@ class GenerationResult:
     gap_texts: list[str] | None = None  # with a tokenizer: their texts
 
 
-def finish(canvas: Sequence[int] | np.ndarray, finish_reason: str, eos_id: int | Sequence[int] | None, stop: Sequence[str],
-           decode: Callable[[list[int]], str] | None) -> tuple[list[int], str, str | None]:
+def finish(canvas: Sequence[int] | np.ndarray, finish_reason: str, eos_id: int | Sequence[int] | None,
+           stop: Sequence[str], decode: Callable[[list[int]], str] | None) -> tuple[list[int], str, str | None]:
     """Cut a finished canvas at the first EOS (of the eos set), then at the first stop string (text and tokens)."""
     tokens = canvas.tolist() if isinstance(canvas, np.ndarray) else list(canvas)
     eos = set(eos_set(eos_id))

@@ -8,11 +8,12 @@ so KV memory follows the tokens in flight and admission can wait for free pages 
 them with `pages_for`).
 
 Storage is [layers, Hk, (pages + 1) * page_size, D] for keys and for values (head-major: a single row's
-window and keys are then views, no copies), and a forward addresses positions through flat token indices: slot b's position p lives at
-table[b, p // page_size] * page_size + p % page_size. The indices are computed once per forward (not
-per layer) on the device from the device copy of the page table, which changes only when a request
-joins. Page `pages` is scratch: unallocated table entries point at it, so the padding columns of a
-batched forward (written, never read unmasked) can never touch another request's pages.
+window and keys are then views, no copies), and a forward addresses positions through flat token
+indices: slot b's position p lives at table[b, p // page_size] * page_size + p % page_size. The
+indices are computed once per forward (not per layer) on the device from the device copy of the page
+table, which changes only when a request joins. Page `pages` is scratch: unallocated table entries
+point at it, so the padding columns of a batched forward (written, never read unmasked) can never
+touch another request's pages.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class PagedKVStore:
         """k, v [rows, Hk, keys, D] as views of the store (see strided_rows)."""
         def view(t: torch.Tensor) -> torch.Tensor:
             hk_stride, tok_stride = t.stride(0), t.stride(1)
-            return t.as_strided((rows, self.kv_heads, keys, self.head_dim), (step * tok_stride, hk_stride, tok_stride, 1),
+            return t.as_strided((rows, self.kv_heads, keys, self.head_dim),
+                                (step * tok_stride, hk_stride, tok_stride, 1),
                                 t.storage_offset() + start * tok_stride)
         return view(self.k[layer]), view(self.v[layer])
 

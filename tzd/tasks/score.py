@@ -54,7 +54,8 @@ def score_task(model: nn.Module, tokenizer: TextTokenizer, task: Task, examples:
                      answer_tokens=sum(len(r.tokens) for r in results), seconds=seconds, completions=texts)
 
 
-def baseline_params(task: Task, block_length: int = DEFAULT_BLOCK_LENGTH, model_block: int | None = None) -> SamplingParams:
+def baseline_params(task: Task, block_length: int = DEFAULT_BLOCK_LENGTH,
+                    model_block: int | None = None) -> SamplingParams:
     """LLaDA's baseline sampler on the task's canvas: one token per step, low confidence, greedy; a
     block-causal model's block replaces `block_length`."""
     n = task.max_tokens
