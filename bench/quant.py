@@ -79,14 +79,14 @@ def nelbo(checkpoint: Path, quant: QuantConfig | None, batches: list[torch.Tenso
 
 # One variant in a fresh process: bytes and peak RSS of load_checkpoint in bf16 on the device, then
 # (after freeing it) tokens/s through the server's runtime (its precision choice) at each batch size.
-CHILD = """
+CHILD = r"""
 import json, sys, time, torch
 from server.runtime import inference, load_runtime
 from tzd.checkpoint import load_checkpoint
 from tzd.quant import QuantConfig, weight_bytes
 from tzd.sampling import SamplingParams, generate
-path, device, q, tokens, batches, prompt_len, block = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), \
-int(sys.argv[4]), json.loads(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+path, device, q = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+tokens, batches, prompt_len, block = int(sys.argv[4]), json.loads(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 quant = QuantConfig(**q) if q else None
 t0 = time.perf_counter()
 m = load_checkpoint(path, device=device, dtype=torch.bfloat16, quantization=quant)
@@ -105,8 +105,8 @@ if tokens:
             torch.cuda.synchronize()
     for b in batches:
         g = torch.Generator().manual_seed(b)
-        prompts = [[int(t) for t in torch.randint(0, vocab, (prompt_len,), generator=g) if int(t) != mask] \
-for _ in range(b)]
+        prompts = [[int(t) for t in torch.randint(0, vocab, (prompt_len,), generator=g) if int(t) != mask]
+                   for _ in range(b)]
         with inference(rt):
             generate(rt.loaded.model, prompts, params, mask)  # untimed: first-call costs per shape
             sync(); t0 = time.perf_counter()
