@@ -36,9 +36,6 @@ from tzd.checkpoint import load_checkpoint
 from tzd.models import ForwardContext, ModelConfig, model_config
 from tzd.sampling import DenoiseBatch, SamplingParams, generate, plan
 
-NOTE = ("timed under /work/test.lock, but other agents' processes may have been running on this 2-core "
-        "machine at the same time; rerun alone for figures to quote")
-
 
 class FixedLogits(nn.Module):
     """A model with `cfg`'s attributes whose forward returns fixed logits at the asked positions."""
@@ -124,6 +121,7 @@ def main() -> None:
     ap.add_argument("--skip-mixed", action="store_true", help="host overhead only")
     ap.add_argument("--label", default="after", help="key of this run in the JSON (before / after)")
     ap.add_argument("--out", default="bench/results/engine.json")
+    ap.add_argument("--note", default="", help="how the run was made (alone, beside what), kept in the JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -143,7 +141,7 @@ def main() -> None:
               f"the mean length {mix['mean_length']}: ratio {mix['ratio']:.3f}")
         result["mixed_lengths"] = mix
     result["env"] = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
-                     "machine": platform.machine(), "note": NOTE,
+                     "machine": platform.machine(), "note": args.note,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.exists() else {}
