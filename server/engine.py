@@ -1,7 +1,8 @@
 """The engine: one model, one DenoiseBatch, one loop of steps (continuous batching at the step level).
 
-Every step boundary: cancelled requests leave the batch, waiting ones fill the free slots, then one
-batched denoising step runs on the step thread (the event loop keeps serving HTTP meanwhile). Its
+Every step, on the step thread, the engine core (tzd.sampling.core) lets expired, cancelled and stopped
+requests leave, admits waiting ones into the free slots and runs one batched denoising step (the event
+loop keeps serving HTTP meanwhile). Its
 events go to the output thread, which renders them (detokenising, step events, stop strings, results)
 while the next step already runs; the rendered updates are routed to the HTTP handlers on the event
 loop. One output thread takes the steps in order, so a request's updates arrive in step order and its
@@ -22,14 +23,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from clients.protocol import SamplingParams
-from server.errors import InvalidRequest, Unavailable
+from server.errors import InvalidRequest, QueueFull, Unavailable
 from server.metrics import Metrics
 from server.output import Update
 from server.request import CANCELLED, Failure, Request, RequestGroup
 from server.runtime import Runtime, inference, kv_cache_bytes
-from server.scheduler import Scheduler
 from tzd.sampling import DenoiseBatch, RequestPlan, SlotStep, plan
+from tzd.sampling import scheduler as core_scheduler
 from tzd.sampling.batch import compute_dtype, dense_kv_bytes
+from tzd.sampling.core import CoreStep, EngineCore
 
 log = logging.getLogger("tzd.server")
 
@@ -45,6 +47,7 @@ class StepOutcome:
     events: list[SlotStep] = field(default_factory=list)  # the step's, rendered into deliveries
     stopped: list[Request] = field(default_factory=list)  # ended by rendering (a stop string): leave the batch
     timeouts: list[Request] = field(default_factory=list)  # past their deadline: rendered as "timeout" results
+    admitted: list[Request] = field(default_factory=list)  # joined the batch in this step
     batch_size: int = 0
     duration: float = 0.0
     failed: bool = False
@@ -65,15 +68,14 @@ class Engine:
                                   kv_cache_bytes=kv_cache_bytes(kv_cache_memory, runtime.device, dense),
                                   cuda_graphs=cuda_graphs)
         self._pool_counted = (0, 0)  # the prefix pool's (queries, hits) already in the metrics
-        self.scheduler = Scheduler(max_batch_size, max_queue, max_batched_tokens, self.batch.kv.num_pages,
-                                   lambda r: self.batch.pages_for(r.plan))
+        self.core = EngineCore(self.batch, max_batch_size, max_queue, max_batched_tokens)
+        self.scheduler = self.core.scheduler  # admission: read here for the gauges and /health
         self.state: State = "ready"
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-step")
         self._output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-output")  # in order: one thread
         self._renders: deque[asyncio.Future] = deque()  # outcomes being rendered, oldest first
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._orphans: list[Request] = []  # failed while running: their slots are freed at the next boundary
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -107,7 +109,7 @@ class Engine:
 
     def _busy(self) -> bool:
         """Requests waiting or running, or updates still being rendered."""
-        return self.scheduler.has_work() or bool(self._renders)
+        return self.core.has_work() or bool(self._renders)
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -115,7 +117,10 @@ class Engine:
         """Queue the group's requests (all or none); raises Unavailable or QueueFull."""
         if self.state != "ready" or not self.alive:
             raise Unavailable(self.state if self.state != "ready" else "dead")
-        self.scheduler.submit(group.requests)
+        try:
+            self.core.submit(group.requests)
+        except core_scheduler.QueueFull as e:
+            raise QueueFull(str(e)) from None
         self._gauges()
         self._wake.set()
 
@@ -123,7 +128,7 @@ class Engine:
         """The client went away: its requests leave (waiting ones now, running ones at the next boundary)."""
         for req in group.requests:
             if not req.done:
-                self.scheduler.cancel(req)
+                self.core.cancel(req)
         group.queue.put_nowait(CANCELLED)
         self._gauges()
         self._wake.set()
@@ -134,24 +139,14 @@ class Engine:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if not self.scheduler.has_work():
+                if not self.core.has_work():
                     self._gauges()
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                expired = await self._expire()  # before admission, so that no late request takes a slot
-                evict, admit = self.scheduler.schedule()
-                evict, self._orphans = evict + self._orphans + expired, []
-                now = time.perf_counter()
-                for r in admit:
-                    r.admitted = now
-                    self.metrics.queue_time.observe(now - r.arrival)
-                self._gauges()
-                running = list(self.scheduler.running)
-                outcome = await loop.run_in_executor(self._worker, self._step, evict, admit, running)
-                for ev in outcome.events:
-                    if ev.done:  # its slot is free already: admission at the next boundary may use it
-                        self.scheduler.finish(ev.handle)
+                outcome = await loop.run_in_executor(self._worker, self._step)
+                for r in outcome.admitted:
+                    self.metrics.queue_time.observe(r.admitted - r.arrival)
                 await self._render(outcome)
         except asyncio.CancelledError:
             raise
@@ -177,8 +172,9 @@ class Engine:
             return
         try:
             outcome: StepOutcome = future.result()
-            self._orphans += outcome.stopped  # still in the batch: freed at the next boundary
             self._dispatch(outcome)
+            for req in outcome.stopped:  # still in the batch: it leaves at the next step
+                self.core.abort(req)
         except Exception:  # a bug outside one request's rendering: say so everywhere instead of hanging
             log.exception("rendering or dispatching a step failed")
             self.state = "dead"
@@ -209,35 +205,29 @@ class Engine:
         out.events, out.timeouts = [], []
         return out
 
-    def _step(self, evict: list[Request], admit: list[Request], running: list[Request]) -> StepOutcome:
-        """On the step thread: apply evictions and admissions, run one step (its events are rendered on
-        the output thread)."""
-        out = StepOutcome()
+    def _step(self) -> StepOutcome:
+        """On the step thread: one step of the core (leave, join, run); its events are rendered on the
+        output thread."""
         with inference(self.runtime):
-            for r in evict:
-                self.batch.remove(r)
-            for r in admit:
-                try:
-                    self.batch.add(r.prompt_ids, r.plan, handle=r)
-                except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
-                    log.exception("could not add request %s (request id %s)", r.group.id, r.group.request_id)
-                    out.deliveries.append((r, Failure(f"could not start: {type(e).__name__}: {e}"), 0))
-            out.batch_size = len(self.batch)
-            if not out.batch_size:
-                return out
-            t0 = time.perf_counter()
-            try:
-                events = self.batch.step()
-            except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
-                log.exception("a denoising step failed; failing its %d requests", out.batch_size)
-                for r in running:
-                    self.batch.remove(r)
-                out.failed = True
-                fail = Failure(f"denoising step failed: {type(e).__name__}: {e}")
-                out.deliveries += [(r, fail, r.nfe) for r in running if not r.cancelled]
-                return out
-            out.duration = time.perf_counter() - t0
-        out.events = events
+            core: CoreStep = self.core.step()
+        now = time.perf_counter()
+        out = StepOutcome(batch_size=core.batch_size, duration=core.duration, events=core.events,
+                          admitted=core.admitted, failed=core.error is not None)
+        for r in core.admitted:
+            r.admitted = now
+        out.timeouts = [r for r in core.expired if not r.cancelled]
+        if out.timeouts:
+            self.metrics.timeouts.inc(len(out.timeouts))
+        for r, e in core.not_started:
+            log.error("could not add request %s (request id %s): %s: %s", r.group.id, r.group.request_id,
+                      type(e).__name__, e)
+            out.deliveries.append((r, Failure(f"could not start: {type(e).__name__}: {e}"), 0))
+        if core.error is not None:
+            e = core.error
+            log.error("a denoising step failed; failing its %d requests", len(core.failed),
+                      exc_info=(type(e), e, e.__traceback__))
+            fail = Failure(f"denoising step failed: {type(e).__name__}: {e}")
+            out.deliveries += [(r, fail, r.nfe) for r in core.failed if not r.cancelled]
         return out
 
     def _dispatch(self, out: StepOutcome) -> None:
@@ -256,7 +246,6 @@ class Engine:
             req.nfe = nfe
             if isinstance(up, Failure):
                 req.finished = now
-                self.scheduler.finish(req)
             else:
                 if req.first_step is None and nfe > 0:  # not a request that timed out waiting
                     req.first_step = now
@@ -264,7 +253,6 @@ class Engine:
                 if up.result is not None:
                     req.finished = now
                     req.generated, req.finish_reason = len(up.result.tokens), up.result.finish_reason
-                    self.scheduler.finish(req)
                     m.latency.observe(now - req.arrival)
                     m.prompt_tokens.inc(len(req.prompt_ids))
                     m.generated_tokens.inc(len(up.result.tokens))
@@ -274,20 +262,8 @@ class Engine:
                 m.stream_coalesced.inc()
         self._gauges()
 
-    async def _expire(self) -> list[Request]:
-        """End the requests past their deadline with what they have (finish_reason "timeout", rendered on
-        the output thread after their last step); returns the running ones, whose slots the next step frees."""
-        now = time.perf_counter()
-        waiting, running = self.scheduler.expire(now)
-        out = StepOutcome(timeouts=[r for r in waiting + running if not r.cancelled])
-        if out.timeouts:
-            self.metrics.timeouts.inc(len(out.timeouts))
-            await self._render(out)
-        return running
-
     def _fail_all(self, message: str) -> None:
-        self._orphans += list(self.scheduler.running)
-        for req in self.scheduler.drain_all():
+        for req in self.core.drain_all():
             req.finished = time.perf_counter()
             if not req.cancelled:
                 req.group.queue.put_nowait((req, Failure(message)))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from server.errors import ClientGone, RequestFailed
 from server.output import RequestOutput, Update
 from tzd.sampling import RequestPlan
+from tzd.sampling.scheduler import CoreRequest
 
 __all__ = ["CANCELLED", "STREAM_BACKLOG", "ClientGone", "Failure", "Request", "RequestFailed", "RequestGroup",
            "UpdateQueue"]
@@ -27,10 +28,11 @@ class Failure:
 CANCELLED = object()  # queued to wake a waiting handler when its client went away
 
 
-@dataclass(eq=False)  # identity semantics: the request object is its own handle in the batch
-class Request:
-    prompt_ids: list[int]
-    plan: RequestPlan
+@dataclass(eq=False, kw_only=True)  # identity semantics: the request object is its own handle in the batch
+class Request(CoreRequest):
+    """A request as the server serves it: the core's record (prompt, plan, priority, deadline, status)
+    with the HTTP side: its output renderer, its group (the HTTP call) and the timings the metrics read."""
+
     output: RequestOutput
     group: RequestGroup
     index: int = 0  # choice index within the group
@@ -38,12 +40,9 @@ class Request:
     admitted: float | None = None
     first_step: float | None = None
     finished: float | None = None
-    cancelled: bool = False
     nfe: int = 0  # forward passes counted so far (for tzd_forward_passes_total)
     generated: int = 0  # tokens of its result, once finished
     finish_reason: str | None = None  # of its result, once finished
-    deadline: float | None = None  # perf_counter time past which it ends with finish_reason "timeout"
-    priority: int = 0  # admission order: lower first, ties by arrival (SamplingParams.priority)
 
     @property
     def done(self) -> bool:
@@ -118,7 +117,7 @@ class RequestGroup:
         self.queue = UpdateQueue()
 
     def add(self, prompt_ids: list[int], plan: RequestPlan, output: RequestOutput) -> Request:
-        req = Request(prompt_ids, plan, output, self, index=len(self.requests))
+        req = Request(prompt_ids, plan, output=output, group=self, index=len(self.requests))
         self.requests.append(req)
         return req
 

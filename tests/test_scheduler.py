@@ -14,7 +14,7 @@ import pytest
 
 from clients.protocol import SamplingParams
 from server.request import Request, RequestGroup
-from server.scheduler import QueueFull, Scheduler
+from tzd.sampling.scheduler import QueueFull, Scheduler, Status
 from tests.server_utils import ServerProcess, metrics, sse_events
 from tzd.sampling import plan
 
@@ -38,9 +38,10 @@ def test_admission_by_tokens_then_slots() -> None:
     assert admitted(s) == [a, b]  # 80 columns; c (40) would make 120: it waits, and d behind it too
     assert s.running_tokens == 80 and s.waiting == [c, d]
     assert admitted(s) == []
-    s.finish(a)
-    s.finish(a)  # idempotent (the engine frees a slot when the step ends and again when it dispatches)
-    assert s.running_tokens == 40
+    s.finish(a, "length")
+    s.finish(a, "stop")  # idempotent: the first reason stays
+    assert s.running_tokens == 40 and (a.status, a.reason) == (Status.FINISHED, "length")
+    assert b.status is Status.RUNNING and c.status is Status.WAITING
     assert admitted(s) == [c, d]  # 40 + 40 + 10 = 90
     slots = Scheduler(max_running=2, max_waiting=16, max_tokens=1000)
     slots.submit([req(10), req(10), req(10)])
@@ -63,7 +64,7 @@ def test_priorities_lower_first_ties_fifo() -> None:
     while s.has_work():
         [r] = admitted(s)
         order.append(r)
-        s.finish(r)
+        s.finish(r, "length")
     assert order == [c, e, a, d, b]
 
 
@@ -74,10 +75,10 @@ def test_oversize_request_waits_then_runs_alone() -> None:
     assert admitted(s) == [small]
     s.submit([big, after])
     assert admitted(s) == []  # big does not fit beside small, and `after` does not jump the line
-    s.finish(small)
+    s.finish(small, "length")
     assert admitted(s) == [big]  # alone, over the budget
     assert admitted(s) == []  # nothing joins it
-    s.finish(big)
+    s.finish(big, "length")
     assert admitted(s) == [after]
 
 
@@ -108,15 +109,15 @@ def test_admission_by_kv_pages() -> None:
     a, b, c, d = req(64), req(64), req(48), req(16)  # 4, 4, 3, 1 pages
     s.submit([a, b, c, d])
     assert admitted(s) == [a, b] and s.running_pages == 8  # c needs 3 of the 2 left; d waits behind it
-    s.finish(a)
+    s.finish(a, "length")
     assert admitted(s) == [c, d] and s.running_pages == 8
     urgent, later = req(64, priority=-1), req(16, priority=0)
     s.submit([later, urgent])
     assert admitted(s) == []  # urgent (4 pages) is first in line though submitted last; 2 are free
-    s.finish(b)
+    s.finish(b, "length")
     assert admitted(s) == [urgent, later] and s.running_pages == 9
     for r in (c, d, urgent, later):
-        s.finish(r)
+        s.finish(r, "length")
     assert s.running_pages == 0
 
 
@@ -126,7 +127,7 @@ def test_request_larger_than_free_pages_waits_then_runs() -> None:
     s.submit([small, big])
     assert admitted(s) == [small]
     assert admitted(s) == []  # 4 free: big waits
-    s.finish(small)
+    s.finish(small, "length")
     assert admitted(s) == [big] and s.running_pages == 6
 
 

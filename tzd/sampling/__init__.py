@@ -2,9 +2,12 @@
 decoding and block KV cache)."""
 
 from tzd.sampling.batch import DenoiseBatch, SlotStep
+from tzd.sampling.core import CoreStep, EngineCore
 from tzd.sampling.generate import Fill, GenerationResult, finish, finish_canvas, generate
 from tzd.sampling.infill import Layout
 from tzd.sampling.params import RequestPlan, SamplingParams, SamplingParamsError, plan
+from tzd.sampling.scheduler import CoreRequest, QueueFull, Scheduler, Status
 
-__all__ = ["DenoiseBatch", "Fill", "GenerationResult", "Layout", "RequestPlan", "SamplingParams",
-           "SamplingParamsError", "SlotStep", "finish", "finish_canvas", "generate", "plan"]
+__all__ = ["CoreRequest", "CoreStep", "DenoiseBatch", "EngineCore", "Fill", "GenerationResult", "Layout", "QueueFull",
+           "RequestPlan", "SamplingParams", "SamplingParamsError", "Scheduler", "SlotStep", "Status", "finish",
+           "finish_canvas", "generate", "plan"]

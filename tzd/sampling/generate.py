@@ -10,8 +10,10 @@ import torch.nn as nn
 
 from tzd.models import model_config
 from tzd.sampling.batch import DenoiseBatch, SlotStep, eos_set
+from tzd.sampling.core import EngineCore
 from tzd.sampling.infill import Layout
 from tzd.sampling.params import SamplingParams, plan
+from tzd.sampling.scheduler import CoreRequest
 from tzd.sampling.scores import TokenScore, TokenScores
 
 
@@ -102,8 +104,9 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
              layouts: Sequence[Layout | None] | None = None) -> list[GenerationResult]:
     """Generate for every prompt; `on_step(i, event)` sees each step of prompt i.
 
-    Prompts are admitted in order as slots and KV pages free up (at most `max_batch` at once, default
-    all; `kv_cache_bytes` of KV pages, default enough for every slot). With a `tokenizer`, stop strings
+    Prompts are admitted as the server admits requests (EngineCore: by `priority`, then in order) as slots
+    and KV pages free up (at most `max_batch` at once, default all; `kv_cache_bytes` of KV pages, default
+    enough for every slot); a prompt larger than the whole KV cache raises ValueError. With a `tokenizer`, stop strings
     are applied and results carry text. With `eos_id`, results are cut at the first EOS, and a request
     with `early_exit` (the default) stops denoising once that EOS is in its committed left part.
     `layouts[i]`: prompt i is an infill's (tzd.sampling.infill): its result's tokens are its gaps' fills.
@@ -119,22 +122,28 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
              for p, pr, lay in zip(plist, prompts, lays, strict=True)]
     batch = DenoiseBatch(model, mask_id, capacity=min(max_batch or len(prompts), len(prompts)) or 1,
                          eos_id=eos_id, kv_cache_bytes=kv_cache_bytes)
+    core = EngineCore(batch)  # the server's admission rule: priority, then order; slots and KV pages
+    for p in plans:
+        core.check_fits(p)
+    core.submit([CoreRequest(prompts[i], plans[i], priority=plist[i].priority, handle=i)
+                 for i in range(len(prompts))])
     results: list[GenerationResult | None] = [None] * len(prompts)
-    waiting = list(range(len(prompts)))
     decode = tokenizer.decode if tokenizer is not None else None
     scores = [TokenScores(p.max_tokens, p.params.top_logprobs) for p in plans]
-    while waiting or len(batch):
-        while waiting and batch.fits(plans[waiting[0]]):
-            i = waiting.pop(0)
-            batch.add(prompts[i], plans[i], handle=i)
-        for ev in batch.step():
+    while core.has_work():
+        out = core.step()
+        if out.not_started:  # a request the batch can never hold (larger than the whole KV cache)
+            raise out.not_started[0][1]
+        if out.error is not None:
+            raise out.error
+        for ev in out.events:
+            i = ev.handle.handle
             if on_step is not None:
-                on_step(ev.handle, ev)
-            scores[ev.handle].add(ev)
+                on_step(i, ev)
+            scores[i].add(ev)
             if ev.done:
-                p = plans[ev.handle]
+                p = plans[i]
                 f = finish_canvas(ev.canvas, ev.finish_reason, eos_id, p.params.stop, decode, p.layout)
-                results[ev.handle] = GenerationResult(f.tokens, ev.step + 1, ev.nfe, f.finish_reason, p.seed, f.text,
-                                                      ev.nfe_saved, scores[ev.handle].at(f.positions), f.gaps,
-                                                      f.gap_texts)
+                results[i] = GenerationResult(f.tokens, ev.step + 1, ev.nfe, f.finish_reason, p.seed, f.text,
+                                              ev.nfe_saved, scores[i].at(f.positions), f.gaps, f.gap_texts)
     return results  # type: ignore[return-value]

@@ -6,19 +6,54 @@ canvas, prompt + max_tokens, the columns of its full forward) and the free pages
 request that uses the cache holds its canvas's pages while it runs). The first in line that does not
 fit waits, and so does everyone behind it: a large request is never starved by smaller ones. A request
 larger than the whole token budget runs alone, once nothing else runs; one larger than the whole KV
-cache is refused before it is queued (server/serving.py).
+cache is refused before it is queued (the server's check_fits) or fails to start (offline generate()).
+
+The engine core (core.py) owns it: the server's engine and offline generate() admit through it alike.
+A request is a CoreRequest (the server's Request extends it with the HTTP side): its status says where it
+is, WAITING -> RUNNING -> FINISHED, with its finish reason.
 """
 
 from __future__ import annotations
 
 import bisect
+import enum
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from server.errors import QueueFull
-from server.request import Request
+from tzd.sampling.params import RequestPlan
 
-__all__ = ["QueueFull", "Scheduler"]
+__all__ = ["CoreRequest", "QueueFull", "Scheduler", "Status"]
+
+
+class QueueFull(Exception):
+    """The waiting queue has no room for the requests (the server answers 429)."""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)  # identity semantics: the request object is its own handle in the batch
+class CoreRequest:
+    """What the core keeps of a request: its prompt and plan, its place in the line, its status."""
+
+    prompt_ids: list[int]
+    plan: RequestPlan
+    priority: int = 0  # admission order: lower first, ties by arrival (SamplingParams.priority)
+    deadline: float | None = None  # perf_counter time past which it ends with finish_reason "timeout"
+    cancelled: bool = False  # its client went away: it leaves (waiting now, running at the next step)
+    status: Status = Status.WAITING
+    # why it finished: "length" | "stop" (the sampler's), "timeout", "cancelled", "aborted" (the output side
+    # ended it: a stop string), "error" (its step or its start failed); None until then
+    reason: str | None = None
+    handle: Any = None  # the caller's own tag (offline generate(): the prompt's index)
+
+
+Request = CoreRequest
 
 
 class Scheduler:
@@ -64,6 +99,7 @@ class Scheduler:
         req.cancelled = True
         if req in self.waiting:
             self._unqueue(req)
+            self._end(req, "cancelled")
 
     def page_cost(self, req: Request) -> int:
         return self.pages(req) if self.pages is not None else 0
@@ -81,7 +117,7 @@ class Scheduler:
         """(evict, admit) for the next step: cancelled requests out, then the first in line while it fits."""
         evict = [r for r in self.running if r.cancelled]
         for r in evict:
-            self.finish(r)
+            self.finish(r, "cancelled")
         admit: list[Request] = []
         while self.waiting and self._fits(self.waiting[0]):
             req = self.waiting.pop(0)
@@ -89,6 +125,7 @@ class Scheduler:
             self.running[req] = cost = (self.cost(req), self.page_cost(req))
             self.running_tokens += cost[0]
             self.running_pages += cost[1]
+            req.status = Status.RUNNING
             admit.append(req)
         return evict, admit
 
@@ -98,20 +135,29 @@ class Scheduler:
         late_running = [r for r in self.running if r.deadline is not None and r.deadline <= now]
         for r in late_waiting:
             self._unqueue(r)
+            self._end(r, "timeout")
         for r in late_running:
-            self.finish(r)
+            self.finish(r, "timeout")
         return late_waiting, late_running
 
-    def finish(self, req: Request) -> None:
-        """`req` no longer runs (finished, failed, evicted); idempotent."""
+    def finish(self, req: Request, reason: str) -> None:
+        """`req` no longer runs (finished, failed, evicted), for `reason`; idempotent (the first reason stays)."""
         cost = self.running.pop(req, None)
         if cost is not None:
             self.running_tokens -= cost[0]
             self.running_pages -= cost[1]
+        self._end(req, reason)
+
+    @staticmethod
+    def _end(req: Request, reason: str) -> None:
+        if req.status is not Status.FINISHED:
+            req.status, req.reason = Status.FINISHED, reason
 
     def drain_all(self) -> list[Request]:
         """Every request still here (waiting or running), removed: for shutdown or a dead engine."""
         everyone = [*self.running, *self.waiting]
+        for r in everyone:
+            self._end(r, "error")
         self.running.clear()
         self.waiting.clear()
         self._keys.clear()

@@ -1,0 +1,106 @@
+"""The engine core (tzd.sampling.core): one scheduler over one DenoiseBatch, driven step by step the same
+way by offline generate() and the server; each request's status and finish reason in its own record."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tzd.models import ModelConfig, build_model
+from tzd.sampling import CoreRequest, DenoiseBatch, EngineCore, SamplingParams, Status, generate, plan
+
+V, MASK = 61, 60
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+
+
+def request(prompt_len: int, max_tokens: int, priority: int = 0, deadline: float | None = None,
+            cache: str = "none") -> CoreRequest:
+    p = plan(SamplingParams(max_tokens=max_tokens, steps=max_tokens, block_length=max_tokens, seed=1, cache=cache),
+             prompt_len, 64)
+    return CoreRequest([1] * prompt_len, p, priority=priority, deadline=deadline)
+
+
+def run(core: EngineCore) -> list:
+    outs = []
+    while core.has_work():
+        outs.append(core.step(now=0.0))
+    return outs
+
+
+def test_a_step_admits_runs_and_finishes_with_reasons(model: torch.nn.Module) -> None:
+    core = EngineCore(DenoiseBatch(model, MASK, capacity=2), max_waiting=8)
+    a, b, c = request(4, 2), request(4, 3), request(4, 2)
+    core.submit([a, b, c])
+    first = core.step(now=0.0)
+    assert first.admitted == [a, b] and first.batch_size == 2 and c.status is Status.WAITING
+    assert [ev.handle for ev in first.events] == [a, b] and a.status is Status.RUNNING
+    second = core.step(now=0.0)  # a finishes (2 steps); its slot is free for c at the next step
+    assert [ev.done for ev in second.events] == [True, False]
+    assert (a.status, a.reason) == (Status.FINISHED, "length") and c.status is Status.WAITING
+    third = core.step(now=0.0)
+    assert third.admitted == [c]
+    run(core)
+    assert all(r.status is Status.FINISHED and r.reason == "length" for r in (a, b, c))
+    assert len(core.batch) == 0 and core.scheduler.running_pages == 0
+
+
+def test_cancel_abort_and_deadline_leave_at_the_next_step(model: torch.nn.Module) -> None:
+    core = EngineCore(DenoiseBatch(model, MASK, capacity=4), max_waiting=8)
+    cancelled, aborted, late, waiting_late, ok = (request(4, 8), request(4, 8), request(4, 8, deadline=5.0),
+                                                  request(4, 8, priority=1, deadline=5.0), request(4, 8))
+    core.submit([cancelled, aborted, late, ok])
+    core.step(now=0.0)
+    core.submit([waiting_late])  # no slot: it waits
+    core.cancel(cancelled)
+    core.abort(aborted)  # the output side ended it (a stop string)
+    out = core.step(now=10.0)  # past both deadlines
+    assert out.expired == [waiting_late, late]
+    assert [ev.handle for ev in out.events] == [ok] and len(core.batch) == 1
+    assert [(r.status, r.reason) for r in (cancelled, aborted, late, waiting_late)] == [
+        (Status.FINISHED, "cancelled"), (Status.FINISHED, "aborted"), (Status.FINISHED, "timeout"),
+        (Status.FINISHED, "timeout")]
+    run(core)
+    assert ok.reason == "length"
+
+
+def test_a_failing_step_fails_its_requests_and_the_core_serves_on(model: torch.nn.Module) -> None:
+    batch = DenoiseBatch(model, MASK, capacity=2)
+    core = EngineCore(batch, max_waiting=8)
+    a = request(4, 4)
+    core.submit([a])
+    real = batch.step
+    batch.step = lambda: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+    out = core.step(now=0.0)
+    assert isinstance(out.error, RuntimeError) and out.failed == [a] and (a.status, a.reason) == (
+        Status.FINISHED, "error")
+    assert len(batch) == 0 and not core.has_work()
+    batch.step = real  # type: ignore[method-assign]
+    b = request(4, 2)
+    core.submit([b])
+    run(core)
+    assert b.reason == "length"
+
+
+def test_offline_generate_admits_by_priority_like_the_server(model: torch.nn.Module) -> None:
+    """generate() goes through the same scheduler: with one slot, the lower priority runs first."""
+    seen: list[int] = []
+    params = [SamplingParams(max_tokens=2, steps=2, seed=i, priority=p) for i, p in enumerate((5, -1, 0))]
+    out = generate(model, [[1, 2], [3, 4], [5, 6]], params, MASK, max_batch=1,
+                   on_step=lambda i, ev: seen.append(i) if ev.step == 0 else None)
+    assert seen == [1, 2, 0] and all(len(r.tokens) == 2 for r in out)
+
+
+def test_offline_generate_refuses_a_request_larger_than_the_kv_cache(model: torch.nn.Module) -> None:
+    """It raises at once, naming the pages (before, such a request waited for pages that never came)."""
+    from tzd.sampling.batch import kv_shape
+    from tzd.sampling.kv_pages import PagedKVStore
+
+    cfg = model.tzd_config
+    page = PagedKVStore.page_bytes(*kv_shape(cfg), 16, torch.float32)
+    with pytest.raises(ValueError, match="KV pages"):
+        generate(model, [[1] * 8], SamplingParams(max_tokens=40, cache="dual"), MASK, kv_cache_bytes=2 * page)

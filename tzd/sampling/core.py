@@ -1,0 +1,126 @@
+"""The engine core: one scheduler and one DenoiseBatch, driven one step at a time by whoever serves.
+
+A step is schedule -> run -> commit -> update: requests past their deadline, cancelled ones and the
+ones the output side ended (aborts) leave; the first in line join while every budget has room; one
+batched denoising step runs (the batch commits on the device, the output processor updates each slot);
+the requests the step finished leave the scheduler. What the step did comes back as one CoreStep.
+
+Offline generate() and the server's engine both drive it: the same admission rule, the same path. The
+server calls `submit`, `cancel` and `abort` on its event loop and `step` on its step thread, so the
+scheduler's line is guarded by a lock; the batch is only ever touched by `step`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tzd.sampling.batch import DenoiseBatch, SlotStep
+from tzd.sampling.params import RequestPlan
+from tzd.sampling.scheduler import CoreRequest, Scheduler, Status
+
+__all__ = ["CoreStep", "EngineCore"]
+
+
+@dataclass
+class CoreStep:
+    """One step's outcome, for the output side."""
+
+    admitted: list[CoreRequest] = field(default_factory=list)  # joined the batch in this step
+    not_started: list[tuple[CoreRequest, Exception]] = field(default_factory=list)  # the batch refused them
+    expired: list[CoreRequest] = field(default_factory=list)  # past their deadline (waiting or running): gone
+    events: list[SlotStep] = field(default_factory=list)  # one per running request, in the batch's row order
+    batch_size: int = 0  # requests in the batch when it stepped
+    duration: float = 0.0  # seconds of the batch's step
+    error: Exception | None = None  # the batch's step raised: every running request left
+    failed: list[CoreRequest] = field(default_factory=list)  # those requests
+
+
+class EngineCore:
+    """Admission (`scheduler`) into `batch`, and its steps."""
+
+    def __init__(self, batch: DenoiseBatch, max_running: int | None = None, max_waiting: int = 1 << 30,
+                 max_tokens: int | None = None) -> None:
+        self.batch = batch
+        self.scheduler = Scheduler(min(max_running or batch.capacity, batch.capacity), max_waiting, max_tokens,
+                                   batch.kv.num_pages, lambda r: batch.pages_for(r.plan))
+        self._lock = threading.Lock()
+        self._aborts: list[CoreRequest] = []  # ended by the output side: they leave the batch at the next step
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborts)
+
+    def check_fits(self, plan: RequestPlan) -> None:
+        """ValueError when `plan` needs more KV pages than the whole cache holds: it could never start."""
+        need, kv = self.batch.pages_for(plan), self.batch.kv
+        if need > kv.num_pages:
+            raise ValueError(f"prompt + max_tokens = {plan.total_len} needs {need} KV pages of {kv.page_size}; "
+                             f"the whole cache has {kv.num_pages}")
+
+    def submit(self, requests: Sequence[CoreRequest]) -> None:
+        """Queue all of `requests` or none; raises scheduler.QueueFull."""
+        with self._lock:
+            self.scheduler.submit(requests)
+
+    def cancel(self, req: CoreRequest) -> None:
+        """The client went away: a waiting request leaves now, a running one at the next step."""
+        with self._lock:
+            self.scheduler.cancel(req)
+
+    def abort(self, req: CoreRequest) -> None:
+        """The output side ended `req` (a stop string): it leaves the batch at the next step."""
+        with self._lock:
+            self._aborts.append(req)
+
+    def drain_all(self) -> list[CoreRequest]:
+        """Every request still waiting or running, removed (finish reason "error"); the running ones leave
+        the batch at the next step."""
+        with self._lock:
+            running = list(self.scheduler.running)
+            everyone = self.scheduler.drain_all()
+            self._aborts += running
+        return everyone
+
+    def step(self, now: float | None = None) -> CoreStep:
+        """One step: leave, join, run; `now` (perf_counter) judges the deadlines."""
+        out = CoreStep()
+        with self._lock:
+            late_waiting, late_running = self.scheduler.expire(time.perf_counter() if now is None else now)
+            evict, admit = self.scheduler.schedule()
+            aborts, self._aborts = self._aborts, []
+            for r in aborts:
+                self.scheduler.finish(r, "aborted")
+        out.expired = late_waiting + late_running
+        for r in (*late_running, *evict, *aborts):
+            self.batch.remove(r)
+        for r in admit:
+            try:
+                self.batch.add(r.prompt_ids, r.plan, handle=r)
+                out.admitted.append(r)
+            except Exception as e:  # noqa: BLE001 - one request the batch refuses must not stop the others
+                with self._lock:
+                    self.scheduler.finish(r, "error")
+                out.not_started.append((r, e))
+        out.batch_size = len(self.batch)
+        if not out.batch_size:
+            return out
+        t0 = time.perf_counter()
+        try:
+            out.events = self.batch.step()
+        except Exception as e:  # noqa: BLE001 - this step's requests fail; the core keeps serving
+            out.error = e
+            with self._lock:
+                out.failed = [r for r in self.scheduler.running if r.status is Status.RUNNING]
+                for r in out.failed:
+                    self.scheduler.finish(r, "error")
+            for r in out.failed:
+                self.batch.remove(r)
+            return out
+        out.duration = time.perf_counter() - t0
+        with self._lock:
+            for ev in out.events:
+                if ev.done:  # its slot is free already: the next step may admit into it
+                    self.scheduler.finish(ev.handle, ev.finish_reason or "length")
+        return out
