@@ -14,9 +14,9 @@ import pytest
 
 from clients.protocol import SamplingParams
 from server.request import Request, RequestGroup
-from tzd.sampling.scheduler import QueueFull, Scheduler, Status
 from tests.server_utils import ServerProcess, metrics, sse_events
 from tzd.sampling import plan
+from tzd.sampling.scheduler import QueueFull, Scheduler, Status
 
 
 def req(total: int, priority: int = 0, prompt: int = 8) -> Request:
