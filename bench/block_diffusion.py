@@ -73,7 +73,7 @@ def held_out_nelbo(rt: Runtime, batches: int = 4, batch_size: int = 24, draws: i
 
     loaded, cfg = rt.loaded, rt.loaded.model_config
     corpus = load_corpus(OmegaConf.create(loaded.config["training"]["config"]["data"]))
-    windows = TokenWindows(encode_documents(loaded.tokenizer, corpus.val), cfg.block_size, "validation")
+    windows = TokenWindows(encode_documents(loaded.tokenizer, corpus.val), cfg.context_len, "validation")
     chars = sum(len(d) for d in corpus.val) + len(corpus.val)
     with inference(rt):
         res = evaluate(loaded.model, windows.grid(batch_size, batches), loaded.mask_id, cfg, draws=draws)

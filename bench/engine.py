@@ -68,7 +68,7 @@ def host_overhead(cfg: ModelConfig, mask_id: int, batch: int, cache: str, rounds
         for i in range(batch):
             prompt = torch.randint(mask_id + 1, cfg.vocab_size, (prompt_len,), generator=g).tolist()
             params = SamplingParams(max_tokens=max_tokens, block_length=block, cache=cache, seed=i)
-            db.add(prompt, plan(params, prompt_len, cfg.block_size), handle=i)
+            db.add(prompt, plan(params, prompt_len, cfg.context_len), handle=i)
         steps, model.seconds = 0, 0.0
         t0 = time.perf_counter()
         while len(db):

@@ -31,7 +31,7 @@ def mask_id(vocab: int) -> int:
 
 
 def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    cfg = ModelConfig(backend="smdm", vocab_size=args.vocab, block_size=args.prompt + args.tokens,
+    cfg = ModelConfig(backend="smdm", vocab_size=args.vocab, context_len=args.prompt + args.tokens,
                       n_layer=args.layers, n_head=args.heads, n_embd=args.width, intermediate_size=args.mlp,
                       rope_base=500000.0)
     with torch.device("meta"):

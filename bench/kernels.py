@@ -70,7 +70,7 @@ def default_model_config():
 def rope_shapes(quick: bool) -> list[dict]:
     cfg = default_model_config()
     # A serving batch of 32 full-context rows of the default model.
-    shapes = [dict(name="default", B=32, T=cfg.block_size, H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim,
+    shapes = [dict(name="default", B=32, T=cfg.context_len, H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim,
                    R=cfg.rotary_dim)]
     # 1B class: TinyLlama-1.1B's attention (32 query heads, 4 KV heads, head dim 64), 2K context.
     shapes.append(dict(name="1b", B=4, T=2048, H=32, Hk=4, D=64, R=64))
@@ -122,7 +122,7 @@ def bench_rope(shape: dict) -> dict:
 def attention_shapes(quick: bool) -> list[dict]:
     cfg = default_model_config()
     shapes = [
-        dict(name="default", B=32, H=cfg.n_head, Hk=cfg.n_kv_head, S=cfg.block_size, D=cfg.head_dim),
+        dict(name="default", B=32, H=cfg.n_head, Hk=cfg.n_kv_head, S=cfg.context_len, D=cfg.head_dim),
         dict(name="1b-2k", B=4, H=32, Hk=32, S=2048, D=64),
         dict(name="d128-4k", B=2, H=16, Hk=16, S=4096, D=128),
     ]
@@ -212,9 +212,9 @@ def bench_attention_mixed(shape: dict, seed: int = 0) -> dict:
 
 def block_causal_shapes(quick: bool) -> list[dict]:
     cfg = default_model_config()
-    d = dict(H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim, block=32, prompt=cfg.block_size // 4)
-    shapes = [dict(name="default", B=32, T=cfg.block_size, S=cfg.block_size, **d),
-              dict(name="default-win", B=32, T=32, S=cfg.block_size, **d)]  # the last block against all keys
+    d = dict(H=cfg.n_head, Hk=cfg.n_kv_head, D=cfg.head_dim, block=32, prompt=cfg.context_len // 4)
+    shapes = [dict(name="default", B=32, T=cfg.context_len, S=cfg.context_len, **d),
+              dict(name="default-win", B=32, T=32, S=cfg.context_len, **d)]  # the last block against all keys
     if not quick:
         shapes.append(dict(name="1b-gqa-2k", B=4, H=32, Hk=4, T=2048, S=2048, D=64, block=64, prompt=512))
     return shapes

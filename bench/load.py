@@ -36,12 +36,12 @@ SPECIAL = {"llada": (126336, 126081), "llada2": (156895, 156892)}  # (mask, eos)
 
 
 def llada_8b_widths(layers: int) -> ModelConfig:
-    return ModelConfig(backend="smdm", vocab_size=126464, block_size=4096, n_layer=layers, n_head=32, n_kv_head=32,
+    return ModelConfig(backend="smdm", vocab_size=126464, context_len=4096, n_layer=layers, n_head=32, n_kv_head=32,
                        n_embd=4096, intermediate_size=12288, rope_base=500000.0, norm_eps=1e-5)
 
 
 def llada2_mini_widths(layers: int) -> ModelConfig:
-    return ModelConfig(backend="smdm", vocab_size=157184, block_size=4096, n_layer=layers, n_head=16, n_kv_head=4,
+    return ModelConfig(backend="smdm", vocab_size=157184, context_len=4096, n_layer=layers, n_head=16, n_kv_head=4,
                        n_embd=2048, head_size=128, intermediate_size=5120, rope_base=600000.0, rotary_fraction=0.5,
                        norm_eps=1e-6, qk_norm=True, attention="block_causal", diffusion_block=32,
                        block_align="absolute", n_experts=256, n_experts_per_token=8, moe_intermediate_size=512,

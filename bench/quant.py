@@ -62,7 +62,7 @@ def held_out_batches(checkpoint: Path, batch_size: int, batches: int) -> list[to
     data = config["training"]["config"]["data"]
     loaded = load_checkpoint(checkpoint, device="cpu")
     corpus = load_corpus(OmegaConf.create(data))
-    windows = TokenWindows(encode_documents(loaded.tokenizer, corpus.val), loaded.model_config.block_size, "val")
+    windows = TokenWindows(encode_documents(loaded.tokenizer, corpus.val), loaded.model_config.context_len, "val")
     return windows.grid(batch_size, batches)
 
 

@@ -42,12 +42,12 @@ def one_case(params: dict, chunk: int | None) -> dict[str, float]:
         rules.GUMBEL_CHUNK = chunk
         rules.FILTER_CHUNK = BATCH * BLOCK * VOCAB
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2, n_embd=64)
+    cfg = ModelConfig(vocab_size=VOCAB, context_len=64, n_layer=1, n_head=2, n_embd=64)
     model = build_model(cfg).eval()
     batch = DenoiseBatch(model, mask_id=VOCAB - 1, capacity=BATCH)
     p = SamplingParams(max_tokens=BLOCK, steps=BLOCK, block_length=BLOCK, seed=1, **params)
     for i in range(BATCH):
-        batch.add([1, 2, 3, 4 + i], plan(p, 4, cfg.block_size))
+        batch.add([1, 2, 3, 4 + i], plan(p, 4, cfg.context_len))
     with torch.inference_mode():
         batch.step()  # warm: allocator pools and lazy init are not the step's own
         for i in range(BATCH):  # a fresh block again, so the measured step has every position open

@@ -41,8 +41,8 @@ def plain_tokens_per_s(overrides: list[str], tokenizer_path: Path, warmup: int) 
     cfg = load_config(overrides)
     t = cfg.training
     tok = Tokenizer(tokenizer_path)
-    model_cfg = ModelConfig(**{k: v for k, v in cfg.model.items()}, vocab_size=tok.vocab_size)
-    windows = TokenWindows(encode_documents(tok, load_corpus(cfg.data).train), model_cfg.block_size, "train")
+    model_cfg = ModelConfig.from_dict({**cfg.model, "vocab_size": tok.vocab_size})
+    windows = TokenWindows(encode_documents(tok, load_corpus(cfg.data).train), model_cfg.context_len, "train")
     torch.manual_seed(int(t.seed))
     model = build_model(model_cfg)
     opt = make_optimizer(model, t)
@@ -62,7 +62,7 @@ def plain_tokens_per_s(overrides: list[str], tokenizer_path: Path, warmup: int) 
         opt.zero_grad(set_to_none=True)
         float(loss)  # the trainer reads the loss every log step; read it every step here (a worst case for us)
         times.append(time.perf_counter() - t0)
-    tokens = t.batch_size * model_cfg.block_size
+    tokens = t.batch_size * model_cfg.context_len
     return tokens / statistics.median(times[warmup:])
 
 

@@ -507,7 +507,7 @@ if [ "$TRAIN" = 1 ]; then
     log "docker compose --profile train run --rm trainer (a tiny model, 3 steps) -> /models/ci-run"
     t=$EPOCHREALTIME
     if nice -n 10 "${COMPOSE[@]}" --profile train run --rm -T trainer model.n_layer=1 model.n_embd=32 model.n_head=2 \
-        model.block_size=64 tokenizer.vocab_size=512 training.max_steps=3 training.sample_every=0 \
+        model.context_len=64 tokenizer.vocab_size=512 training.max_steps=3 training.sample_every=0 \
         out_dir=/models/ci-run >"$WORK/train.log" 2>&1 && grep -q 'checkpoint: /models/ci-run/last' "$WORK/train.log"; then
         timing "trainer run (3 steps, tiny model)" "$(elapsed "$t")s"
         pass "the trainer service writes a checkpoint into the models volume"

@@ -35,7 +35,7 @@ class Runtime:
 
     @property
     def context(self) -> int:
-        return self.loaded.model_config.block_size
+        return self.loaded.model_config.context_len
 
     @property
     def dtype_name(self) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = [
-    "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.block_size=96", "tokenizer.vocab_size=512",
+    "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.context_len=96", "tokenizer.vocab_size=512",
     "training.batch_size=16", "training.eval_every=40", "training.eval_batches=2", "training.sample_every=0",
     "training.checkpoint_every=0", "training.log_every=20", "training.lr=3e-3", "training.warmup_steps=10",
 ]

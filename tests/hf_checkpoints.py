@@ -58,7 +58,7 @@ def write_tokenizer(out: Path, specials: dict[str, int], base_vocab: int, bos: s
 
 
 def tiny_config(family: str, vocab: int, **over: object) -> ModelConfig:
-    base = dict(backend="smdm", vocab_size=vocab, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+    base = dict(backend="smdm", vocab_size=vocab, context_len=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
                 intermediate_size=64, norm_eps=1e-5)
     if family == "llada":
         base.update(rope_base=500000.0, n_kv_head=4)

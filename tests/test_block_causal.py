@@ -15,7 +15,7 @@ BACKENDS = ["smdm", "litgpt"]
 
 def tiny(backend: str, **kw) -> ModelConfig:
     return ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                       block_size=32, attention="block_causal", diffusion_block=4, **kw)
+                       context_len=32, attention="block_causal", diffusion_block=4, **kw)
 
 
 def test_block_ids_prompt_is_its_own_span() -> None:
@@ -97,7 +97,7 @@ def test_two_stream_mask_layout() -> None:
 def sampler_model(backend: str = "smdm", block: int = 8) -> torch.nn.Module:
     """A random block-causal model with spread-out logits (near-uniform ones would make argmax ties)."""
     torch.manual_seed(1)
-    cfg = ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=96,
+    cfg = ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, context_len=96,
                       attention="block_causal", diffusion_block=block)
     model = build_model(cfg).eval()
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_packed_rows_equal_padded_rows(block_causal: bool) -> None:
     from tzd.sampling import DenoiseBatch, SamplingParams, plan  # noqa: PLC0415
 
     model = sampler_model() if block_causal else build_model(ModelConfig(
-        vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=96)).eval()
+        vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, context_len=96)).eval()
     block = 8 if block_causal else None
     g = torch.Generator().manual_seed(2)
     batch = DenoiseBatch(model, 96, capacity=3)

@@ -28,7 +28,7 @@ MASK_ID = 4
 
 def tiny(backend: str = "smdm", attention: str = "block_causal") -> ModelConfig:
     return ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                       block_size=32, attention=attention, diffusion_block=4)
+                       context_len=32, attention=attention, diffusion_block=4)
 
 
 def per_block_loop_loss(model: torch.nn.Module, ids: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor,
@@ -157,7 +157,7 @@ def test_preset_trains_and_reloads_block_causal(tmp_path: Path) -> None:
                 "training.num_threads=1", f"out_dir={out}")
     loaded = load_checkpoint(out / "last", device="cpu")
     cfg = loaded.model_config
-    assert cfg.attention == "block_causal" and cfg.diffusion_block == 16 and cfg.block_size == 96
+    assert cfg.attention == "block_causal" and cfg.diffusion_block == 16 and cfg.context_len == 96
     meta = loaded.config["training"]
     assert meta["steps"] == 4 and meta["validation"]["val_nelbo"] > 0 and meta["validation"]["val_nats_per_char"] > 0
     ids = torch.randint(5, loaded.tokenizer.vocab_size, (1, 40))

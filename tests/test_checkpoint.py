@@ -17,7 +17,7 @@ from tzd.tokenizer import train_tokenizer
 def ckpt(tmp_path):
     tok = train_tokenizer(["All the world's a stage, and all the men and women merely players.\n" * 40], 300,
                           tmp_path / "t.model")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=16)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, context_len=16)
     return save_checkpoint(tmp_path / "ckpt", build_model(cfg), cfg, tok.path)
 
 

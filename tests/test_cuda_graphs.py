@@ -19,7 +19,7 @@ from tzd.sampling.cuda_graphs import BATCH_BUCKETS, KEY_BUCKET, WindowGraphs
 
 def bidirectional_model() -> torch.nn.Module:
     torch.manual_seed(3)
-    model = build_model(ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=96)).eval()
+    model = build_model(ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, context_len=96)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8.0)  # spread-out logits: no argmax near-ties

@@ -15,7 +15,7 @@ V, MASK = 61, 60
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    return build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, context_len=64)).eval()
 
 
 def request(prompt_len: int, max_tokens: int, priority: int = 0, deadline: float | None = None,

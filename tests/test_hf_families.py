@@ -165,11 +165,11 @@ def test_eos_set_ends_generation(loaded: dict[str, Loaded]) -> None:
 def test_loads_on_meta_then_assigns(loaded: dict[str, Loaded]) -> None:
     for L in loaded.values():
         assert all(p.device.type == "cpu" for p in L.model.parameters())
-        assert L.model.rope_cos.device.type == "cpu" and L.model.rope_cos.shape[0] == L.model_config.block_size
+        assert L.model.rope_cos.device.type == "cpu" and L.model.rope_cos.shape[0] == L.model_config.context_len
     bf = load_checkpoint(loaded["dream"].path, device="cpu", dtype=torch.float32, linear_dtype=torch.bfloat16,
                          max_context=64)
     assert bf.model.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
-    assert bf.model.norm.weight.dtype == torch.float32 and bf.model_config.block_size == 64
+    assert bf.model.norm.weight.dtype == torch.float32 and bf.model_config.context_len == 64
 
 
 def test_family_configs_reject_what_smdm_does_not_build() -> None:

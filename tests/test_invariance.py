@@ -74,7 +74,7 @@ def test_tiled_linear_rows_do_not_depend_on_the_row_count(dtype: torch.dtype) ->
 
 def _model(backend: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(backend=backend, vocab_size=300, block_size=160, n_layer=2, n_head=4, n_kv_head=2,
+    cfg = ModelConfig(backend=backend, vocab_size=300, context_len=160, n_layer=2, n_head=4, n_kv_head=2,
                       n_embd=64)
     return build_model(cfg).eval()
 

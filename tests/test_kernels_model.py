@@ -53,7 +53,7 @@ def spy(monkeypatch):
 def _model(backend: str, dtype: torch.dtype, **arch) -> torch.nn.Module:
     # Head dim 32, GQA (4 query heads over 2 KV heads), half the dims rotated.
     cfg = ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
-                      block_size=32, rotary_fraction=0.5, **arch)
+                      context_len=32, rotary_fraction=0.5, **arch)
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():  # init scales weights to 0.02: use larger ones so attention is far from uniform

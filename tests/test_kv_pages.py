@@ -88,7 +88,7 @@ def test_allocation_usage_and_scratch_isolation() -> None:
 
 def small_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(vocab_size=61, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=80)).eval()
+    return build_model(ModelConfig(vocab_size=61, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, context_len=80)).eval()
 
 
 @pytest.mark.parametrize("cache", ["dual", "prefix"])

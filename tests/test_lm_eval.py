@@ -41,7 +41,7 @@ SAMPLER = "max_tokens=16,steps=8,block_length=8"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer TZD checkpoint (random weights, the default model's tokenizer, a context of 96)."""
-    cfg = ModelConfig(backend="smdm", vocab_size=4096, block_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+    cfg = ModelConfig(backend="smdm", vocab_size=4096, context_len=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
                       intermediate_size=64)
     out = tmp_path_factory.mktemp("lm_eval") / "tiny"
     return save_checkpoint(out, random_model(cfg, 0), cfg, DEFAULT_MODEL / "tokenizer.model")

@@ -14,7 +14,7 @@ BACKENDS = ["smdm", "litgpt"]
 
 def tiny(backend: str, **kw) -> ModelConfig:
     return ModelConfig(backend=backend, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                       block_size=32, **kw)
+                       context_len=32, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,10 +60,22 @@ def test_context_overflow_is_a_clear_error() -> None:
 def test_save_reload_identical_logits(backend: str, tmp_path) -> None:
     tok = train_tokenizer(["To be, or not to be, that is the question.\n" * 50], 300, tmp_path / "t.model")
     torch.manual_seed(0)
-    cfg = ModelConfig(backend=backend, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=64, block_size=32)
+    cfg = ModelConfig(backend=backend, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=64, context_len=32)
     model = build_model(cfg).eval()
     save_checkpoint(tmp_path / "ckpt", model, cfg, tok.path, {"training": {"steps": 0}})
     loaded = load_checkpoint(tmp_path / "ckpt", device="cpu")
     ids = torch.randint(0, tok.vocab_size, (2, 20))
     assert torch.equal(loaded.model(ids), model(ids))
     assert loaded.mask_id == tok.mask_id and loaded.model_config == cfg
+
+
+def test_config_reads_the_old_name_of_the_context_length() -> None:
+    """`block_size` was the context length's key until it became `context_len` (the shipped models' config.json
+    still say block_size): it reads as context_len; both at once must agree."""
+    from tzd.models import ModelConfig
+
+    assert ModelConfig.from_dict({"block_size": 96}).context_len == 96
+    assert ModelConfig.from_dict({"block_size": 96, "context_len": 96}).context_len == 96
+    with pytest.raises(ValueError, match="block_size=96 and context_len=64 disagree"):
+        ModelConfig.from_dict({"block_size": 96, "context_len": 64})
+    assert "block_size" not in ModelConfig().to_dict()

@@ -17,7 +17,7 @@ from tzd.models.smdm import FeedForward, feed_forward
 
 
 def moe_config(**over: object) -> ModelConfig:
-    base = dict(vocab_size=64, block_size=64, n_layer=3, n_head=4, n_embd=32, intermediate_size=48,
+    base = dict(vocab_size=64, context_len=64, n_layer=3, n_head=4, n_embd=32, intermediate_size=48,
                 n_experts=8, n_experts_per_token=3, moe_intermediate_size=16, n_shared_experts=1,
                 first_k_dense_replace=1, router_score="sigmoid", router_bias=True, n_group=4, topk_group=2,
                 norm_topk_prob=True, routed_scaling_factor=2.5)

@@ -96,7 +96,7 @@ def test_the_schedule_adds_up(request: tuple[SamplingParams, int]) -> None:
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=40)).eval()
+    return build_model(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, context_len=40)).eval()
 
 
 MASK = 63

@@ -185,7 +185,7 @@ def test_litgpt_backend_quantized_in_place() -> None:
     from tzd.quant import quantize_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(backend="litgpt", vocab_size=96, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+    cfg = ModelConfig(backend="litgpt", vocab_size=96, context_len=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                       intermediate_size=128)
     model, ref = build_model(cfg).eval(), build_model(cfg).eval()
     ref.load_state_dict(model.state_dict())

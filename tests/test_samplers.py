@@ -95,7 +95,7 @@ def peaked_model(n_layer: int, attention: str = "bidirectional") -> torch.nn.Mod
     torch.manual_seed(3)
     extra = dict(attention="block_causal", diffusion_block=8) if attention == "block_causal" else {}
     model = build_model(ModelConfig(vocab_size=V, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=64,
-                                    block_size=96, **extra)).eval()
+                                    context_len=96, **extra)).eval()
     with torch.no_grad():
         for prm in model.parameters():
             prm.mul_(6.0)
@@ -338,7 +338,7 @@ def test_early_exit_batched_with_others_matches_alone(eos_model: Loaded) -> None
 
 def test_without_eos_ids_nothing_exits() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    model = build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, context_len=64)).eval()
     [r] = generate(model, [[1, 2, 3]], SamplingParams(max_tokens=16), MASK)
     assert r.nfe == 16 and r.nfe_saved == 0 and r.finish_reason == "length"
 
@@ -346,7 +346,7 @@ def test_without_eos_ids_nothing_exits() -> None:
 def test_early_exit_saving_with_absolute_blocks() -> None:
     """SDAR's layout: block 0 is the rest of the block the prompt ends in, shorter than the others."""
     torch.manual_seed(2)
-    model = build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=64,
+    model = build_model(ModelConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, context_len=64,
                                     attention="block_causal", diffusion_block=4, block_align="absolute")).eval()
     prompt = [5, 6, 7, 8, 9]  # ends 1 into a block: block 0 has 3 positions
     for steps in (None, 7):

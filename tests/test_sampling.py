@@ -189,7 +189,7 @@ def test_cache_exact_for_one_layer_model(ckpt: Loaded) -> None:
     """With one layer, keys/values depend only on each position's own token, which the cache never
     keeps stale (prefix: committed tokens; dual: masks right of the block), so caching is exact."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=ckpt.tokenizer.vocab_size, n_layer=1, n_head=4, n_embd=64, block_size=96)
+    cfg = ModelConfig(vocab_size=ckpt.tokenizer.vocab_size, n_layer=1, n_head=4, n_embd=64, context_len=96)
     model = build_model(cfg).eval()
     ps = prompts(ckpt)
     for temperature in (0.0, 1.0):

@@ -35,7 +35,7 @@ def _count_syncs(fn) -> tuple[object, int]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_sync_per_step_in_a_mixed_batch(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, n_embd=64, block_size=96)
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, n_embd=64, context_len=96)
     model = build_model(cfg).cuda().to(dtype).eval().requires_grad_(False)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15] * 12, [16, 17], [18, 19, 20]]
     common = {"max_tokens": 32, "steps": 32, "block_length": 16}

@@ -21,7 +21,7 @@ SHARED = "SYSTEM: You speak as the characters of Shakespeare do, in verse, brief
 def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("bd")
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=4096, n_layer=2, n_head=2, n_embd=32, block_size=256, attention="block_causal",
+    cfg = ModelConfig(vocab_size=4096, n_layer=2, n_head=2, n_embd=32, context_len=256, attention="block_causal",
                       diffusion_block=8)
     path = save_checkpoint(root / "model", build_model(cfg), cfg, ROOT / "models/shakespeare-small/tokenizer.model")
     with ServerProcess(path, "--dtype", "float32", "--max-batch-size", "4", "--prefix-cache-mb", "4",

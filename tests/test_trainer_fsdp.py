@@ -25,7 +25,7 @@ from tzd.checkpoint import load_checkpoint
 from tzd.models import ModelConfig, build_model
 from tzd.tokenizer import train_tokenizer
 
-TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data=text",
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.context_len=32", "data=text",
         "training.batch_size=4", "training.lr=3e-3", "training.warmup_steps=2", "training.eval_every=2",
         "training.eval_batches=1", "training.sample_every=2", "training.sample_tokens=8", "training.log_every=1",
         "training.checkpoint_every=0", "training.precision=32-true", "training.num_threads=1",
@@ -151,7 +151,7 @@ def test_fsdp_resumes_on_two_nodes_through_torchrun(at_one: dict[str, Path], com
 def test_training_state_keyed_by_position_is_renamed() -> None:
     """A training_state.pt from before sharding (optimizer.state_dict(): keyed by position) still resumes."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    model = build_model(ModelConfig(vocab_size=64, context_len=16, n_layer=2, n_head=2, n_embd=32))
     optimizer = make_optimizer(model, OmegaConf.create({"weight_decay": 0.1, "lr": 1e-3, "beta1": 0.9, "beta2": 0.95}))
     model(torch.randint(0, 64, (2, 16))).float().mean().backward()
     optimizer.step()

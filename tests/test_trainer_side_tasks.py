@@ -16,7 +16,7 @@ from tzd.checkpoint import load_checkpoint
 from tzd.tokenizer import train_tokenizer
 
 # the issue's command, at tiny sizes (a model whose context is shorter than prompt + sample_tokens=64)
-ISSUE = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64, "model.block_size": 64,
+ISSUE = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64, "model.context_len": 64,
          "tokenizer.vocab_size": 512, "data": "text", "training.batch_size": 8, "training.eval_batches": 2,
          "training.precision": "32-true", "training.num_threads": 1}
 
@@ -53,7 +53,7 @@ def test_fit_samples_cuts_prompt_first_then_caps_max_tokens() -> None:
     cut, n = fit_samples([long], 64, 30)  # prompt at its floor, then max_tokens capped
     assert cut == [long[-MIN_PROMPT_TOKENS:]] and n == 30 - MIN_PROMPT_TOKENS
     assert fit_samples([long], 8, 16) == ([long[-8:]], 8)  # a sample_tokens below the floor is the floor
-    with pytest.raises(NoRoomForSamples, match="model.block_size=16"):
+    with pytest.raises(NoRoomForSamples, match="model.context_len=16"):
         fit_samples([long], 64, 16)  # 8 + 8 < 8 + MIN_SAMPLE_TOKENS
     assert MIN_PROMPT_TOKENS + MIN_SAMPLE_TOKENS > 16
 
@@ -81,11 +81,11 @@ def train_in_process(capsys: pytest.CaptureFixture[str], **changes: object) -> t
 def test_context_too_small_for_any_sample_skips_them(corpus: Path, tokenizer_path: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ctx16"
-    rc, stdout, _ = train_in_process(capsys, model__block_size=16, data__path=corpus, tokenizer__path=tokenizer_path,
+    rc, stdout, _ = train_in_process(capsys, model__context_len=16, data__path=corpus, tokenizer__path=tokenizer_path,
                                      training__max_steps=2, training__sample_every=1, out_dir=out)
     assert rc == 0
     skipped = [ln for ln in stdout.splitlines() if ln.startswith("samples skipped:")]
-    assert skipped == ["samples skipped: model.block_size=16 cannot hold a prompt of 8 tokens plus 16 generated "
+    assert skipped == ["samples skipped: model.context_len=16 cannot hold a prompt of 8 tokens plus 16 generated "
                        "ones (training.sample_tokens=64)"], stdout
     assert not (out / "logs" / "samples.jsonl").exists()
     assert load_checkpoint(out / "last").config["training"]["steps"] == 2
@@ -110,7 +110,7 @@ def test_side_task_failure_keeps_last_and_fails_the_run(target: str, every: str,
     out = tmp_path / "run"
     every_step = {"training__eval_every": 0, "training__sample_every": 0, "training__log_every": 100,
                   f"training__{every}": 2}  # only the failing task runs, at steps 2 and 4
-    rc, stdout, stderr = train_in_process(capsys, model__block_size=96, data__path=corpus,
+    rc, stdout, stderr = train_in_process(capsys, model__context_len=96, data__path=corpus,
                                           tokenizer__path=tokenizer_path, training__max_steps=4,
                                           training__sample_tokens=16, training__checkpoint_every=0, out_dir=out,
                                           **every_step)

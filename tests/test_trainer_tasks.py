@@ -47,7 +47,7 @@ def test_block_diffusion_samples_for_any_block(block: int, tmp_path: Path) -> No
     """The issue's command: a block-causal run whose diffusion block is not 32 writes its samples."""
     out = tmp_path / "run"
     proc = run_trainer("model.attention=block_causal", f"model.diffusion_block={block}", "model.n_layer=2",
-                       "model.n_head=2", "model.n_embd=64", "model.block_size=64", "tokenizer.vocab_size=512",
+                       "model.n_head=2", "model.n_embd=64", "model.context_len=64", "tokenizer.vocab_size=512",
                        "data=text", f"data.path={_text_corpus(tmp_path)}", "training.max_steps=40",
                        "training.batch_size=8", "training.eval_every=0", "training.precision=32-true",
                        f"out_dir={out}", check=False)
@@ -142,7 +142,7 @@ def test_block_sft_loss_never_masks_the_prompt() -> None:
     from tzd.diffusion import block_sft_loss
     from tzd.models import ModelConfig, build_model
 
-    cfg = ModelConfig(vocab_size=40, block_size=24, n_layer=1, n_head=2, n_embd=32, attention="block_causal",
+    cfg = ModelConfig(vocab_size=40, context_len=24, n_layer=1, n_head=2, n_embd=32, attention="block_causal",
                       diffusion_block=4)
     torch.manual_seed(0)
     model = build_model(cfg).eval()

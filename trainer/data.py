@@ -70,21 +70,21 @@ def encode_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
 class TokenWindows:
     """Fixed-length windows of a token stream: random ones for training, a fixed grid for validation."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, name: str) -> None:
-        if len(tokens) <= block_size:
+    def __init__(self, tokens: np.ndarray, context_len: int, name: str) -> None:
+        if len(tokens) <= context_len:
             raise DataError(f"the {name} split has {len(tokens)} tokens: it needs more than "
-                            f"model.block_size={block_size}")
+                            f"model.context_len={context_len}")
         self.tokens = torch.from_numpy(tokens.astype(np.int64))
-        self.block_size = block_size
+        self.context_len = context_len
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        starts = torch.randint(0, len(self.tokens) - self.block_size, (batch_size,), generator=generator)
-        return torch.stack([self.tokens[s:s + self.block_size] for s in starts.tolist()])
+        starts = torch.randint(0, len(self.tokens) - self.context_len, (batch_size,), generator=generator)
+        return torch.stack([self.tokens[s:s + self.context_len] for s in starts.tolist()])
 
     def grid(self, batch_size: int, max_batches: int) -> list[torch.Tensor]:
         """Non-overlapping windows in order, spread evenly over the split, as at most `max_batches` batches."""
-        n = (len(self.tokens) - 1) // self.block_size
+        n = (len(self.tokens) - 1) // self.context_len
         take = min(n, batch_size * max_batches)
         idx = torch.linspace(0, n - 1, take).long()
-        windows = torch.stack([self.tokens[i * self.block_size:(i + 1) * self.block_size] for i in idx.tolist()])
+        windows = torch.stack([self.tokens[i * self.context_len:(i + 1) * self.context_len] for i in idx.tolist()])
         return list(windows.split(batch_size))

@@ -42,7 +42,7 @@ def export_llada(loaded: Loaded, dst: str, dtype: torch.dtype, shard_mb: float |
     piece = loaded.tokenizer.sp.id_to_piece  # the SentencePiece pieces of the special ids
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(sp.bos), "eos_token": piece(sp.eos),
                   "pad_token": piece(sp.pad), "unk_token": piece(sp.unk), "mask_token": piece(sp.mask),
-                  "model_max_length": cfg.block_size}
+                  "model_max_length": cfg.context_len}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out
 

@@ -192,7 +192,7 @@ def make_sample_plan(run: Run) -> SamplePlan | None:
     prompts = sample_prompts(run.corpus.val) if run.task is None else run.corpus.val[:2]
     tokens = int(t.sample_tokens) if run.task is None else run.task.max_tokens
     try:
-        plan = plan_samples(prompts, run.tokenizer, tokens, run.model_cfg.block_size)
+        plan = plan_samples(prompts, run.tokenizer, tokens, run.model_cfg.context_len)
     except NoRoomForSamples as e:
         run.fabric.print(f"samples skipped: {e}")
         return None

@@ -137,18 +137,18 @@ def setup_run(cfg: DictConfig) -> Run:
     fabric = launch_fabric(cfg, out_dir, precision)
     tok_path, tokenizer = load_tokenizer(cfg, corpus, out_dir, resume_from, fabric, init_from)
 
-    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model), vocab_size=tokenizer.vocab_size)
+    model_cfg = ModelConfig.from_dict({**OmegaConf.to_container(cfg.model), "vocab_size": tokenizer.vocab_size})
     if task is not None:
-        train_windows = encode_rows(tokenizer, train_examples, task.max_tokens, model_cfg.block_size,
-                                    row_len=model_cfg.block_size)
-        val_rows = encode_rows(tokenizer, val_examples, task.max_tokens, model_cfg.block_size)
+        train_windows = encode_rows(tokenizer, train_examples, task.max_tokens, model_cfg.context_len,
+                                    row_len=model_cfg.context_len)
+        val_rows = encode_rows(tokenizer, val_examples, task.max_tokens, model_cfg.context_len)
         val_batches = val_rows.grid(t.batch_size, t.eval_batches)
         texts = [e.prompt + e.target for e in val_examples]
         chars_per_token = sum(map(len, texts)) / max(1, sum(map(len, tokenizer.encode_batch(texts))))
         val_tokens = int(val_rows.ids.numel())
     else:
-        train_windows = TokenWindows(encode_documents(tokenizer, corpus.train), model_cfg.block_size, "train")
-        val_windows = TokenWindows(encode_documents(tokenizer, corpus.val), model_cfg.block_size, "validation")
+        train_windows = TokenWindows(encode_documents(tokenizer, corpus.train), model_cfg.context_len, "train")
+        val_windows = TokenWindows(encode_documents(tokenizer, corpus.val), model_cfg.context_len, "validation")
         val_chars = sum(len(d) for d in corpus.val) + len(corpus.val)  # +1 per document for its EOS
         val_batches = val_windows.grid(t.batch_size, t.eval_batches)
         chars_per_token = val_chars / len(val_windows.tokens)

@@ -49,7 +49,7 @@ def fit_samples(prompt_ids: list[list[int]], sample_tokens: int, context: int) -
     longest = max((len(ids) for ids in cut), default=0)
     max_tokens = min(sample_tokens, context - longest)
     if max_tokens < floor:
-        raise NoRoomForSamples(f"model.block_size={context} cannot hold a prompt of {longest} tokens plus "
+        raise NoRoomForSamples(f"model.context_len={context} cannot hold a prompt of {longest} tokens plus "
                                f"{floor} generated ones (training.sample_tokens={sample_tokens})")
     return cut, max_tokens
 
@@ -63,7 +63,7 @@ def plan_samples(texts: list[str], tokenizer: Tokenizer, sample_tokens: int, con
         changes.append(f"prompts cut to their last {max(len(c) for c in cut)} tokens")
     if max_tokens < sample_tokens:
         changes.append(f"max_tokens {max_tokens} instead of training.sample_tokens={sample_tokens}")
-    note = f"samples: {' and '.join(changes)} to fit model.block_size={context}" if changes else None
+    note = f"samples: {' and '.join(changes)} to fit model.context_len={context}" if changes else None
     return SamplePlan(prompts, cut, max_tokens, note)
 
 

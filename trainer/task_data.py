@@ -79,8 +79,8 @@ def encode_rows(tokenizer: Tokenizer, examples: list[TaskExample], canvas: int, 
             raise DataError(f"data.max_tokens={canvas}: the target of {examples[i].prompt!r} takes {len(t)} "
                             "tokens plus EOS; raise data.max_tokens")
         if len(p) + canvas > min(context, row_len):
-            raise DataError(f"model.block_size={context}: prompt {examples[i].prompt!r} ({len(p)} tokens) + "
-                            f"canvas {canvas} does not fit; raise model.block_size")
+            raise DataError(f"model.context_len={context}: prompt {examples[i].prompt!r} ({len(p)} tokens) + "
+                            f"canvas {canvas} does not fit; raise model.context_len")
     ids = np.full((len(examples), row_len), tokenizer.eos_id, dtype=np.int64)
     plen = np.array([len(p) for p in prompts], dtype=np.int64)
     need = np.array([len(p) + len(t) + 1 for p, t in zip(prompts, targets, strict=True)], dtype=np.int64)

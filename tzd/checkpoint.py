@@ -188,7 +188,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
             raise CheckpointError(f"{path / WEIGHTS_FILE}: tensor {k} has shape {tuple(state[k].shape)}, "
                                   f"the config implies {tuple(v.shape)}")
     if max_context is not None:
-        model_config.block_size = min(model_config.block_size, max_context)
+        model_config.context_len = min(model_config.context_len, max_context)
     model = build_model(model_config)  # real buffers (rope tables) need a real device
     model.load_state_dict({k: v.float() for k, v in state.items()})
     del state

@@ -78,7 +78,7 @@ def llada_config(hf: dict[str, Any]) -> ModelConfig:
     _head_dim_matches(hf, d_model, heads)
     return ModelConfig(
         backend="smdm", vocab_size=int(_get(hf, "embedding_size", _get(hf, "vocab_size"))),
-        block_size=int(_get(hf, "max_sequence_length")), n_layer=int(_get(hf, "n_layers")), n_head=heads,
+        context_len=int(_get(hf, "max_sequence_length")), n_layer=int(_get(hf, "n_layers")), n_head=heads,
         n_kv_head=int(_get(hf, "n_kv_heads", heads)), n_embd=d_model,
         intermediate_size=int(_get(hf, "mlp_hidden_size", int(_get(hf, "mlp_ratio", 4)) * d_model)),
         rope_base=float(_get(hf, "rope_theta", 10000.0)), norm_eps=float(_get(hf, "rms_norm_eps", 1e-5)),
@@ -89,7 +89,7 @@ def llada_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {"model_type": "llada", "architectures": ["LLaDAModelLM"], "block_type": "llama",
             "d_model": cfg.n_embd, "n_layers": cfg.n_layer, "n_heads": cfg.n_head, "n_kv_heads": cfg.n_kv_head,
             "mlp_hidden_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size, "embedding_size": cfg.vocab_size,
-            "max_sequence_length": cfg.block_size, "rope_theta": cfg.rope_base, "rms_norm_eps": cfg.norm_eps,
+            "max_sequence_length": cfg.context_len, "rope_theta": cfg.rope_base, "rms_norm_eps": cfg.norm_eps,
             "weight_tying": cfg.tie_embeddings, "include_bias": False, "include_qkv_bias": cfg.qkv_bias,
             "layer_norm_type": "rms", "activation_type": "silu", "rope": True, "alibi": False}
 
@@ -126,7 +126,7 @@ def dream_config(hf: dict[str, Any]) -> ModelConfig:
     width, heads = int(_get(hf, "hidden_size")), int(_get(hf, "num_attention_heads"))
     _head_dim_matches(hf, width, heads)
     return ModelConfig(
-        backend="smdm", vocab_size=int(_get(hf, "vocab_size")), block_size=int(_get(hf, "max_position_embeddings")),
+        backend="smdm", vocab_size=int(_get(hf, "vocab_size")), context_len=int(_get(hf, "max_position_embeddings")),
         n_layer=int(_get(hf, "num_hidden_layers")), n_head=heads,
         n_kv_head=int(_get(hf, "num_key_value_heads", heads)), n_embd=width,
         intermediate_size=int(_get(hf, "intermediate_size")), rope_base=float(_get(hf, "rope_theta", 10000.0)),
@@ -138,7 +138,7 @@ def dream_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": cfg.n_embd,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.n_kv_head, "intermediate_size": cfg.intermediate_size,
-            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size, "rope_theta": cfg.rope_base,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_len, "rope_theta": cfg.rope_base,
             "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
             "rope_scaling": None}
 
@@ -179,7 +179,7 @@ def sdar_config(hf: dict[str, Any]) -> ModelConfig:
     head_dim = int(_get(hf, "head_dim", width // heads))
     block = hf.get("block_length", hf.get("block_size", SDAR_DEFAULT_BLOCK))
     return ModelConfig(
-        backend="smdm", vocab_size=int(_get(hf, "vocab_size")), block_size=int(_get(hf, "max_position_embeddings")),
+        backend="smdm", vocab_size=int(_get(hf, "vocab_size")), context_len=int(_get(hf, "max_position_embeddings")),
         n_layer=int(_get(hf, "num_hidden_layers")), n_head=heads,
         n_kv_head=int(_get(hf, "num_key_value_heads", heads)), n_embd=width,
         intermediate_size=int(_get(hf, "intermediate_size")), rope_base=float(_get(hf, "rope_theta", 10000.0)),
@@ -192,7 +192,7 @@ def sdar_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {"model_type": "sdar", "architectures": ["SDARForCausalLM"], "hidden_size": cfg.n_embd,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
-            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size, "rope_theta": cfg.rope_base,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_len, "rope_theta": cfg.rope_base,
             "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
             "rope_scaling": None, "attention_bias": False, "block_length": cfg.diffusion_block}
 

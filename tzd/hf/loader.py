@@ -201,7 +201,7 @@ def load_hf_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtyp
     except (FamilyConfigError, ValueError) as e:
         raise HFCheckpointError(f"{cfg_path}: {e}") from None
     if max_context is not None:
-        model_cfg.block_size = min(model_cfg.block_size, max_context)
+        model_cfg.context_len = min(model_cfg.context_len, max_context)
     try:
         generation = read_json(path / GENERATION_CONFIG)
         tok_config = read_json(path / TOKENIZER_CONFIG)

@@ -69,7 +69,7 @@ def llada2_config(hf: dict[str, Any]) -> ModelConfig:
     try:
         return ModelConfig(
             backend="smdm", vocab_size=int(_get(hf, "vocab_size")),
-            block_size=int(_get(hf, "max_position_embeddings")), n_layer=n_layer, n_head=heads,
+            context_len=int(_get(hf, "max_position_embeddings")), n_layer=n_layer, n_head=heads,
             n_kv_head=int(_get(hf, "num_key_value_heads", heads)), n_embd=width,
             intermediate_size=int(_get(hf, "intermediate_size")), rope_base=float(_get(hf, "rope_theta", 10000.0)),
             rotary_fraction=factor, norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
@@ -97,7 +97,7 @@ def llada2_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"], "hidden_size": cfg.n_embd,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.block_size, "rope_theta": cfg.rope_base, "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.context_len, "rope_theta": cfg.rope_base, "rms_norm_eps": cfg.norm_eps,
         "partial_rotary_factor": cfg.rotary_fraction, "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu", "rope_scaling": None, "use_qkv_bias": cfg.qkv_bias, "use_bias": False,
         "num_experts": cfg.n_experts or None}

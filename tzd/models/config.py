@@ -15,7 +15,7 @@ ROUTER_SCORES = ("softmax", "sigmoid")
 class ModelConfig:
     backend: str = "smdm"
     vocab_size: int = 4096
-    block_size: int = 256
+    context_len: int = 256
     n_layer: int = 6
     n_head: int = 6
     n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
@@ -62,7 +62,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r}: must be one of {', '.join(BACKENDS)}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)}: must be >= 1")
         if self.n_kv_head is None:
@@ -157,6 +157,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if "block_size" in d:  # the key's name before it was context_len (every checkpoint written until then)
+            old = d.pop("block_size")
+            if d.setdefault("context_len", old) != old:
+                raise ValueError(f"model config: block_size={old} and context_len={d['context_len']} disagree "
+                                 "(block_size is the old name of context_len: give one)")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -24,7 +24,7 @@ def litgpt_config(cfg: ModelConfig) -> Config:
     """A LLaMA-style litgpt Config with our architecture (RMSNorm, SwiGLU, no bias, RoPE)."""
     return Config(
         name="tzd",
-        block_size=cfg.block_size,
+        block_size=cfg.context_len,  # litgpt's name for the context length
         vocab_size=cfg.vocab_size,
         padded_vocab_size=cfg.vocab_size,
         n_layer=cfg.n_layer,
@@ -102,7 +102,7 @@ class BidirectionalGPT(GPT):
             attn = BidirectionalSelfAttention(self.config, i, causal=cfg.causal)
             attn.load_state_dict(block.attn.state_dict())
             block.attn = attn
-        cos, sin = kernels.rope_cache(cfg.block_size, cfg.rotary_dim, cfg.rope_base)
+        cos, sin = kernels.rope_cache(cfg.context_len, cfg.rotary_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -110,7 +110,7 @@ class BidirectionalGPT(GPT):
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:  # type: ignore[override]
         cfg = self.tzd_config
         ctx = ctx or ForwardContext()
-        ctx.check_length(ids.shape[1], cfg.block_size)
+        ctx.check_length(ids.shape[1], cfg.context_len)
         ctx = ctx.resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
         x = self.transformer.wte(ids)
         if self.config.scale_embeddings:

@@ -110,7 +110,7 @@ class SMDM(nn.Module):
     def init_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the RoPE tables: at init, and on the real device after a model built on `meta` is loaded."""
         cfg = self.config
-        self.rope_cos, self.rope_sin = kernels.rope_cache(cfg.block_size, cfg.rotary_dim, cfg.rope_base, device)
+        self.rope_cos, self.rope_sin = kernels.rope_cache(cfg.context_len, cfg.rotary_dim, cfg.rope_base, device)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -123,7 +123,7 @@ class SMDM(nn.Module):
     def forward(self, ids: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         cfg = self.config
         ctx = ctx or ForwardContext()
-        ctx.check_length(ids.shape[1], cfg.block_size)
+        ctx.check_length(ids.shape[1], cfg.context_len)
         ctx = ctx.resolve(ids.shape[1], cfg.diffusion_block if cfg.block_causal else None)
         x = self.tok_embeddings(ids)
         for layer in self.layers:

@@ -50,7 +50,7 @@ def kv_shape(cfg: ModelConfig) -> tuple[int, int, int]:
 
 def dense_kv_bytes(cfg: ModelConfig, capacity: int, page_size: int, dtype: torch.dtype) -> int:
     """Bytes of pages for every slot to hold a whole context: what a dense store would reserve."""
-    return capacity * -(-cfg.block_size // page_size) * PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype)
+    return capacity * -(-cfg.context_len // page_size) * PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype)
 
 
 def kv_store(cfg: ModelConfig, capacity: int, device: torch.device, budget_bytes: int | None, page_size: int,
@@ -60,7 +60,7 @@ def kv_store(cfg: ModelConfig, capacity: int, device: torch.device, budget_bytes
     if budget_bytes is None:
         budget_bytes = dense_kv_bytes(cfg, capacity, page_size, dtype)
     pages = int(budget_bytes // PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype))
-    return PagedKVStore(capacity, *kv_shape(cfg), cfg.block_size, page_size, pages, device)
+    return PagedKVStore(capacity, *kv_shape(cfg), cfg.context_len, page_size, pages, device)
 
 
 class DenoiseBatch:
@@ -76,7 +76,7 @@ class DenoiseBatch:
         self.mask_id, self.capacity = mask_id, capacity
         self.eos_ids = eos_set(eos_id)
         self._eos_host = np.array(self.eos_ids, dtype=np.int64)
-        self.context = self.cfg.block_size
+        self.context = self.cfg.context_len
         self.block = self.cfg.denoise_block  # a block-causal model's blocks; None = bidirectional
         self.align = self.cfg.block_align
         self.shift = int(self.cfg.logit_shift)

@@ -118,7 +118,7 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
     if len(lays) != len(prompts):
         raise ValueError(f"layouts: {len(lays)} given for {len(prompts)} prompts")
     cfg = model_config(model)
-    plans = [plan(p, len(pr), cfg.block_size, cfg.denoise_block, cfg.block_align == "absolute", lay)
+    plans = [plan(p, len(pr), cfg.context_len, cfg.denoise_block, cfg.block_align == "absolute", lay)
              for p, pr, lay in zip(plist, prompts, lays, strict=True)]
     batch = DenoiseBatch(model, mask_id, capacity=min(max_batch or len(prompts), len(prompts)) or 1,
                          eos_id=eos_id, kv_cache_bytes=kv_cache_bytes)

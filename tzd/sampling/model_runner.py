@@ -31,7 +31,7 @@ class ModelRunner:
                  mask_id: int) -> None:
         self.model, self.canvas, self.kv, self.mask_id = model, canvas, kv, mask_id
         self.device = canvas.device
-        self.context = cfg.block_size
+        self.context = cfg.context_len
         self.block = cfg.denoise_block  # a block-causal model's blocks; None = bidirectional
         self.align = cfg.block_align
         self.shift = int(cfg.logit_shift)  # a cached window starts one column left of its block
