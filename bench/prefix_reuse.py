@@ -3,8 +3,11 @@
 16 requests whose prompts share a 256-token prefix (a system prompt) and differ in a short suffix
 arrive together, as at one step boundary of the server; each request's time to first step is from
 that moment to the end of the step that produced its first event. With the pool the first request
-computes the shared blocks and the others copy them (they wait one step for them rather than computing
-them too), so their first steps run only their suffix and first block.
+computes the shared blocks and the others take them (they wait one step for them rather than computing
+them too), so their first steps run only their suffix and first block. The pool holds the blocks' own
+pages of the KV store and a request points its page table at them (`pool_on`: the diffusion block a
+multiple of --page-size), or copies of their keys/values written into each request's pages
+(`pool_on_copy`: pages of --copy-page-size, larger than a block, force it).
 
     python -m bench.prefix_reuse --checkpoint models/shakespeare-small-bd
 """
@@ -24,10 +27,12 @@ from server.runtime import inference, load_runtime
 from tzd.sampling import DenoiseBatch, SamplingParams, plan
 
 
-def first_steps(rt, prompts: list[list[int]], params: SamplingParams, pool_bytes: int) -> tuple[list[float], dict]:  # noqa: ANN001
+def first_steps(rt, prompts: list[list[int]], params: SamplingParams, pool_bytes: int,  # noqa: ANN001
+                page_size: int = 16) -> tuple[list[float], dict]:
     """Seconds from admission to each request's first step event, and the pool's counters."""
     cfg = rt.loaded.model_config
-    batch = DenoiseBatch(rt.loaded.model, rt.loaded.mask_id, capacity=len(prompts), prefix_pool_bytes=pool_bytes)
+    batch = DenoiseBatch(rt.loaded.model, rt.loaded.mask_id, capacity=len(prompts), prefix_pool_bytes=pool_bytes,
+                         kv_page_size=page_size)
     first: dict[int, float] = {}
     with inference(rt):
         t0 = time.perf_counter()
@@ -40,7 +45,8 @@ def first_steps(rt, prompts: list[list[int]], params: SamplingParams, pool_bytes
             for ev in events:
                 first.setdefault(ev.handle, now - t0)
     pool = batch.pool
-    stats = {"hits": pool.stats.hits, "queries": pool.stats.queries, "bytes": pool.bytes} if pool else {}
+    stats = ({"hits": pool.stats.hits, "queries": pool.stats.queries, "bytes": pool.bytes,
+              "shares_pages": pool.shares_pages, "page_size": page_size} if pool else {})
     return [first[i] for i in range(len(prompts))], stats
 
 
@@ -53,6 +59,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pool-mb", type=float, default=256)
+    ap.add_argument("--page-size", type=int, default=16, help="KV page size (the server's default)")
+    ap.add_argument("--copy-page-size", type=int, default=64, help="pages larger than a block: the pool copies")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="bench/results/prefix_reuse.json")
@@ -67,20 +75,25 @@ def main() -> None:
     prompts = [prefix + c[:args.suffix_len] for c in cuts[1:]]
     params = SamplingParams(max_tokens=args.max_tokens, cache="dual", seed=1)
     first_steps(rt, prompts[:2], params, 0)  # warm-up
-    runs: dict[str, list[list[float]]] = {"pool_off": [], "pool_on": []}
-    stats = {}
-    for _ in range(args.repeats):  # alternate, so that drifting load hits both alike
-        runs["pool_off"].append(first_steps(rt, prompts, params, 0)[0])
-        ttfs, stats = first_steps(rt, prompts, params, int(args.pool_mb * (1 << 20)))
+    runs: dict[str, list[list[float]]] = {"pool_off": [], "pool_on": [], "pool_on_copy": []}
+    stats, copy_stats = {}, {}
+    pool = int(args.pool_mb * (1 << 20))
+    for _ in range(args.repeats):  # alternate, so that drifting load hits all alike
+        runs["pool_off"].append(first_steps(rt, prompts, params, 0, args.page_size)[0])
+        ttfs, stats = first_steps(rt, prompts, params, pool, args.page_size)
         runs["pool_on"].append(ttfs)
+        ttfs, copy_stats = first_steps(rt, prompts, params, pool, args.copy_page_size)
+        runs["pool_on_copy"].append(ttfs)
     summary = {k: {"mean_s": statistics.mean(x for r in v for x in r),
                    "median_s": statistics.median(x for r in v for x in r),
                    "max_s": statistics.mean(max(r) for r in v)} for k, v in runs.items()}
     summary["mean_speedup"] = summary["pool_off"]["mean_s"] / summary["pool_on"]["mean_s"]
     summary["median_speedup"] = summary["pool_off"]["median_s"] / summary["pool_on"]["median_s"]
+    summary["copy_mean_speedup"] = summary["pool_off"]["mean_s"] / summary["pool_on_copy"]["mean_s"]
     result = {"checkpoint": args.checkpoint, "requests": args.requests, "prefix_len": args.prefix_len,
               "suffix_len": args.suffix_len, "max_tokens": args.max_tokens, "repeats": args.repeats,
-              "dtype": rt.dtype_name, "machine": machine(rt.device), "pool_last_run": stats, **summary,
+              "dtype": rt.dtype_name, "machine": machine(rt.device), "pool_last_run": stats,
+              "copy_pool_last_run": copy_stats, **summary,
               "runs": runs}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

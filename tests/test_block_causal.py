@@ -143,7 +143,8 @@ def test_block_causal_plan_uses_the_model_blocks() -> None:
     assert e.value.field == "block_length"
 
 
-def test_prefix_pool_reuses_shared_prompt_blocks_exactly() -> None:
+@pytest.mark.parametrize("page_size", [16, 8, 4])  # a block of 8 in a page of 16 is copied; 8 and 4 share pages
+def test_prefix_pool_reuses_shared_prompt_blocks_exactly(page_size: int) -> None:
     from tzd.sampling import DenoiseBatch, SamplingParams, plan  # noqa: PLC0415
 
     model = sampler_model()
@@ -153,7 +154,7 @@ def test_prefix_pool_reuses_shared_prompt_blocks_exactly() -> None:
     params = [SamplingParams(max_tokens=16, steps=8, cache="dual", seed=i) for i in range(4)]
 
     def run(pool_bytes: int, together: bool) -> tuple[list[list[int]], DenoiseBatch, list[int]]:
-        batch = DenoiseBatch(model, 96, capacity=4, prefix_pool_bytes=pool_bytes)
+        batch = DenoiseBatch(model, 96, capacity=4, prefix_pool_bytes=pool_bytes, kv_page_size=page_size)
         out: dict[int, list[int]] = {}
         columns: list[int] = []
         pending = list(range(4))
@@ -161,6 +162,10 @@ def test_prefix_pool_reuses_shared_prompt_blocks_exactly() -> None:
             while pending and (together or not len(batch)):
                 i = pending.pop(0)
                 batch.add(prompts[i], plan(params[i], len(prompts[i]), 96, model_block=8), handle=i)
+            if batch.pool is not None and batch.pool.shares_pages:  # each started row: its first three blocks' pages
+                for row, s in enumerate(batch.slots):
+                    if s is not None and s.pooled >= 3 and s.waits_for is None:
+                        leading[s.handle] = tuple(batch.kv.held(row, 0, 3 * 8 // page_size))
             windows = [s.window()[1] for s in batch.slots if s is not None and s.waits_for is None]
             columns.append(sum(windows))
             for ev in batch.step():
@@ -168,10 +173,21 @@ def test_prefix_pool_reuses_shared_prompt_blocks_exactly() -> None:
                     out[ev.handle] = ev.canvas.tolist()
         return [out[i] for i in range(4)], batch, columns
 
+    leading: dict[int, tuple[int, ...]] = {}
     without, _, cols_without = run(0, together=True)
     for together in (True, False):
+        leading.clear()
         with_pool, batch, cols = run(1 << 20, together)
         assert with_pool == without  # exact by construction
+        kv = batch.kv
+        if page_size <= 8:  # no copies: the pool holds pages of the store, and the rows used them in place
+            pooled = sorted(p for pages in batch.pool.entries.values() for p in pages)
+            assert all(isinstance(e, list) for e in batch.pool.entries.values())
+            assert len(leading) == 4 and len(set(leading.values())) == 1  # every row read the same pages
+            assert set(leading[0]) <= set(pooled)
+            assert (kv.refs[pooled] == 1).all() and kv.free_pages + len(pooled) == kv.num_pages  # rows let go
+        else:
+            assert all(isinstance(e, tuple) for e in batch.pool.entries.values()) and kv.free_pages == kv.num_pages
         stats = batch.pool.stats
         # full prompt blocks: 3, 3, 4, 5; the first request computes the three shared ones, the others find them
         assert stats.queries == 15 and stats.hits == 3 * 3
@@ -181,6 +197,30 @@ def test_prefix_pool_reuses_shared_prompt_blocks_exactly() -> None:
     tiny_pool, batch, _ = run(block_bytes + 100, together=False)  # room for one block: LRU eviction
     assert tiny_pool == without and len(batch.pool.entries) == 1
     assert batch.pool.bytes <= batch.pool.capacity
+
+
+def test_pooled_pages_go_back_to_requests_when_the_store_runs_short() -> None:
+    """The pool's pages come out of the KV store: when a request needs them they are reclaimed (least
+    recently used blocks first), never a MemoryError while the pool holds pages nobody else uses."""
+    from tzd.sampling import DenoiseBatch, SamplingParams, plan  # noqa: PLC0415
+    from tzd.sampling.batch import kv_shape  # noqa: PLC0415
+    from tzd.sampling.kv_pages import PagedKVStore  # noqa: PLC0415
+
+    model = sampler_model()
+    page = PagedKVStore.page_bytes(*kv_shape(model.tzd_config), 8, torch.float32)
+    batch = DenoiseBatch(model, 96, capacity=1, prefix_pool_bytes=1 << 20, kv_page_size=8, kv_cache_bytes=6 * page)
+    g = torch.Generator().manual_seed(2)
+
+    def run(prompt: list[int]) -> None:
+        batch.add(prompt, plan(SamplingParams(max_tokens=16, steps=4, cache="dual"), len(prompt), 96, model_block=8))
+        while len(batch):
+            batch.step()
+
+    run(torch.randint(0, 96, (32,), generator=g).tolist())  # 6 pages; its 4 prompt blocks stay in the pool
+    assert len(batch.pool.entries) == 4 and batch.kv.free_pages == 2
+    run(torch.randint(0, 96, (32,), generator=g).tolist())  # another prompt: all 6 pages, the pool's 4 too
+    assert batch.kv.free_pages + sum(len(p) for p in batch.pool.entries.values()) == 6
+    assert (batch.kv.refs >= 0).all() and batch.kv.refs.sum() == len(batch.pool.entries)
 
 
 @pytest.mark.parametrize("block_causal", [False, True])

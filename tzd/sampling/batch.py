@@ -91,7 +91,10 @@ class DenoiseBatch:
             self.runner.graphs = WindowGraphs(model, self.kv, mask_id, self.context, self.block is not None)
         # prompt blocks shared across requests: block-causal models only (a bidirectional prompt's keys
         # depend on everything after them)
-        self.pool = PrefixPool(prefix_pool_bytes, self.block) if self.block and prefix_pool_bytes > 0 else None
+        # blocks of whole pages are shared by reference (the pool holds the pages); others are copied
+        shares = self.block is not None and self.block % kv_page_size == 0 and not self.shift
+        self.pool = (PrefixPool(prefix_pool_bytes, self.block, self.kv if shares else None)
+                     if self.block and prefix_pool_bytes > 0 else None)
 
     @property
     def slots(self) -> list[Slot | None]:
@@ -147,11 +150,13 @@ class DenoiseBatch:
 
     @torch.inference_mode()
     def _attach_prefix(self, slot: int, s: Slot) -> None:
-        """Copy the prompt's leading blocks found in the pool into the slot's keys/values; wait for a block
-        another request is computing right now rather than computing it twice."""
+        """Give the slot the prompt's leading blocks found in the pool (their pages, or a copy of their keys/
+        values); wait for a block another request is computing right now rather than computing it twice."""
         found = self.pool.lookup(s.hashes)
         N = self.block
-        if found:
+        if found and self.pool.shares_pages:
+            self.kv.share(slot, 0, [p for pages in found for p in pages])  # no copy: the same pages
+        elif found:
             self.kv.ensure(found[0][0].dtype)
             k = torch.cat([e[0] for e in found], dim=2)  # [layers, Hk, blocks x N, D]
             v = torch.cat([e[1] for e in found], dim=2)
@@ -168,8 +173,12 @@ class DenoiseBatch:
         """Put the prompt blocks whose keys/values became final in this step into the pool."""
         done = min(s.kv_valid // self.block, len(s.hashes))
         N = self.block
+        per_block = N // self.kv.page_size
         for j in range(s.pooled, done):
-            self.pool.put(s.hashes[j], *self.kv.gather(slot, slice(j * N, (j + 1) * N)))
+            if self.pool.shares_pages:  # a reference to the block's own pages: it is final, never written again
+                self.pool.put(s.hashes[j], self.kv.held(slot, j * per_block, per_block))
+            else:
+                self.pool.put(s.hashes[j], self.kv.gather(slot, slice(j * N, (j + 1) * N)))
         s.pooled = max(s.pooled, done)
 
     def _release(self, slot: int, s: Slot) -> None:

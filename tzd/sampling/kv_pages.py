@@ -43,6 +43,10 @@ class PagedKVStore:
         self.table = torch.from_numpy(self.host_table.copy()).to(device)
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives the lowest first
         self._held: list[list[int]] = [[] for _ in range(capacity)]
+        # holders of each page: the slots whose table points at it and the prefix pool (shared prompt
+        # blocks); a page is free again when the last of them lets go
+        self.refs = np.zeros(num_pages, dtype=np.int64)
+        self.reclaim = None  # callable(pages): frees pages held only by the prefix pool (when it shares)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
@@ -79,21 +83,48 @@ class PagedKVStore:
     def allocate(self, slot: int, tokens: int) -> None:
         """Give `slot` the pages for positions [0, tokens); raises MemoryError when too few are free."""
         need = self.pages_for(tokens)
+        if need > len(self._free) and self.reclaim is not None:
+            self.reclaim(need - len(self._free))
         if need > len(self._free):
             raise MemoryError(f"{tokens} tokens need {need} KV pages; {len(self._free)} of {self.num_pages} "
                               "are free")
         self.release(slot)
         pages = [self._free.pop() for _ in range(need)]
+        self.refs[pages] = 1
         self._held[slot] = pages
         self._set_row(slot, pages)
 
     def release(self, slot: int) -> None:
-        """Return `slot`'s pages to the pool; its table row points at scratch again, so that a later
-        request in this slot that holds no pages (no cache) cannot write into them."""
+        """`slot` lets go of its pages (each is free once nothing else holds it); its table row points at
+        scratch again, so that a later request in this slot that holds no pages (no cache) cannot write
+        into them."""
         if self._held[slot]:
-            self._free.extend(reversed(self._held[slot]))
+            self.drop(self._held[slot])
             self._held[slot] = []
             self._set_row(slot, [])
+
+    def retain(self, pages: list[int]) -> None:
+        """One more holder (the prefix pool) of `pages`."""
+        self.refs[pages] += 1
+
+    def drop(self, pages: list[int]) -> None:
+        """One holder fewer of each of `pages`; those nothing holds any more are free."""
+        self.refs[pages] -= 1
+        self._free.extend(p for p in reversed(pages) if self.refs[p] == 0)
+
+    def held(self, slot: int, first: int, count: int) -> list[int]:
+        """Pages [first, first + count) of `slot`'s table."""
+        return self._held[slot][first:first + count]
+
+    def share(self, slot: int, first: int, pages: list[int]) -> None:
+        """Point `slot`'s table entries from `first` on at `pages` (held elsewhere too: the pool's prompt
+        blocks), letting go of the pages it held there: a prefix is attached without a copy."""
+        held = self._held[slot]
+        old = held[first:first + len(pages)]
+        held[first:first + len(pages)] = pages
+        self.retain(pages)
+        self.drop(old)
+        self._set_row(slot, held)
 
     def _set_row(self, slot: int, pages: list[int]) -> None:
         self.host_table[slot] = self.num_pages
