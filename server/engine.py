@@ -1,24 +1,25 @@
-"""The engine: one model, one DenoiseBatch, one loop of steps (continuous batching at the step level).
+"""The engine: one model, one engine core, one thread of steps (continuous batching at the step level).
 
-Every step, on the step thread, the engine core (tzd.sampling.core) lets expired, cancelled and stopped
-requests leave, admits waiting ones into the free slots and runs one batched denoising step (the event
-loop keeps serving HTTP meanwhile). Its
-events go to the output thread, which renders them (detokenising, step events, stop strings, results)
-while the next step already runs; the rendered updates are routed to the HTTP handlers on the event
-loop. One output thread takes the steps in order, so a request's updates arrive in step order and its
-result last. Finished requests left the batch inside the step, so their slots are free at the next
-boundary; one that a stop string ended while rendering leaves at the boundary after (the step that ran
-meanwhile is not rendered). Only the step thread touches the batch; only the output thread, a
-request's RequestOutput.
+The step thread runs the engine core (tzd.sampling.core) step after step while there is work: expired,
+cancelled and stopped requests leave, waiting ones join the free slots, one batched denoising step runs.
+The event loop is not on that path: it queues requests (the core's line is locked) and dispatches what
+the output thread rendered. Each step's events go to the output thread, which renders them (detokenising,
+step events, stop strings, results) while the next step already runs; the rendered updates are routed
+to the HTTP handlers on the event loop. One output thread takes the steps in order, so a request's
+updates arrive in step order and its result last. Finished requests left the batch inside the step, so
+their slots are free at the next one; one that a stop string ended while rendering leaves at the step
+after (the step that ran meanwhile is not rendered). Only the step thread touches the batch; only the
+output thread, a request's RequestOutput; the step thread runs at most RENDERS_IN_FLIGHT steps ahead of
+the dispatch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,18 +72,29 @@ class Engine:
         self.core = EngineCore(self.batch, max_batch_size, max_queue, max_batched_tokens)
         self.scheduler = self.core.scheduler  # admission: read here for the gauges and /health
         self.state: State = "ready"
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-step")
         self._output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-output")  # in order: one thread
-        self._renders: deque[asyncio.Future] = deque()  # outcomes being rendered, oldest first
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        # the step thread runs at most RENDERS_IN_FLIGHT steps ahead of their dispatch on the event loop
+        self._in_flight = threading.BoundedSemaphore(RENDERS_IN_FLIGHT)
+        self._pending = 0  # steps handed to the output thread and not dispatched yet (under _pending_lock)
+        self._pending_lock = threading.Lock()
+        self._work = threading.Event()  # a request arrived or left: the step thread looks again
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ended: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None  # on the event loop: done once the step thread has ended
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Warm the model up with one tiny request, then start the loop."""
-        await asyncio.get_running_loop().run_in_executor(self._worker, self._warmup)
-        self._task = asyncio.create_task(self._run(), name="tzd-engine")
+        """Start the step thread: it warms the model up with one tiny request, then steps while there is work."""
+        self._loop = asyncio.get_running_loop()
+        self._ended = asyncio.Event()
+        started = self._loop.create_future()
+        self._thread = threading.Thread(target=self._step_loop, args=(started,), name="tzd-step", daemon=True)
+        self._thread.start()
+        await started  # the warm-up's exception, if any
+        self._task = asyncio.create_task(self._ended.wait(), name="tzd-engine")
 
     @property
     def alive(self) -> bool:
@@ -101,15 +113,18 @@ class Engine:
         return clean
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._work.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)  # let a running step end
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await asyncio.to_thread(self._worker.shutdown, wait=True)  # let a running step end
         await asyncio.to_thread(self._output.shutdown, wait=True)
 
     def _busy(self) -> bool:
         """Requests waiting or running, or updates still being rendered."""
-        return self.core.has_work() or bool(self._renders)
+        return self.core.has_work() or self._pending > 0
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -122,7 +137,7 @@ class Engine:
         except core_scheduler.QueueFull as e:
             raise QueueFull(str(e)) from None
         self._gauges()
-        self._wake.set()
+        self._work.set()
 
     def cancel(self, group: RequestGroup) -> None:
         """The client went away: its requests leave (waiting ones now, running ones at the next boundary)."""
@@ -131,43 +146,49 @@ class Engine:
                 self.core.cancel(req)
         group.queue.put_nowait(CANCELLED)
         self._gauges()
-        self._wake.set()
+        self._work.set()
 
     # ---- the loop --------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _step_loop(self, started: asyncio.Future) -> None:
+        """The step thread: the core's steps back to back while there is work (the event loop is never on
+        this path: it only queues requests and dispatches rendered updates), each step's outcome handed to
+        the output thread, whose results reach the loop in step order."""
+        loop = self._loop
         try:
-            while True:
+            self._warmup()
+        except BaseException as e:  # noqa: BLE001 - start() raises it
+            loop.call_soon_threadsafe(started.set_exception, e)
+            loop.call_soon_threadsafe(self._ended.set)
+            return
+        loop.call_soon_threadsafe(started.set_result, None)
+        try:
+            while not self._stopping:
+                self._work.clear()
                 if not self.core.has_work():
-                    self._gauges()
-                    self._wake.clear()
-                    await self._wake.wait()
+                    self._work.wait()
                     continue
-                outcome = await loop.run_in_executor(self._worker, self._step)
-                for r in outcome.admitted:
-                    self.metrics.queue_time.observe(r.admitted - r.arrival)
-                await self._render(outcome)
-        except asyncio.CancelledError:
-            raise
+                outcome = self._step()
+                self._in_flight.acquire()
+                with self._pending_lock:
+                    self._pending += 1
+                future = self._output.submit(self._render_updates, outcome)
+                future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._rendered, f))
         except Exception:  # a bug outside the step: say so everywhere instead of hanging requests
             log.exception("the engine loop died")
-            self.state = "dead"
-            self._fail_all("the engine stopped")
+            loop.call_soon_threadsafe(self._die, "the engine stopped")
+        finally:
+            loop.call_soon_threadsafe(self._ended.set)
 
-    async def _render(self, outcome: StepOutcome) -> None:
-        """Hand `outcome` to the output thread; its updates are dispatched (on the loop) once rendered,
-        in step order. Waits only while RENDERS_IN_FLIGHT steps are still being rendered."""
-        while len(self._renders) >= RENDERS_IN_FLIGHT:
-            await asyncio.wait({self._renders[0]})
-            await asyncio.sleep(0)  # its done callback takes it off the deque
-        future = asyncio.get_running_loop().run_in_executor(self._output, self._render_updates, outcome)
-        self._renders.append(future)
-        future.add_done_callback(self._rendered)
+    def _die(self, message: str) -> None:
+        self.state = "dead"
+        self._fail_all(message)
 
-    def _rendered(self, future: asyncio.Future) -> None:
-        """On the loop, in completion order (= step order: one output thread)."""
-        self._renders.remove(future)
+    def _rendered(self, future: Future) -> None:
+        """On the loop, in step order (one output thread): the rendered step's updates to their requests."""
+        with self._pending_lock:
+            self._pending -= 1
+        self._in_flight.release()
         if future.cancelled():
             return
         try:
@@ -177,11 +198,12 @@ class Engine:
                 self.core.abort(req)
         except Exception:  # a bug outside one request's rendering: say so everywhere instead of hanging
             log.exception("rendering or dispatching a step failed")
-            self.state = "dead"
-            self._fail_all("the engine stopped")
+            self._stopping = True
+            self._work.set()
+            self._die("the engine stopped")
             return
         if outcome.stopped:
-            self._wake.set()
+            self._work.set()
 
     def _render_updates(self, out: StepOutcome) -> StepOutcome:
         """On the output thread: each event of the step as its request's update."""
@@ -215,6 +237,7 @@ class Engine:
                           admitted=core.admitted, failed=core.error is not None)
         for r in core.admitted:
             r.admitted = now
+            self.metrics.queue_time.observe(now - r.arrival)
         out.timeouts = [r for r in core.expired if not r.cancelled]
         if out.timeouts:
             self.metrics.timeouts.inc(len(out.timeouts))
