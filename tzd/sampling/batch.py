@@ -111,9 +111,12 @@ class DenoiseBatch:
         """KV pages a request holds while it runs: its whole canvas when it uses the cache, else none."""
         return self.kv.pages_for(plan.total_len) if plan.params.cache != "none" else 0
 
-    def fits(self, plan: RequestPlan) -> bool:
-        """A free slot and enough free KV pages for `plan` now."""
-        return self.free_slots > 0 and self.pages_for(plan) <= self.kv.free_pages
+    def check_fits(self, plan: RequestPlan) -> None:
+        """ValueError when `plan` needs more KV pages than the whole cache holds: it could never start."""
+        need = self.pages_for(plan)
+        if need > self.kv.num_pages:
+            raise ValueError(f"prompt + max_tokens = {plan.total_len} needs {need} KV pages of "
+                             f"{self.kv.page_size}; the whole cache has {self.kv.num_pages}")
 
     @torch.inference_mode()
     def add(self, prompt: list[int], plan: RequestPlan, handle: Any = None) -> int:
@@ -130,11 +133,9 @@ class DenoiseBatch:
                                                                   len(prompt) % self.block > 0)):
             raise ValueError(f"block_length {plan.block_length}: this block-causal model denoises blocks of "
                              f"{self.block} aligned to its {self.align!r} layout (plan it with model_block)")
+        self.check_fits(plan)
         need = self.pages_for(plan)
-        if need > self.kv.num_pages:
-            raise ValueError(f"prompt + max_tokens = {plan.total_len} needs {need} KV pages of "
-                             f"{self.kv.page_size}; the whole cache has {self.kv.num_pages}")
-        slot = self.table.free_row()  # raises ValueError when full: callers check fits()
+        slot = self.table.free_row()  # raises ValueError when full: the scheduler admits into free slots only
         self.kv.allocate(slot, plan.total_len if need else 0)  # MemoryError when too few pages are free
         row = np.full(self.context + 1, self.mask_id, dtype=np.int64)
         row[:len(prompt)] = prompt

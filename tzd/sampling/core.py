@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tzd.sampling.batch import DenoiseBatch, SlotStep
-from tzd.sampling.params import RequestPlan
-from tzd.sampling.scheduler import CoreRequest, Scheduler, Status
+from tzd.sampling.scheduler import CoreRequest, Scheduler
 
 __all__ = ["CoreStep", "EngineCore"]
 
@@ -51,13 +50,6 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
-
-    def check_fits(self, plan: RequestPlan) -> None:
-        """ValueError when `plan` needs more KV pages than the whole cache holds: it could never start."""
-        need, kv = self.batch.pages_for(plan), self.batch.kv
-        if need > kv.num_pages:
-            raise ValueError(f"prompt + max_tokens = {plan.total_len} needs {need} KV pages of {kv.page_size}; "
-                             f"the whole cache has {kv.num_pages}")
 
     def submit(self, requests: Sequence[CoreRequest]) -> None:
         """Queue all of `requests` or none; raises scheduler.QueueFull."""
@@ -112,7 +104,7 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - this step's requests fail; the core keeps serving
             out.error = e
             with self._lock:
-                out.failed = [r for r in self.scheduler.running if r.status is Status.RUNNING]
+                out.failed = list(self.scheduler.running)
                 for r in out.failed:
                     self.scheduler.finish(r, "error")
             for r in out.failed:

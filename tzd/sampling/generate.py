@@ -124,7 +124,7 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
                          eos_id=eos_id, kv_cache_bytes=kv_cache_bytes)
     core = EngineCore(batch)  # the server's admission rule: priority, then order; slots and KV pages
     for p in plans:
-        core.check_fits(p)
+        batch.check_fits(p)  # one that could never start raises now, not wait for pages forever
     core.submit([CoreRequest(prompts[i], plans[i], priority=plist[i].priority, handle=i)
                  for i in range(len(prompts))])
     results: list[GenerationResult | None] = [None] * len(prompts)

@@ -53,22 +53,20 @@ class CoreRequest:
     handle: Any = None  # the caller's own tag (offline generate(): the prompt's index)
 
 
-Request = CoreRequest
-
 
 class Scheduler:
     """Priority-then-FIFO admission into at most `max_running` slots and `max_tokens` columns (None: no
     token budget); at most `max_waiting` requests wait."""
 
     def __init__(self, max_running: int, max_waiting: int, max_tokens: int | None = None,
-                 max_pages: int | None = None, pages: Callable[[Request], int] | None = None) -> None:
+                 max_pages: int | None = None, pages: Callable[[CoreRequest], int] | None = None) -> None:
         """`max_pages`: the KV cache's pages (None: pages never limit), `pages(req)` those a request holds."""
         self.max_running, self.max_waiting, self.max_tokens = max_running, max_waiting, max_tokens
         self.max_pages, self.pages = max_pages, pages
         self.running_pages = 0
-        self.waiting: list[Request] = []  # in admission order: sorted by (priority, arrival)
+        self.waiting: list[CoreRequest] = []  # in admission order: sorted by (priority, arrival)
         self._keys: list[tuple[int, int]] = []  # the sort keys of `waiting`, for bisect
-        self.running: dict[Request, tuple[int, int]] = {}  # insertion-ordered: request -> (columns, pages)
+        self.running: dict[CoreRequest, tuple[int, int]] = {}  # insertion-ordered: request -> (columns, pages)
         self.running_tokens = 0
         self._arrivals = itertools.count()
 
@@ -76,11 +74,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @staticmethod
-    def cost(req: Request) -> int:
+    def cost(req: CoreRequest) -> int:
         """Columns a request adds to a step: its canvas (prompt + max_tokens), what a full forward runs."""
         return req.plan.total_len
 
-    def submit(self, requests: Sequence[Request]) -> None:
+    def submit(self, requests: Sequence[CoreRequest]) -> None:
         """Queue all of `requests` or none (one HTTP call's choices share a fate)."""
         if len(self.waiting) + len(requests) > self.max_waiting:
             raise QueueFull(f"the queue is full ({len(self.waiting)} of {self.max_waiting} waiting)")
@@ -90,21 +88,21 @@ class Scheduler:
             self._keys.insert(i, key)
             self.waiting.insert(i, req)
 
-    def _unqueue(self, req: Request) -> None:
+    def _unqueue(self, req: CoreRequest) -> None:
         i = self.waiting.index(req)
         del self.waiting[i], self._keys[i]
 
-    def cancel(self, req: Request) -> None:
+    def cancel(self, req: CoreRequest) -> None:
         """A waiting request leaves now; a running one is evicted at the next step boundary."""
         req.cancelled = True
         if req in self.waiting:
             self._unqueue(req)
             self._end(req, "cancelled")
 
-    def page_cost(self, req: Request) -> int:
+    def page_cost(self, req: CoreRequest) -> int:
         return self.pages(req) if self.pages is not None else 0
 
-    def _fits(self, req: Request) -> bool:
+    def _fits(self, req: CoreRequest) -> bool:
         if len(self.running) >= self.max_running:
             return False
         if self.max_pages is not None and self.running_pages + self.page_cost(req) > self.max_pages:
@@ -113,12 +111,12 @@ class Scheduler:
             return True
         return self.running_tokens + self.cost(req) <= self.max_tokens
 
-    def schedule(self) -> tuple[list[Request], list[Request]]:
+    def schedule(self) -> tuple[list[CoreRequest], list[CoreRequest]]:
         """(evict, admit) for the next step: cancelled requests out, then the first in line while it fits."""
         evict = [r for r in self.running if r.cancelled]
         for r in evict:
             self.finish(r, "cancelled")
-        admit: list[Request] = []
+        admit: list[CoreRequest] = []
         while self.waiting and self._fits(self.waiting[0]):
             req = self.waiting.pop(0)
             del self._keys[0]
@@ -129,7 +127,7 @@ class Scheduler:
             admit.append(req)
         return evict, admit
 
-    def expire(self, now: float) -> tuple[list[Request], list[Request]]:
+    def expire(self, now: float) -> tuple[list[CoreRequest], list[CoreRequest]]:
         """(waiting, running) requests past their deadline, removed (the running ones leave the batch next)."""
         late_waiting = [r for r in self.waiting if r.deadline is not None and r.deadline <= now]
         late_running = [r for r in self.running if r.deadline is not None and r.deadline <= now]
@@ -140,7 +138,7 @@ class Scheduler:
             self.finish(r, "timeout")
         return late_waiting, late_running
 
-    def finish(self, req: Request, reason: str) -> None:
+    def finish(self, req: CoreRequest, reason: str) -> None:
         """`req` no longer runs (finished, failed, evicted), for `reason`; idempotent (the first reason stays)."""
         cost = self.running.pop(req, None)
         if cost is not None:
@@ -149,11 +147,11 @@ class Scheduler:
         self._end(req, reason)
 
     @staticmethod
-    def _end(req: Request, reason: str) -> None:
+    def _end(req: CoreRequest, reason: str) -> None:
         if req.status is not Status.FINISHED:
             req.status, req.reason = Status.FINISHED, reason
 
-    def drain_all(self) -> list[Request]:
+    def drain_all(self) -> list[CoreRequest]:
         """Every request still here (waiting or running), removed: for shutdown or a dead engine."""
         everyone = [*self.running, *self.waiting]
         for r in everyone:
