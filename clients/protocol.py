@@ -321,6 +321,9 @@ class StepEvent(BaseModel):
     committed: list[CommittedToken]
     masked: int  # positions still masked after this step
     text: str  # the whole partly denoised text, each masked position shown as MASK_PLACEHOLDER
+    # seconds from the server accepting the request to its writing this event (None from older servers):
+    # the server's own step cadence, to tell its delays from the network's or a proxy's
+    elapsed: float | None = None
 
 
 # ---- OpenAI-compatible /v1 -------------------------------------------------------------------------

@@ -9,9 +9,9 @@ Uses the SDK (AsyncTZDClient, with its retries on 503 and refused connections) a
    Checks: no request fails at the client (SDK retries are counted, not failures); both replicas served
    requests (their own tzd_requests_total); the draining replica left the LB's rotation within 5 s of
    SIGTERM, exited 0, became healthy again and rejoined the rotation (LB retries reported); every stream
-   arrived step by step through the proxy (the span from its first step event to its `done` event is at
-   least half the span the server measured between its first step and its end; a buffering proxy
-   delivers them all at once). A stream whose burst a stall of this client's own event loop explains by
+   arrived step by step through the proxy (the span of its step events' arrivals is at least half the
+   span of their writing, which the server stamps on each event as `elapsed`; a buffering proxy delivers
+   them all at once). A stream whose burst a stall of this client's own event loop explains by
    itself is left out and counted; more than a quarter left out fails too.
 2. measurement (printed and written to --out, never asserted: this machine's cores are shared): the first
    replica at --concurrency, half of the requests direct (its published port) and half at the same time
@@ -77,6 +77,7 @@ class Record:
     error: str | None = None
     tokens: int = 0
     step_times: list[float] = dataclasses.field(default_factory=list)  # arrival of each step event
+    sent_times: list[float | None] = dataclasses.field(default_factory=list)  # each one's writing (server)
     server_total: float | None = None  # the server's own timings (from acceptance)
     server_first_step: float | None = None
     server_steps: int = 0  # the steps the server says it took (a stream has one event per step)
@@ -84,6 +85,21 @@ class Record:
     @property
     def latency(self) -> float:
         return self.end - self.start
+
+    @property
+    def judged(self) -> bool:
+        """Two step events or more, each with the server's time of writing it."""
+        return len(self.step_times) >= 2 and None not in self.sent_times
+
+    @property
+    def client_span(self) -> float:
+        """From the first step event's arrival to the last one's, at this client."""
+        return self.step_times[-1] - self.step_times[0]
+
+    @property
+    def server_span(self) -> float:
+        """From the server's writing of the first step event to its writing of the last."""
+        return self.sent_times[-1] - self.sent_times[0]  # type: ignore[operator]
 
 
 async def one(client: AsyncTZDClient, i: int, streamed: bool, params: dict) -> Record:
@@ -95,6 +111,7 @@ async def one(client: AsyncTZDClient, i: int, streamed: bool, params: dict) -> R
             async for ev in client.stream(prompt, **params):
                 if isinstance(ev, StepEvent):
                     rec.step_times.append(now())
+                    rec.sent_times.append(ev.elapsed)
                 else:
                     done = ev
             assert done is not None
@@ -323,11 +340,10 @@ def event_delays(via: list[Record], direct: list[Record]) -> list[float]:
 
 
 def stepwise(r: Record) -> bool:
-    """The stream's step events arrived spread out as the server produced them, not in one burst."""
-    if not r.step_times or r.server_total is None or r.server_first_step is None:
-        return False
-    server_span = r.server_total - r.server_first_step
-    return r.end - r.step_times[0] >= 0.5 * server_span
+    """The stream's step events arrived spread out as the server wrote them, not in one burst: the span of
+    their arrivals is at least half the span of their writing (the server's `elapsed` on each event; a delay
+    inside the server, before it writes an event, moves both alike and says nothing of the proxy)."""
+    return r.judged and r.client_span >= 0.5 * r.server_span
 
 
 # ---- the two parts ------------------------------------------------------------------------------------
@@ -390,9 +406,9 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
 
     def client_stalled(r: Record) -> bool:
         """This client's loop stalled long enough, while r ran, to have compressed its events by itself."""
-        if not r.step_times or r.server_total is None or r.server_first_step is None:
+        if not r.judged:
             return False
-        missing = 0.5 * (r.server_total - r.server_first_step) - (r.end - r.step_times[0])
+        missing = 0.5 * r.server_span - r.client_span
         return watch.worst_within(r.start, r.end) >= missing
 
     unjudged = [r for r in streams if not stepwise(r) and client_stalled(r)]
@@ -404,13 +420,12 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
         detail = ""
         if bursty:
             r = bursty[0]
-            detail = (f", e.g. request {r.index}: {1000 * (r.end - r.step_times[0]):.0f} ms from its first step event"
-                      f" to its end at the client, {1000 * (r.server_total - r.server_first_step):.0f} ms at the server"
+            detail = (f", e.g. request {r.index}: {1000 * r.client_span:.0f} ms from its first step event to its"
+                      f" last at the client, {1000 * r.server_span:.0f} ms between the server writing them"
                       f" (this client's loop stalled {1000 * watch.worst_within(r.start, r.end):.0f} ms at most"
                       f" meanwhile; {1000 * (r.step_times[0] - events.get('sigterm', r.step_times[0])):+.0f} ms"
                       f" from SIGTERM to its first step event)"
-                      if r.step_times and r.server_total is not None and r.server_first_step is not None
-                      else f", e.g. request {r.index}: no step events or no server timings")
+                      if r.judged else f", e.g. request {r.index}: under two step events or no server times")
         problems.append(f"{len(bursty)} of {len(streams)} streams did not arrive step by step{detail}")
     wrong_count = [r for r in streams if len(r.step_times) != r.server_steps]
     if wrong_count:
@@ -428,15 +443,14 @@ async def resilience(args: argparse.Namespace, params: dict) -> tuple[dict, list
         lat = [r.latency for r in rs if r.error is None]
         phases[name] = {"requests": len(rs), "latency_p50_s": round(pct(lat, 50), 3),
                         "latency_p90_s": round(pct(lat, 90), 3), "latency_max_s": round(max(lat, default=0), 3)}
-    ratios = [(r.end - r.step_times[0]) / (r.server_total - r.server_first_step) for r in streams
-              if r.server_total and r.server_first_step is not None and r.server_total > r.server_first_step]
+    ratios = [r.client_span / r.server_span for r in streams if r.judged and r.server_span > 0]
     result = {"summary": summary(records, wall), "chaos": chaos, "latency_by_phase": phases,
               "streams": {"count": len(streams), "stepwise": len(streams) - len(bursty) - len(unjudged),
                           "not_judged_client_stalled": len(unjudged),
                           "client_loop_stalls": len(watch.stalls),
                           "client_loop_stall_max_ms": round(1000 * max((b - a for a, b in watch.stalls),
                                                                        default=0.0), 1),
-                          "first_step_to_done_over_server_span_min": round(min(ratios, default=0), 3),
+                          "arrival_span_over_written_span_min": round(min(ratios, default=0), 3),
                           "first_step_before_done": sum(r.step_times[0] < r.end for r in streams)}}
     return result, problems
 

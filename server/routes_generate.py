@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends
@@ -80,6 +81,7 @@ async def step_events(serving: Serving, engine: Engine, group: RequestGroup, htt
     try:
         async for req, up in group.updates():
             if up.event is not None:
+                up.event.elapsed = round(time.perf_counter() - req.arrival, 6)  # as written, not as stepped
                 yield sse(up.event.model_dump_json(), STEP_EVENT)
             if up.result is not None:
                 yield sse(response(serving, group, req, up.result, infill).model_dump_json(), DONE_EVENT)

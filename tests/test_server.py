@@ -91,6 +91,9 @@ def test_generate_stream_has_one_event_per_step_then_done(srv: ServerProcess, cl
     positions = [c.position for s in steps for c in s.committed]
     assert len(positions) == len(set(positions)) == 16 - steps[-1].masked
     assert steps[0].text.count(MASK_PLACEHOLDER) >= steps[0].masked > 0  # masked positions are shown
+    elapsed = [s.elapsed for s in steps]  # the server's time of writing each event, from acceptance
+    assert None not in elapsed and 0 < elapsed[0] and elapsed == sorted(elapsed)
+    assert elapsed[-1] <= done.timings.total + 0.5  # written at most a moment after its step was dispatched
     committed = {c.position: c.id for s in steps for c in s.committed}
     assert all(committed[i] == t for i, t in enumerate(done.tokens))  # the final tokens are the committed ones
     plain = GenerateResponse.model_validate(post(client, srv.url, body))
