@@ -236,8 +236,13 @@ class Engine:
         out = StepOutcome(batch_size=core.batch_size, duration=core.duration, events=core.events,
                           admitted=core.admitted, failed=core.error is not None)
         for r in core.admitted:
-            r.admitted = now
-            self.metrics.queue_time.observe(now - r.arrival)
+            if r.admitted is None:  # not again when a preempted request runs again
+                r.admitted = now
+                self.metrics.queue_time.observe(now - r.arrival)
+        if core.preempted:
+            self.metrics.preemptions.inc(len(core.preempted))
+        if core.replayed:
+            self.metrics.recomputed_steps.inc(core.replayed)
         out.timeouts = [r for r in core.expired if not r.cancelled]
         if out.timeouts:
             self.metrics.timeouts.inc(len(out.timeouts))
@@ -265,8 +270,8 @@ class Engine:
         for req, up, nfe in out.deliveries:
             if req.done:  # already failed (shutdown) while this step ran
                 continue
-            m.forward_passes.inc(nfe - req.nfe)
-            req.nfe = nfe
+            m.forward_passes.inc(max(nfe - req.nfe, 0))  # a preempted request's recomputation counts once
+            req.nfe = max(req.nfe, nfe)
             if isinstance(up, Failure):
                 req.finished = now
             else:

@@ -60,6 +60,10 @@ class Metrics:
         self.rejected = Counter("tzd_rejected", "Requests refused before running", ["reason"], registry=r)
         self.timeouts = Counter("tzd_request_timeouts", "Requests ended at their deadline (finish_reason "
                                 "timeout)", registry=r)
+        self.preemptions = Counter("tzd_preemptions", "Running requests preempted for a higher priority's slot "
+                                   "or KV pages (each recomputed from its start when it runs again)", registry=r)
+        self.recomputed_steps = Counter("tzd_recomputed_steps", "Steps run again for preempted requests (their "
+                                        "recomputation; not reported to their clients twice)", registry=r)
         self.stream_coalesced = Counter("tzd_stream_events_coalesced", "Step updates merged into an unread one "
                                         "because the client read too slowly", registry=r)
         self.step_errors = Counter("tzd_step_errors", "Batched steps that raised (their requests failed)",

@@ -104,3 +104,58 @@ def test_offline_generate_refuses_a_request_larger_than_the_kv_cache(model: torc
     page = PagedKVStore.page_bytes(*kv_shape(cfg), 16, torch.float32)
     with pytest.raises(ValueError, match="KV pages"):
         generate(model, [[1] * 8], SamplingParams(max_tokens=40, cache="dual"), MASK, kv_cache_bytes=2 * page)
+
+
+def steps_by_request(outs: list) -> dict:
+    """Each request's reported events, in order (the handle is the request)."""
+    seen: dict = {}
+    for out in outs:
+        for ev in out.events:
+            seen.setdefault(ev.handle, []).append(ev)
+    return seen
+
+
+def alone(model: torch.nn.Module, req: CoreRequest, **batch_kw) -> list:
+    """`req`'s events run by itself in a fresh core."""
+    core = EngineCore(DenoiseBatch(model, MASK, capacity=1, **batch_kw))
+    twin = CoreRequest(req.prompt_ids, req.plan)
+    core.submit([twin])
+    return steps_by_request(run(core))[twin]
+
+
+@pytest.mark.parametrize("by", ["slot", "pages"])
+def test_preempted_request_is_recomputed_exactly_and_reports_each_step_once(model: torch.nn.Module,
+                                                                               by: str) -> None:
+    """A higher priority takes the slot (or the KV pages) of a running lower one; the lower one waits, runs
+    again from its first step and its consumer sees every step once, in order, the same as if it had run
+    alone: the recomputation repeats its commits exactly (sampled with temperature, so a different draw
+    would show)."""
+    from tzd.sampling.batch import kv_shape
+    from tzd.sampling.kv_pages import PagedKVStore
+
+    def req(prompt: int, n: int, priority: int, seed: int) -> CoreRequest:
+        sp = SamplingParams(max_tokens=n, steps=n, block_length=8, seed=seed, temperature=1.0,
+                            cache="dual" if by == "pages" else "none")
+        return CoreRequest(list(range(1, prompt + 1)), plan(sp, prompt, 64), priority=priority)
+
+    page = PagedKVStore.page_bytes(*kv_shape(model.tzd_config), 16, torch.float32)
+    kw = {"kv_cache_bytes": 2 * page} if by == "pages" else {}  # 32 positions: one request at a time
+    core = EngineCore(DenoiseBatch(model, MASK, capacity=1 if by == "slot" else 4, **kw))
+    low, high = req(6, 24, priority=1, seed=3), req(4, 16, priority=0, seed=4)
+    core.submit([low])
+    outs = [core.step(now=0.0) for _ in range(5)]
+    core.submit([high])
+    outs.append(core.step(now=0.0))
+    assert outs[-1].preempted == [low] and outs[-1].admitted == [high] and low.status is Status.PREEMPTED
+    assert [ev.handle for ev in outs[-1].events] == [high]
+    outs += run(core)
+    seen = steps_by_request(outs)
+    assert [ev.step for ev in seen[low]] == list(range(24)) and low.preemptions == 1 and low.replay == 5
+    assert sum(o.replayed for o in outs) == 5 and (low.reason, high.reason) == ("length", "length")
+    assert seen[high][-1].done and seen[high][0].step == 0
+    for r in (low, high):
+        ref = alone(model, r, **kw)
+        assert [(ev.step, ev.positions.tolist(), ev.tokens.tolist(), ev.nfe) for ev in seen[r]] == \
+            [(ev.step, ev.positions.tolist(), ev.tokens.tolist(), ev.nfe) for ev in ref]
+        assert seen[r][-1].canvas.tolist() == ref[-1].canvas.tolist()
+    assert len(core.batch) == 0 and core.scheduler.running_pages == 0

@@ -14,7 +14,7 @@ import pytest
 
 from clients.protocol import SamplingParams
 from server.request import Request, RequestGroup
-from tests.server_utils import ServerProcess, metrics, sse_events
+from tests.server_utils import ServerProcess, long_request, metrics, sse_events
 from tzd.sampling import plan
 from tzd.sampling.scheduler import QueueFull, Scheduler, Status
 
@@ -28,7 +28,7 @@ def req(total: int, priority: int = 0, prompt: int = 8) -> Request:
 
 
 def admitted(s: Scheduler) -> list[Request]:
-    return s.schedule()[1]
+    return s.schedule()[2]
 
 
 def test_admission_by_tokens_then_slots() -> None:
@@ -106,7 +106,8 @@ def test_admission_by_kv_pages() -> None:
     """Pages bind like tokens: the first in line waits for free pages (and so does everyone behind it),
     priorities still order the line, and finishing gives the pages back."""
     s = Scheduler(max_running=8, max_waiting=16, max_pages=10, pages=pages)
-    a, b, c, d = req(64), req(64), req(48), req(16)  # 4, 4, 3, 1 pages
+    # the running ones as urgent as `urgent` below: equals never preempt each other (see the preemption tests)
+    a, b, c, d = req(64, -1), req(64, -1), req(48, -1), req(16, -1)  # 4, 4, 3, 1 pages
     s.submit([a, b, c, d])
     assert admitted(s) == [a, b] and s.running_pages == 8  # c needs 3 of the 2 left; d waits behind it
     s.finish(a, "length")
@@ -119,6 +120,69 @@ def test_admission_by_kv_pages() -> None:
     for r in (c, d, urgent, later):
         s.finish(r, "length")
     assert s.running_pages == 0
+
+
+def schedule(s: Scheduler) -> tuple[list[Request], list[Request]]:
+    """(preempted, admitted) of one schedule()."""
+    _, preempt, admit = s.schedule()
+    return preempt, admit
+
+
+def test_a_higher_priority_preempts_the_lowest_for_pages() -> None:
+    """The lowest priority goes first (the latest arrival among equals), as many as make room and none that
+    is not needed; the preempted wait at their old place and run again (status PREEMPTED, then RUNNING)."""
+    s = Scheduler(max_running=8, max_waiting=16, max_pages=10, pages=pages)
+    a, b, c = req(64, 1), req(64, 2), req(32, 2)  # 4, 4, 2 pages: the cache is full
+    s.submit([a, b, c])
+    assert schedule(s) == ([], [a, b, c])
+    urgent = req(48, 0)  # 3 pages: c (lowest, latest) alone frees 2, too few; b frees 4 and c is not needed
+    s.submit([urgent])
+    assert schedule(s) == ([b], [urgent]) and s.running_pages == 9
+    assert (b.status, b.preemptions, c.status) == (Status.PREEMPTED, 1, Status.RUNNING)
+    later = req(16, 2)  # 1 page, arrived after b: b goes first, and does not fit yet; later waits behind it
+    s.submit([later])
+    assert schedule(s) == ([], []) and s.waiting == [b, later]
+    s.finish(urgent, "length")
+    assert schedule(s) == ([], [b]) and b.status is Status.RUNNING  # 4 + 2 + 4 = 10: later still waits
+    s.finish(b, "length")
+    assert schedule(s) == ([], [later])
+
+
+def test_a_higher_priority_preempts_for_a_slot_but_never_for_tokens_or_equals() -> None:
+    slots = Scheduler(max_running=2, max_waiting=16)
+    a, b = req(16, 1), req(16, 1)
+    slots.submit([a, b])
+    schedule(slots)
+    same = req(16, 1)
+    slots.submit([same])
+    assert schedule(slots) == ([], [])  # an equal waits
+    urgent = req(16, 0)
+    slots.submit([urgent])
+    assert schedule(slots) == ([b], [urgent])  # the latest of the lowest
+    assert slots.waiting == [b, same]  # b at its old place: before `same`, which arrived after it
+    tokens = Scheduler(max_running=8, max_waiting=16, max_tokens=100)
+    low, high = req(60, 1), req(60, 0)
+    tokens.submit([low])
+    schedule(tokens)
+    tokens.submit([high])
+    assert schedule(tokens) == ([], [])  # the token budget alone never preempts
+    none_free = Scheduler(max_running=8, max_waiting=16, max_pages=4, pages=pages)
+    small, big = req(32, 1), req(96, 0)  # big (6 pages) is larger than the whole cache: no preemption helps
+    none_free.submit([small])
+    schedule(none_free)
+    none_free.submit([big])
+    assert schedule(none_free) == ([], []) and small.status is Status.RUNNING
+
+
+def test_a_preempted_request_that_finishes_leaves_the_line() -> None:
+    s = Scheduler(max_running=1, max_waiting=16)
+    low, high = req(16, 1), req(16, 0)
+    s.submit([low])
+    schedule(s)
+    s.submit([high])
+    assert schedule(s) == ([low], [high])
+    s.finish(low, "aborted")  # the output side ended it while it waited (or a drain): it never runs again
+    assert s.waiting == [] and (low.status, low.reason) == (Status.FINISHED, "aborted")
 
 
 def test_request_larger_than_free_pages_waits_then_runs() -> None:
@@ -191,3 +255,40 @@ def test_server_kv_pages_bound_admission(tiny_checkpoint: Path, tmp_path: Path) 
         r = httpx.post(f"{srv.url}/generate", json={**big, "cache": "none"}, timeout=60)
         assert r.status_code == 200, r.text
         assert metrics(srv.url)["tzd_kv_cache_usage"] == 0.0
+
+
+def test_server_preempts_a_lower_priority_stream_which_goes_on_where_it_was(tiny_checkpoint: Path,
+                                                                             tmp_path: Path) -> None:
+    """One slot: a priority 1 stream runs; a priority 0 request arrives, takes the slot and finishes first;
+    the stream pauses, is recomputed and goes on: each step once and in order (no step event is repeated,
+    none lost: its committed positions are each reported once), the tokens it gets alone."""
+    with ServerProcess(tiny_checkpoint, "--dtype", "float32", "--max-batch-size", "1", "--deterministic", "on",
+                       log_dir=tmp_path) as srv:
+        low = {**long_request(srv.url, 80), "priority": 1}
+        alone = httpx.post(f"{srv.url}/generate", json=low, timeout=120).json()
+        high = {"prompt": "JULIET:", "max_tokens": 8, "steps": 8, "seed": 2, "priority": 0}
+        high_alone = httpx.post(f"{srv.url}/generate", json=high, timeout=120).json()
+        order: list[str] = []
+        events: list[dict] = []
+        with ThreadPoolExecutor(1) as pool:
+            with httpx.stream("POST", f"{srv.url}/generate", json={**low, "stream": True}, timeout=120) as r:
+                answer = None
+                for name, data in sse_events(r):
+                    if name == "step":
+                        events.append(json.loads(data))
+                        if len(events) == 3:  # it runs: now the urgent one
+                            urgent = pool.submit(lambda: (httpx.post(f"{srv.url}/generate", json=high,
+                                                                     timeout=120), order.append("high")))
+                    elif name == "done":
+                        order.append("low")
+                        answer = json.loads(data)
+            got_high = urgent.result()[0]
+        assert got_high.status_code == 200 and got_high.json()["tokens"] == high_alone["tokens"]
+        m = metrics(srv.url)
+        assert m["tzd_preemptions_total"] >= 1 and m["tzd_recomputed_steps_total"] >= 3, m
+        assert order == ["high", "low"]
+        steps = [e["step"] for e in events]
+        assert steps == sorted(set(steps)) and steps[-1] == answer["steps"] - 1
+        positions = [c["position"] for e in events for c in e["committed"]]
+        assert sorted(positions) == list(range(80))
+        assert answer["tokens"] == alone["tokens"] and answer["nfe"] == alone["nfe"]

@@ -190,13 +190,14 @@ class DenoiseBatch:
         if self.pool is not None and s.waits_for is None:
             self.pool.pending.difference_update(s.hashes[s.pooled:])
 
-    def remove(self, handle: Any) -> bool:
-        """Drop a request (cancelled); True if it was here."""
+    def remove(self, handle: Any) -> Slot | None:
+        """Drop a request (cancelled, ended, preempted); its slot as it left (its progress), None if it was
+        not here."""
         for i, s in enumerate(self.slots):
             if s is not None and s.handle is handle:
                 self._release(i, s)
-                return True
-        return False
+                return s
+        return None
 
     @torch.inference_mode()
     def step(self) -> list[SlotStep]:

@@ -8,6 +8,14 @@ fit waits, and so does everyone behind it: a large request is never starved by s
 larger than the whole token budget runs alone, once nothing else runs; one larger than the whole KV
 cache is refused before it is queued (the server's check_fits) or fails to start (offline generate()).
 
+Preemption: when the first in line does not fit for want of slots or KV pages and requests of a lower
+priority (a larger `priority`) run, the lowest of them (the latest arrival among equals) are preempted
+until it fits, none that is not needed, and go back in line at their old place (status PREEMPTED) to be
+recomputed from the start when they fit again. Their plan and seed are unchanged and every step is
+batch-invariant, so the recomputation repeats their steps exactly; the core hides the steps their clients
+already had (`replay`). A token budget alone never preempts (it bounds a step's cadence, not memory),
+and equals never preempt each other.
+
 The engine core (core.py) owns it: the server's engine and offline generate() admit through it alike.
 A request is a CoreRequest (the server's Request extends it with the HTTP side): its status says where it
 is, WAITING -> RUNNING -> FINISHED, with its finish reason.
@@ -34,6 +42,7 @@ class QueueFull(Exception):
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PREEMPTED = "preempted"  # was running, waits again to be recomputed (back in line at its old place)
     FINISHED = "finished"
 
 
@@ -51,6 +60,9 @@ class CoreRequest:
     # ended it: a stop string), "error" (its step or its start failed); None until then
     reason: str | None = None
     handle: Any = None  # the caller's own tag (offline generate(): the prompt's index)
+    order: int = -1  # its arrival in the line (the scheduler's): a preempted request goes back to its place
+    replay: int = 0  # steps already reported before it was preempted: their recomputation is not reported
+    preemptions: int = 0
 
 
 
@@ -83,10 +95,14 @@ class Scheduler:
         if len(self.waiting) + len(requests) > self.max_waiting:
             raise QueueFull(f"the queue is full ({len(self.waiting)} of {self.max_waiting} waiting)")
         for req in requests:
-            key = (req.priority, next(self._arrivals))
-            i = bisect.bisect_right(self._keys, key)
-            self._keys.insert(i, key)
-            self.waiting.insert(i, req)
+            req.order = next(self._arrivals)
+            self._enqueue(req)
+
+    def _enqueue(self, req: CoreRequest) -> None:
+        key = (req.priority, req.order)
+        i = bisect.bisect_right(self._keys, key)
+        self._keys.insert(i, key)
+        self.waiting.insert(i, req)
 
     def _unqueue(self, req: CoreRequest) -> None:
         i = self.waiting.index(req)
@@ -102,30 +118,77 @@ class Scheduler:
     def page_cost(self, req: CoreRequest) -> int:
         return self.pages(req) if self.pages is not None else 0
 
-    def _fits(self, req: CoreRequest) -> bool:
-        if len(self.running) >= self.max_running:
+    def _fits(self, req: CoreRequest, running: int = 0, tokens: int = 0, pages: int = 0) -> bool:
+        """Whether `req` fits beside the running requests less `running` of them holding `tokens` columns
+        and `pages` pages."""
+        if len(self.running) - running >= self.max_running:
             return False
-        if self.max_pages is not None and self.running_pages + self.page_cost(req) > self.max_pages:
+        if self.max_pages is not None and self.running_pages - pages + self.page_cost(req) > self.max_pages:
             return False
-        if self.max_tokens is None or not self.running:  # alone it always runs, however large
+        if self.max_tokens is None or len(self.running) == running:  # alone it always runs, however large
             return True
-        return self.running_tokens + self.cost(req) <= self.max_tokens
+        return self.running_tokens - tokens + self.cost(req) <= self.max_tokens
 
-    def schedule(self) -> tuple[list[CoreRequest], list[CoreRequest]]:
-        """(evict, admit) for the next step: cancelled requests out, then the first in line while it fits."""
+    def _victims(self, req: CoreRequest) -> list[CoreRequest]:
+        """Running requests of a lower priority than `req` whose leaving lets it in: taken lowest priority
+        first (the latest arrival among equals) until it fits, then any of them not needed given back; []
+        if not even all of them make room."""
+        if self.max_tokens is not None and self.running and \
+                self.running_tokens + self.cost(req) > self.max_tokens:
+            return []  # the token budget binds: it bounds a step's cadence, not memory, and never preempts
+        lower = sorted((r for r in self.running if r.priority > req.priority),
+                       key=lambda r: (r.priority, r.order), reverse=True)
+        for n in range(1, len(lower) + 1):
+            if self._fits_without(req, lower[:n]):
+                picked = lower[:n]
+                for r in lower[:n - 1]:  # a smaller one taken first may not be needed beside a larger one
+                    rest = [x for x in picked if x is not r]
+                    if self._fits_without(req, rest):
+                        picked = rest
+                return picked
+        return []
+
+    def _fits_without(self, req: CoreRequest, leaving: list[CoreRequest]) -> bool:
+        costs = [self.running[r] for r in leaving]
+        return self._fits(req, len(leaving), sum(c[0] for c in costs), sum(c[1] for c in costs))
+
+    def _preempt(self, req: CoreRequest) -> None:
+        cost = self.running.pop(req)
+        self.running_tokens -= cost[0]
+        self.running_pages -= cost[1]
+        req.status = Status.PREEMPTED
+        req.preemptions += 1
+        self._enqueue(req)  # at its old place: behind whoever preempted it (a lower priority), by arrival
+
+    def schedule(self) -> tuple[list[CoreRequest], list[CoreRequest], list[CoreRequest]]:
+        """(evict, preempt, admit) for the next step: cancelled requests out, then the first in line while it
+        fits, preempting lower priorities for it when slots or pages are what it lacks."""
         evict = [r for r in self.running if r.cancelled]
         for r in evict:
             self.finish(r, "cancelled")
         admit: list[CoreRequest] = []
-        while self.waiting and self._fits(self.waiting[0]):
-            req = self.waiting.pop(0)
+        preempt: list[CoreRequest] = []
+        while self.waiting:
+            head = self.waiting[0]
+            if not self._fits(head):
+                victims = self._victims(head)
+                if not victims:
+                    break
+                for r in victims:
+                    self._preempt(r)
+                preempt += victims
+            self.waiting.pop(0)
             del self._keys[0]
-            self.running[req] = cost = (self.cost(req), self.page_cost(req))
+            self.running[head] = cost = (self.cost(head), self.page_cost(head))
             self.running_tokens += cost[0]
             self.running_pages += cost[1]
-            req.status = Status.RUNNING
-            admit.append(req)
-        return evict, admit
+            head.status = Status.RUNNING
+            if head in preempt:  # preempted in this same call and fits again: it keeps its place in the batch
+                preempt.remove(head)
+                head.preemptions -= 1
+            else:
+                admit.append(head)
+        return evict, preempt, admit
 
     def expire(self, now: float) -> tuple[list[CoreRequest], list[CoreRequest]]:
         """(waiting, running) requests past their deadline, removed (the running ones leave the batch next)."""
@@ -139,11 +202,14 @@ class Scheduler:
         return late_waiting, late_running
 
     def finish(self, req: CoreRequest, reason: str) -> None:
-        """`req` no longer runs (finished, failed, evicted), for `reason`; idempotent (the first reason stays)."""
+        """`req` no longer runs or waits (finished, failed, evicted), for `reason`; idempotent (the first
+        reason stays)."""
         cost = self.running.pop(req, None)
         if cost is not None:
             self.running_tokens -= cost[0]
             self.running_pages -= cost[1]
+        elif req.status is Status.PREEMPTED and req in self.waiting:  # back in line after a preemption
+            self._unqueue(req)
         self._end(req, reason)
 
     @staticmethod
