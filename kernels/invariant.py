@@ -14,10 +14,10 @@ Here every reduction has one fixed shape, whatever the batch:
   value GEMM is [QUERY_TILE, D] x [D, KEY_CHUNK] and [QUERY_TILE, KEY_CHUNK] x [KEY_CHUNK, D];
 - the arithmetic is fp32 (bf16/fp16 inputs are exact in fp32), one rounding at the end.
 This is the split-KV scheme of vLLM's and SGLang's batch-invariant modes (a fixed split size, not a
-fixed number of splits), in plain torch. It is about 4-5x the fused SDPA's time on CPU (the online
-softmax is several eager passes per chunk); SDPA per 64-key chunk with its log-sum-exp measured no
-faster, and SDPA over keys padded to its own 512-key split kept rows equal only with queries >= 4
-and costs the padding (3x the keys at 160).
+fixed number of splits), in plain torch. It is several times the fused SDPA's time on CPU (the online
+softmax is several eager passes per chunk; bench/invariance.py); SDPA per 64-key chunk with its
+log-sum-exp was no faster, and SDPA over keys padded to its own 512-key split kept rows equal only with
+enough queries and pays for the padding.
 """
 
 from __future__ import annotations

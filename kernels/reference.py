@@ -129,10 +129,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     query with no key gets zeros. No loop over rows: the rows are sorted by length into at most
     LENGTH_GROUPS groups; each group's tokens are scattered into a padded [rows, longest, H, D] batch,
     run through `attention` with the key lengths as seqlens (SDPA with a key-padding mask), and gathered
-    back. Kept over one SDPA on all tokens with a block-diagonal mask,
-    whose cost grows with the square of the total: 16 rows of 16-256 tokens (1885), 4 heads of 64, one
-    CPU thread: 35 ms against 111 ms (fp32; bf16 34 against 122, block-causal 39 against 101); the mask
-    wins only on tiny totals (4 rows of 16-64, 151 tokens: 0.8 against 1.2 ms), where both are cheap.
+    back. Kept over one SDPA on all tokens with a block-diagonal mask, whose cost grows with the square
+    of the total token count: the mask wins only on tiny totals, where both are cheap (bench/kernels.py).
     """
     check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_blocks, k_blocks)
     if q.shape[0] == 0:
@@ -200,9 +198,8 @@ def _varlen_plan(cu_q: torch.Tensor, cu_k: torch.Tensor, nq: int, nk: int, max_q
         raise ValueError(f"varlen_attention: a row is longer than max_seqlen_q={max_q} / max_seqlen_k={max_k} "
                          f"(longest: {lens_q.max(initial=0)} / {lens_k.max(initial=0)})")
     # Rows grouped by length (at most LENGTH_GROUPS groups of consecutive lengths, each padded to its own
-    # longest): padding every row to the batch's longest made attention cost rows x longest^2, twice
-    # what 16 rows of 80-320 tokens hold (CPU, fp32, 4 heads of 64: 40 ms a layer against 19 for the
-    # same tokens in equal rows). A loop over a few groups, never over rows.
+    # longest): padding every row to the batch's longest made attention cost rows x longest^2, about
+    # twice what rows of mixed lengths hold. A loop over a few groups, never over rows.
     B = len(lens_q)
     by_len = np.argsort(lens_k, kind="stable")
     n_groups = min(LENGTH_GROUPS, B)

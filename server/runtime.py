@@ -71,7 +71,8 @@ class Runtime:
 
 
 def cpu_has_bf16() -> bool:
-    """True where oneDNN runs bf16 natively (avx512_bf16 / AMX): there bf16 autocast is 2-3x faster than fp32."""
+    """True where oneDNN runs bf16 natively (avx512_bf16 / AMX): there bf16 autocast beats fp32 (bench/train.json,
+    bench/serve.py)."""
     with contextlib.suppress(Exception):
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
@@ -84,7 +85,7 @@ def choose_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, tor
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
     # bf16 autocast over fp32 weights: the matmuls in bf16, the residual stream and elementwise ops in
-    # fp32 (all-bf16 weights measured slower per row at batch 16: bf16 elementwise ops are slow on CPU).
+    # fp32 (all-bf16 weights are slower per row at batch 16: bf16 elementwise ops are slow on CPU).
     # load_runtime stores the linear layers in bf16 so that autocast need not cast them at every call.
     return torch.float32, (torch.bfloat16 if cpu_has_bf16() else None)
 

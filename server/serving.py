@@ -63,9 +63,9 @@ class Serving:
             "cuda_graphs": cfg.cuda_graphs, "kv_cache_pages": str(engine.batch.kv.num_pages),
             "quantization": rt.quantization or "none"})
         self.metrics.weight_bytes.set(rt.weight_bytes)
-        # The imports and the load leave some 340k long-lived objects that every later full collection
-        # would walk again, pausing all threads, the steps and the streams, for 74-136 ms (measured on the
-        # default model, 2-core CPU; 0.02 ms once frozen). Frozen, they are skipped, as vLLM does.
+        # The imports and the load leave hundreds of thousands of long-lived objects that every later full
+        # collection would walk again, pausing all threads, the steps and the streams, for tens of ms each
+        # time. Frozen, they are skipped, as vLLM does.
         gc.collect()
         gc.freeze()
         self.runtime, self.engine = rt, engine

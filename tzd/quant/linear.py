@@ -22,9 +22,9 @@ FP8_TILE = 16  # _scaled_mm wants K and N multiples of 16
 # _weight_int8pack_mm on the CPU crashed (torch 2.13, bf16 activations) for K not a multiple of 16;
 # such a layer dequantizes instead (no real model has one)
 INT8_K_MULTIPLE = 16
-# torch's packed CPU kernels in fp32 are scalar loops: measured (torch 2.13, 2-core AVX-512 CPU, 2048 rows x
-# 256 -> 704) int8 0.60 s against 0.027 s for dequantize + fp32 matmul, int4 1.09 s against 0.014 s in bf16.
-# So fp32 int8 layers dequantize, and int4 layers compute in bf16 on the CPU whatever the model's dtype.
+# torch's packed CPU kernels in fp32 are scalar loops, over an order of magnitude slower than dequantize +
+# fp32 matmul (int8) or the bf16 kernel (int4): so fp32 int8 layers dequantize, and int4 layers compute in
+# bf16 on the CPU whatever the model's dtype (bench/quant.py times the layers as served).
 PACKED_DTYPES = (torch.bfloat16, torch.float16)
 
 
