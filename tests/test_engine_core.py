@@ -159,3 +159,27 @@ def test_preempted_request_is_recomputed_exactly_and_reports_each_step_once(mode
             [(ev.step, ev.positions.tolist(), ev.tokens.tolist(), ev.nfe) for ev in ref]
         assert seen[r][-1].canvas.tolist() == ref[-1].canvas.tolist()
     assert len(core.batch) == 0 and core.scheduler.running_pages == 0
+
+
+def test_the_core_keeps_its_own_sampling_params() -> None:
+    """plan() converts the wire schema once: the plan holds the core's DecodeParams, and the core's modules
+    import the wire schema for types only (its default block length agrees with the wire schema's)."""
+    import ast
+    from pathlib import Path
+
+    import clients.protocol as wire
+    import tzd.sampling as sampling
+    from tzd.sampling import DecodeParams
+    from tzd.sampling.params import DEFAULT_BLOCK_LENGTH
+
+    p = plan(SamplingParams(max_tokens=8, temperature=0.5, stop=["x"], top_logprobs=2), 4, 64)
+    assert p.params == DecodeParams(temperature=0.5, stop=("x",), top_logprobs=2)
+    assert DEFAULT_BLOCK_LENGTH == wire.DEFAULT_BLOCK_LENGTH
+    public = {"__init__.py", "generate.py"}  # generate(prompts, params: SamplingParams, ...) is the public way in
+    for f in Path(sampling.__file__).parent.glob("*.py"):
+        if f.name in public:
+            continue
+        tree = ast.parse(f.read_text())
+        for node in tree.body:  # module level only: an `if TYPE_CHECKING:` block is not an Import node here
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("clients"):
+                raise AssertionError(f"{f.name} imports {node.module} at run time")

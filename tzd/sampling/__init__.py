@@ -1,13 +1,14 @@
 """The sampler: batched iterative unmasking (LLaDA low-confidence remasking, Fast-dLLM threshold
 decoding and block KV cache)."""
 
+from clients.protocol import SamplingParams  # the wire schema, the public way to ask (DESIGN.md)
 from tzd.sampling.batch import DenoiseBatch, SlotStep
 from tzd.sampling.core import CoreStep, EngineCore
 from tzd.sampling.generate import Fill, GenerationResult, finish, finish_canvas, generate
 from tzd.sampling.infill import Layout
-from tzd.sampling.params import RequestPlan, SamplingParams, SamplingParamsError, plan
+from tzd.sampling.params import DecodeParams, RequestPlan, SamplingParamsError, plan
 from tzd.sampling.scheduler import CoreRequest, QueueFull, Scheduler, Status
 
-__all__ = ["CoreRequest", "CoreStep", "DenoiseBatch", "EngineCore", "Fill", "GenerationResult", "Layout", "QueueFull",
-           "RequestPlan", "SamplingParams", "SamplingParamsError", "Scheduler", "SlotStep", "Status", "finish",
-           "finish_canvas", "generate", "plan"]
+__all__ = ["CoreRequest", "CoreStep", "DecodeParams", "DenoiseBatch", "EngineCore", "Fill", "GenerationResult",
+           "Layout", "QueueFull", "RequestPlan", "SamplingParams", "SamplingParamsError", "Scheduler", "SlotStep",
+           "Status", "finish", "finish_canvas", "generate", "plan"]

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch.nn as nn
 
+from clients.protocol import SamplingParams
 from tzd.models import model_config
 from tzd.sampling.batch import DenoiseBatch, SlotStep, eos_set
 from tzd.sampling.core import EngineCore
 from tzd.sampling.infill import Layout
-from tzd.sampling.params import SamplingParams, plan
+from tzd.sampling.params import plan
 from tzd.sampling.scheduler import CoreRequest
 from tzd.sampling.scores import TokenScore, TokenScores
 

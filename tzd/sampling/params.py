@@ -1,18 +1,29 @@
-"""SamplingParams (the wire schema's) plus the checks that need the prompt and the model's context."""
+"""A request's plan: the core's own sampling parameters (DecodeParams) and everything resolved against the
+prompt and the model (RequestPlan), made once by `plan`.
+
+The wire schema (clients.protocol.SamplingParams, pydantic) checks each field's type and range where a
+request comes in; `plan` converts it into the core's records and makes the checks that need the prompt
+and the model's context. The core never reads the wire schema after that.
+"""
 
 from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clients.protocol import DEFAULT_BLOCK_LENGTH, SamplingParams
 from tzd.sampling.infill import GAP, Layout
 
-__all__ = ["RequestPlan", "SamplingParams", "SamplingParamsError", "plan"]
+if TYPE_CHECKING:
+    from clients.protocol import SamplingParams
+
+__all__ = ["DEFAULT_BLOCK_LENGTH", "DecodeParams", "RequestPlan", "SamplingParamsError", "plan"]
+
+DEFAULT_BLOCK_LENGTH = 32  # LLaDA's (the wire schema's description says the same; a test holds them equal)
 
 
 class SamplingParamsError(ValueError):
@@ -23,11 +34,37 @@ class SamplingParamsError(ValueError):
         self.field = field
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeParams:
+    """How a request is denoised, as the core reads it (the wire schema's fields of the same names; its
+    lengths, steps and seed are resolved into RequestPlan)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    remasking: str = "low_confidence"  # or "random"
+    threshold: float | None = None
+    entropy_bound: float | None = None
+    early_exit: bool = True
+    cache: str = "none"  # "prefix" | "dual"
+    cfg_scale: float = 0.0
+    priority: int = 0
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> DecodeParams:
+        """The core's copy of the wire schema's (already validated) fields."""
+        values = {f.name: getattr(params, f.name) for f in fields(cls)}
+        values["stop"] = tuple(values["stop"])
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class RequestPlan:
     """A request's resolved parameters: every None filled in, every range checked."""
 
-    params: SamplingParams
+    params: DecodeParams
     prompt_len: int
     max_tokens: int
     steps: int
@@ -140,7 +177,7 @@ def plan(params: SamplingParams, prompt_len: int, context: int, model_block: int
     if model_block is not None and absolute_blocks and prompt_len % model_block:
         first = min(model_block - prompt_len % model_block, g)
     num_blocks = 1 + math.ceil((g - first) / block) if first else math.ceil(g / block)
-    p = RequestPlan(params, prompt_len, g, steps, block, num_blocks, 0, first, layout)
+    p = RequestPlan(DecodeParams.of(params), prompt_len, g, steps, block, num_blocks, 0, first, layout)
     fill = np.array(layout.fill) if layout is not None else np.full(g, GAP)
     open_ = blocks_open(fill, [p.block_start(b) for b in range(num_blocks)])
     rank = tuple(np.cumsum([0, *(n > 0 for n in open_[:-1])]).tolist())

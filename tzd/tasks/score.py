@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from clients.protocol import DEFAULT_BLOCK_LENGTH
 from tzd.sampling import SamplingParams, generate
+from tzd.sampling.params import DEFAULT_BLOCK_LENGTH
 from tzd.tasks.base import Task, TaskExample
 from tzd.tokenizer import TextTokenizer
 
