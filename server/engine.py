@@ -28,10 +28,11 @@ from server.errors import InvalidRequest, QueueFull, Unavailable
 from server.metrics import Metrics
 from server.output import Update
 from server.request import CANCELLED, Failure, Request, RequestGroup
-from server.runtime import Runtime, inference, kv_cache_bytes
+from server.runtime import Runtime, inference
 from tzd.sampling import DenoiseBatch, RequestPlan, SlotStep, plan
 from tzd.sampling import scheduler as core_scheduler
-from tzd.sampling.batch import compute_dtype, dense_kv_bytes
+from tzd.sampling.batch import compute_dtype
+from tzd.sampling.config import EngineConfig
 from tzd.sampling.core import CoreStep, EngineCore
 
 log = logging.getLogger("tzd.server")
@@ -57,19 +58,13 @@ class StepOutcome:
 class Engine:
     """Owns the model; requests enter through `submit` and leave through their group's queue."""
 
-    def __init__(self, runtime: Runtime, metrics: Metrics, max_batch_size: int, max_queue: int,
-                 max_batched_tokens: int | None = None, prefix_pool_bytes: int = 0,
-                 kv_cache_memory: str | None = None, kv_page_size: int = 16, cuda_graphs: bool = False) -> None:
-        self.runtime, self.metrics = runtime, metrics
-        tok, model = runtime.loaded.tokenizer, runtime.loaded.model
-        kv_dtype = compute_dtype(model)
-        dense = dense_kv_bytes(runtime.loaded.model_config, max_batch_size, kv_page_size, kv_dtype)
-        self.batch = DenoiseBatch(model, runtime.loaded.mask_id, capacity=max_batch_size, eos_id=tok.eos_ids,
-                                  prefix_pool_bytes=prefix_pool_bytes, kv_page_size=kv_page_size, kv_dtype=kv_dtype,
-                                  kv_cache_bytes=kv_cache_bytes(kv_cache_memory, runtime.device, dense),
-                                  cuda_graphs=cuda_graphs)
+    def __init__(self, runtime: Runtime, metrics: Metrics, config: EngineConfig) -> None:
+        self.runtime, self.metrics, self.config = runtime, metrics, config
+        loaded = runtime.loaded
+        self.core = EngineCore.create(loaded.model, loaded.mask_id, config, loaded.tokenizer.eos_ids,
+                                      compute_dtype(loaded.model))
+        self.batch: DenoiseBatch = self.core.batch
         self._pool_counted = (0, 0)  # the prefix pool's (queries, hits) already in the metrics
-        self.core = EngineCore(self.batch, max_batch_size, max_queue, max_batched_tokens)
         self.scheduler = self.core.scheduler  # admission: read here for the gauges and /health
         self.state: State = "ready"
         self._output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tzd-output")  # in order: one thread

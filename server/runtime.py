@@ -7,12 +7,18 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tzd.checkpoint import Loaded, load_checkpoint, resolve_device
 from tzd.models.invariant import set_batch_invariant
 from tzd.quant import QuantConfig, count_weights, weight_bytes
+from tzd.sampling.batch import compute_dtype, dense_kv_bytes
+from tzd.sampling.config import EngineConfig
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,6 +122,18 @@ def inference(runtime: Runtime) -> Iterator[None]:
     """inference_mode + the runtime's autocast: what every step (and the offline baseline) runs under."""
     with torch.inference_mode(), runtime.autocast():
         yield
+
+
+def engine_config(cfg: ServerConfig, runtime: Runtime) -> EngineConfig:
+    """The engine core's settings from the server's flags, every unit resolved once (--kv-cache-memory's
+    GiB or percentage against this device, --prefix-cache-mb in bytes)."""
+    mc, model = runtime.loaded.model_config, runtime.loaded.model
+    dense = dense_kv_bytes(mc, cfg.max_batch_size, cfg.kv_page_size, compute_dtype(model))
+    return EngineConfig(max_batch_size=cfg.max_batch_size, max_waiting=cfg.max_queue,
+                        max_batched_tokens=cfg.max_num_batched_tokens,
+                        kv_cache_bytes=kv_cache_bytes(cfg.kv_cache_memory, runtime.device, dense),
+                        kv_page_size=cfg.kv_page_size, prefix_pool_bytes=int(cfg.prefix_cache_mb * (1 << 20)),
+                        cuda_graphs=cfg.cuda_graphs == "on")
 
 
 def kv_cache_bytes(memory: str | None, device: torch.device, dense_bytes: int) -> int:

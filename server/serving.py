@@ -18,7 +18,7 @@ from server.metrics import Metrics
 from server.output import RequestOutput, StreamMode
 from server.prepare import ChatPrompt, infill_layout, prepare, render_chat
 from server.request import RequestGroup
-from server.runtime import Runtime, load_runtime
+from server.runtime import Runtime, engine_config, load_runtime
 from tzd.sampling.batch import compute_dtype
 
 log = logging.getLogger("tzd.server")
@@ -43,10 +43,7 @@ class Serving:
             log.info("loading %s (device %s, dtype %s)", cfg.checkpoint, cfg.device, cfg.dtype)
             rt = await asyncio.to_thread(load_runtime, cfg.checkpoint, cfg.device, cfg.dtype, cfg.threads,
                                          cfg.max_model_len, cfg.deterministic == "on", cfg.quant_config)
-            engine = Engine(rt, self.metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_num_batched_tokens,
-                            prefix_pool_bytes=int(cfg.prefix_cache_mb * (1 << 20)),
-                            kv_cache_memory=cfg.kv_cache_memory, kv_page_size=cfg.kv_page_size,
-                            cuda_graphs=cfg.cuda_graphs == "on")
+            engine = Engine(rt, self.metrics, engine_config(cfg, rt))
             await engine.start()
         except Exception as e:  # noqa: BLE001 - reported through /health and on_fatal
             self.failure = f"{type(e).__name__}: {e}"

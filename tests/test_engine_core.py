@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tzd.models import ModelConfig, build_model
-from tzd.sampling import CoreRequest, DenoiseBatch, EngineCore, SamplingParams, Status, generate, plan
+from tzd.sampling import CoreRequest, DenoiseBatch, EngineConfig, EngineCore, SamplingParams, Status, generate, plan
 
 V, MASK = 61, 60
 
@@ -183,3 +183,19 @@ def test_the_core_keeps_its_own_sampling_params() -> None:
         for node in tree.body:  # module level only: an `if TYPE_CHECKING:` block is not an Import node here
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("clients"):
                 raise AssertionError(f"{f.name} imports {node.module} at run time")
+
+
+def test_engine_config_builds_the_core_and_names_a_bad_field(model: torch.nn.Module) -> None:
+    from tzd.sampling.batch import kv_shape
+    from tzd.sampling.kv_pages import PagedKVStore
+
+    page = PagedKVStore.page_bytes(*kv_shape(model.tzd_config), 8, torch.float32)
+    core = EngineCore.create(model, MASK, EngineConfig(max_batch_size=3, max_waiting=5, max_batched_tokens=100,
+                                                       kv_cache_bytes=7 * page + 1, kv_page_size=8))
+    assert (core.batch.capacity, core.scheduler.max_running, core.scheduler.max_waiting) == (3, 3, 5)
+    assert (core.scheduler.max_tokens, core.batch.kv.num_pages, core.batch.kv.page_size) == (100, 7, 8)
+    dense = EngineCore.create(model, MASK, EngineConfig(max_batch_size=2, kv_page_size=16))
+    assert dense.batch.kv.num_pages == 2 * 4  # every slot a whole context of 64 positions
+    for bad in ({"max_batch_size": 0}, {"kv_page_size": 0}, {"max_batched_tokens": 0}, {"kv_cache_bytes": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad)

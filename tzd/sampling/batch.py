@@ -30,7 +30,7 @@ from tzd.sampling.sampler import sample
 from tzd.sampling.slot import Slot, SlotStep, SlotTable, eos_set
 from tzd.sampling.step_plan import StepPlan, plan_step
 
-__all__ = ["DenoiseBatch", "SlotStep", "compute_dtype", "dense_kv_bytes", "eos_set", "kv_shape", "kv_store"]
+__all__ = ["DenoiseBatch", "SlotStep", "compute_dtype", "dense_kv_bytes", "eos_set", "kv_shape"]
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
@@ -49,18 +49,8 @@ def kv_shape(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def dense_kv_bytes(cfg: ModelConfig, capacity: int, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes of pages for every slot to hold a whole context: what a dense store would reserve."""
-    return capacity * -(-cfg.context_len // page_size) * PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype)
-
-
-def kv_store(cfg: ModelConfig, capacity: int, device: torch.device, budget_bytes: int | None, page_size: int,
-             dtype: torch.dtype) -> PagedKVStore:
-    """The paged KV store for a batch: `budget_bytes` of pages (None: dense_kv_bytes, so that pages never
-    limit admission)."""
-    if budget_bytes is None:
-        budget_bytes = dense_kv_bytes(cfg, capacity, page_size, dtype)
-    pages = int(budget_bytes // PagedKVStore.page_bytes(*kv_shape(cfg), page_size, dtype))
-    return PagedKVStore(capacity, *kv_shape(cfg), cfg.context_len, page_size, pages, device)
+    """PagedKVStore.dense_bytes for a model of `cfg`."""
+    return PagedKVStore.dense_bytes(capacity, *kv_shape(cfg), cfg.context_len, page_size, dtype)
 
 
 class DenoiseBatch:
@@ -84,8 +74,8 @@ class DenoiseBatch:
         # one scratch column past the context: the step writes its padding columns there
         self.canvas = torch.full((capacity, self.context + 1), mask_id, dtype=torch.long, device=self.device)
         self.table = SlotTable(capacity, self.context, mask_id)
-        self.kv = kv_store(self.cfg, capacity, self.device, kv_cache_bytes, kv_page_size,
-                           kv_dtype or compute_dtype(model))
+        self.kv = PagedKVStore.sized(capacity, *kv_shape(self.cfg), self.context, kv_page_size, kv_cache_bytes,
+                                     kv_dtype or compute_dtype(model), self.device)
         self.runner = ModelRunner(model, self.cfg, self.canvas, self.kv, mask_id)
         if cuda_graphs:  # the cached step inside a block, captured per shape bucket (CUDA only)
             self.runner.graphs = WindowGraphs(model, self.kv, mask_id, self.context, self.block is not None)

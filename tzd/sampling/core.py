@@ -22,7 +22,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn as nn
+
 from tzd.sampling.batch import DenoiseBatch, SlotStep
+from tzd.sampling.config import EngineConfig
 from tzd.sampling.scheduler import CoreRequest, Scheduler, Status
 
 __all__ = ["CoreStep", "EngineCore"]
@@ -46,6 +50,16 @@ class CoreStep:
 
 class EngineCore:
     """Admission (`scheduler`) into `batch`, and its steps."""
+
+    @classmethod
+    def create(cls, model: nn.Module, mask_id: int, config: EngineConfig, eos_id: int | Sequence[int] | None = None,
+               kv_dtype: torch.dtype | None = None) -> EngineCore:
+        """The core of `config`: its DenoiseBatch on `model` (slots, KV pages, prefix pool, graphs) and its
+        scheduler (slots, line, token budget)."""
+        batch = DenoiseBatch(model, mask_id, config.max_batch_size, eos_id=eos_id,
+                             prefix_pool_bytes=config.prefix_pool_bytes, kv_cache_bytes=config.kv_cache_bytes,
+                             kv_page_size=config.kv_page_size, kv_dtype=kv_dtype, cuda_graphs=config.cuda_graphs)
+        return cls(batch, config.max_batch_size, config.max_waiting, config.max_batched_tokens)
 
     def __init__(self, batch: DenoiseBatch, max_running: int | None = None, max_waiting: int = 1 << 30,
                  max_tokens: int | None = None) -> None:

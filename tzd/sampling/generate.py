@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from clients.protocol import SamplingParams
 from tzd.models import model_config
-from tzd.sampling.batch import DenoiseBatch, SlotStep, eos_set
+from tzd.sampling.batch import SlotStep, eos_set
+from tzd.sampling.config import EngineConfig
 from tzd.sampling.core import EngineCore
 from tzd.sampling.infill import Layout
 from tzd.sampling.params import plan
@@ -121,9 +122,10 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
     cfg = model_config(model)
     plans = [plan(p, len(pr), cfg.context_len, cfg.denoise_block, cfg.block_align == "absolute", lay)
              for p, pr, lay in zip(plist, prompts, lays, strict=True)]
-    batch = DenoiseBatch(model, mask_id, capacity=min(max_batch or len(prompts), len(prompts)) or 1,
-                         eos_id=eos_id, kv_cache_bytes=kv_cache_bytes)
-    core = EngineCore(batch)  # the server's admission rule: priority, then order; slots and KV pages
+    config = EngineConfig(max_batch_size=min(max_batch or len(prompts), len(prompts)) or 1,
+                          kv_cache_bytes=kv_cache_bytes)
+    core = EngineCore.create(model, mask_id, config, eos_id)  # the server's admission rule and step
+    batch = core.batch
     for p in plans:
         batch.check_fits(p)  # one that could never start raises now, not wait for pages forever
     core.submit([CoreRequest(prompts[i], plans[i], priority=plist[i].priority, handle=i)

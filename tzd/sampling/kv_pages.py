@@ -55,6 +55,23 @@ class PagedKVStore:
         """Bytes of one page: keys and values of `page_size` positions in every layer."""
         return 2 * layers * page_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    @classmethod
+    def dense_bytes(cls, capacity: int, layers: int, kv_heads: int, head_dim: int, context: int, page_size: int,
+                    dtype: torch.dtype) -> int:
+        """Bytes of pages for every slot to hold a whole context: what a dense store would reserve."""
+        return capacity * math.ceil(context / page_size) * cls.page_bytes(layers, kv_heads, head_dim, page_size,
+                                                                          dtype)
+
+    @classmethod
+    def sized(cls, capacity: int, layers: int, kv_heads: int, head_dim: int, context: int, page_size: int,
+              budget_bytes: int | None, dtype: torch.dtype, device: torch.device) -> PagedKVStore:
+        """As many pages as `budget_bytes` holds in `dtype` (None: dense_bytes, so that pages never limit
+        admission)."""
+        if budget_bytes is None:
+            budget_bytes = cls.dense_bytes(capacity, layers, kv_heads, head_dim, context, page_size, dtype)
+        pages = int(budget_bytes // cls.page_bytes(layers, kv_heads, head_dim, page_size, dtype))
+        return cls(capacity, layers, kv_heads, head_dim, context, page_size, pages, device)
+
     def capacity_bytes(self, dtype: torch.dtype) -> int:
         """Bytes the pool takes once allocated in `dtype` (the scratch page included)."""
         return (self.num_pages + 1) * self.page_bytes(self.layers, self.kv_heads, self.head_dim, self.page_size, dtype)
