@@ -37,8 +37,8 @@ def first_steps(rt, prompts: list[list[int]], params: SamplingParams, pool_bytes
     with inference(rt):
         t0 = time.perf_counter()
         for i, p in enumerate(prompts):
-            batch.add(p, plan(params, len(p), cfg.context_len, cfg.denoise_block, cfg.block_align == "absolute"),
-                      handle=i)
+            batch.add(p, plan(params, len(p), cfg.context_len, cfg.denoise_block, cfg.block_align == "absolute",
+                              rule=cfg.decode_rule), handle=i)
         while len(first) < len(prompts):
             events = batch.step()
             now = time.perf_counter()

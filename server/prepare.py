@@ -61,7 +61,8 @@ def infill_layout(tokenizer: TextTokenizer, prompt: str | list[int] | None, suff
 def prepare(tokenizer: TextTokenizer, prompt: str | list[int], params: SamplingParams, context: int,
             vocab_size: int, max_tokens_limit: int, min_prompt: int = 0,
             model_block: int | None = None, absolute_blocks: bool = False,
-            layout: Layout | None = None, layout_field: str = "suffix") -> tuple[list[int], RequestPlan]:
+            layout: Layout | None = None, layout_field: str = "suffix", rule: str = "tzd"
+            ) -> tuple[list[int], RequestPlan]:
     """The prompt's ids and the request's plan, or InvalidRequest naming the field and the limit.
 
     `min_prompt`: 1 for a model with shifted logits (its first generated token is read off the last
@@ -87,7 +88,7 @@ def prepare(tokenizer: TextTokenizer, prompt: str | list[int], params: SamplingP
         raise InvalidRequest("max_tokens", f"max_tokens: must be <= {max_tokens_limit} (this server's "
                                            f"--max-tokens-limit), got {params.max_tokens}")
     try:
-        return ids, plan(params, len(ids), context, model_block, absolute_blocks, layout)
+        return ids, plan(params, len(ids), context, model_block, absolute_blocks, layout, rule)
     except SamplingParamsError as e:
         field = layout_field if e.field in ("suffix", "infill") else e.field
         raise InvalidRequest(field, f"{field}: {str(e).partition(': ')[2]}") from None

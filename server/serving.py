@@ -109,10 +109,10 @@ class Serving:
             prompt, layout = infill_layout(tok, prompt, suffix, infill, p.max_tokens, mc.vocab_size)
             ids, plan = prepare(tok, prompt, p, rt.context, mc.vocab_size, self.config.max_tokens_limit,
                                 int(mc.logit_shift), mc.denoise_block, mc.block_align == "absolute", layout,
-                                "infill" if infill is not None else "suffix")
+                                "infill" if infill is not None else "suffix", mc.decode_rule)
             if self.engine is not None:
                 self.engine.check_fits(plan)
-            output = RequestOutput(tok, mode, list(p.stop), plan.max_tokens, layout, logprobs, p.top_logprobs)
+            output = RequestOutput(tok, mode, list(p.stop), plan.visible, layout, logprobs, p.top_logprobs)
             req = group.add(ids, plan, output)
             req.priority = p.priority
             limits = [t for t in (timeout, self.config.request_timeout) if t is not None]

@@ -75,7 +75,7 @@ def llada2_config(hf: dict[str, Any]) -> ModelConfig:
             rotary_fraction=factor, norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
             qkv_bias=bool(_get(hf, "use_qkv_bias", False)), tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
             qk_norm=True, head_size=None if head_dim * heads == width else head_dim, attention="block_causal",
-            diffusion_block=LLADA2_BLOCK, block_align="absolute", **moe)
+            diffusion_block=LLADA2_BLOCK, block_align="absolute", decode_rule="llada2", **moe)
     except ValueError as e:
         raise FamilyConfigError(_hf_key_message(str(e))) from None  # config.json's key, not ModelConfig's field
 

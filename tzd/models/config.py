@@ -8,6 +8,7 @@ from typing import Any
 BACKENDS = ("smdm", "litgpt")
 ATTENTION_KINDS = ("bidirectional", "block_causal")
 BLOCK_ALIGNS = ("prompt", "absolute")
+DECODE_RULES = ("tzd", "llada2")
 ROUTER_SCORES = ("softmax", "sigmoid")
 
 
@@ -33,6 +34,11 @@ class ModelConfig:
     # blocks count from the first generated token) or "absolute" (SDAR's: multiples of diffusion_block from
     # position 0, so the first generated block also holds the prompt's tail)
     block_align: str = "prompt"
+    # the family's own sampling rule (tzd.sampling.plan): "tzd" (LLaDA's: `steps` spread over the blocks,
+    # a threshold commits what reaches it) or "llada2" (LLaDA2's published generate(): `steps` per block and
+    # each block's schedule from the block length, a threshold commits what exceeds it, the canvas runs to
+    # the end of its last block)
+    decode_rule: str = "tzd"
     # Qwen3-layout families (SDAR): an RMSNorm on each head's queries and keys before RoPE, and a head size
     # that need not be n_embd // n_head
     qk_norm: bool = False
@@ -85,6 +91,11 @@ class ModelConfig:
             raise ValueError(f"model.attention={self.attention!r}: must be one of {', '.join(ATTENTION_KINDS)}")
         if self.block_align not in BLOCK_ALIGNS:
             raise ValueError(f"model.block_align={self.block_align!r}: must be one of {', '.join(BLOCK_ALIGNS)}")
+        if self.decode_rule not in DECODE_RULES:
+            raise ValueError(f"model.decode_rule={self.decode_rule!r}: must be one of {', '.join(DECODE_RULES)}")
+        if self.decode_rule == "llada2" and not (self.block_causal and self.block_align == "absolute"):
+            raise ValueError("model.decode_rule=llada2: LLaDA2's rule is for block-causal models with blocks from "
+                             "position 0 (model.attention=block_causal, model.block_align=absolute)")
         if int(self.diffusion_block) < 1:
             raise ValueError(f"model.diffusion_block={self.diffusion_block}: must be >= 1")
         if self.block_causal and self.causal:

@@ -120,7 +120,7 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
     if len(lays) != len(prompts):
         raise ValueError(f"layouts: {len(lays)} given for {len(prompts)} prompts")
     cfg = model_config(model)
-    plans = [plan(p, len(pr), cfg.context_len, cfg.denoise_block, cfg.block_align == "absolute", lay)
+    plans = [plan(p, len(pr), cfg.context_len, cfg.denoise_block, cfg.block_align == "absolute", lay, cfg.decode_rule)
              for p, pr, lay in zip(plist, prompts, lays, strict=True)]
     config = EngineConfig(max_batch_size=min(max_batch or len(prompts), len(prompts)) or 1,
                           kv_cache_bytes=kv_cache_bytes)
@@ -132,7 +132,7 @@ def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams 
                  for i in range(len(prompts))])
     results: list[GenerationResult | None] = [None] * len(prompts)
     decode = tokenizer.decode if tokenizer is not None else None
-    scores = [TokenScores(p.max_tokens, p.params.top_logprobs) for p in plans]
+    scores = [TokenScores(p.visible, p.params.top_logprobs) for p in plans]
     while core.has_work():
         out = core.step()
         if out.not_started:  # a request the batch can never hold (larger than the whole KV cache)

@@ -72,12 +72,29 @@ def process(step: StepPlan, committed: np.ndarray, table: SlotTable, eos_ids: np
         a = end - n
         p = s.plan
         ev = SlotStep(s.handle, s.steps_done - 1, p.steps, positions[a:end], tokens[a:end], s.masked,
-                      canvas[i, :p.max_tokens], s.nfe, done, ("stop" if stop else "length") if done else None,
+                      canvas[i, :p.visible], s.nfe, done, ("stop" if stop else "length") if done else None,
                       probs=step_probs[a:end])
         k = p.params.top_logprobs
         if k and top_ids is not None:
             ev.top_ids, ev.top_logprobs = top_ids[a:end, :k], top_lps[a:end, :k]
+        if p.visible < p.max_tokens:  # LLaDA2's canvas past the client's max_tokens: denoised, not shown
+            _hide_tail(ev, p.visible, canvas[i, p.visible:p.max_tokens], table.mask_id, eos_ids)
         if stop and s.masked:  # ended before its plan did
-            ev.masked, ev.filled, ev.nfe_saved = 0, int(filled[i]), s.planned_forwards_left()
+            shown = int(fill[i, :p.visible].sum()) if p.visible < p.max_tokens else int(filled[i])
+            ev.masked, ev.filled, ev.nfe_saved = 0, shown, s.planned_forwards_left()
         events.append(ev)
     return events
+
+
+def _hide_tail(ev: SlotStep, visible: int, tail: np.ndarray, mask_id: int, eos_ids: np.ndarray) -> None:
+    """The event as its client sees it: only commits and masked positions before `visible` (and an EOS
+    past it does not make the visible part a "stop")."""
+    keep = ev.positions < visible
+    if not keep.all():
+        ev.positions, ev.tokens = ev.positions[keep], ev.tokens[keep]
+        ev.probs = ev.probs[keep] if ev.probs is not None else None
+        if ev.top_ids is not None:
+            ev.top_ids, ev.top_logprobs = ev.top_ids[keep], ev.top_logprobs[keep]
+    ev.masked = max(ev.masked - int((tail == mask_id).sum()), 0)
+    if ev.finish_reason == "stop" and not np.isin(ev.canvas, eos_ids).any():
+        ev.finish_reason = "length"

@@ -77,6 +77,12 @@ class RequestPlan:
     # each block's rank among the blocks that have any: steps are spread over those (plan())
     block_open: tuple[int, ...] = ()
     block_rank: tuple[int, ...] = ()
+    block_budgets: tuple[int, ...] = ()  # each block's step budget (plan())
+    # LLaDA2's rule: the commits at each step of a block (from the block length, whatever the block holds);
+    # empty: TZD's schedule (the block's masked positions spread over its budget, rules.schedule_count)
+    block_schedule: tuple[int, ...] = ()
+    threshold: float | None = None  # the rule's threshold as the commit reads it (>=; LLaDA2's > as the next float)
+    visible: int = 0  # the client's max_tokens: LLaDA2's canvas runs on to the end of its last block
 
     @cached_property
     def masked(self) -> int:
@@ -125,7 +131,7 @@ def blocks_open(fill: np.ndarray, starts: list[int]) -> tuple[int, ...]:
 
 
 def plan(params: SamplingParams, prompt_len: int, context: int, model_block: int | None = None,
-         absolute_blocks: bool = False, layout: Layout | None = None) -> RequestPlan:
+         absolute_blocks: bool = False, layout: Layout | None = None, rule: str = "tzd") -> RequestPlan:
     """Resolve and check `params` for a prompt of `prompt_len` tokens on a model with `context` positions.
 
     `model_block`: the block size of a block-causal model; its blocks are the model's, so block_length
@@ -139,9 +145,19 @@ def plan(params: SamplingParams, prompt_len: int, context: int, model_block: int
     Steps are spread over blocks: block b gets steps // num_blocks steps, the first steps % num_blocks
     blocks one more (capped at the block's length). Where steps divides evenly this is LLaDA's rule. An
     infill's blocks that hold only fixed text take no step and do not count.
+
+    `rule` "llada2" (ModelConfig.decode_rule; a block-causal model with absolute blocks): the published
+    LLaDA2 generate()'s semantics. `steps` is per block (default: the block length; at most max_tokens);
+    each step of a block commits the positions whose confidence exceeds the threshold when there are at
+    least the schedule's count of them, else the schedule's count (from the block length and steps: block
+    // steps, the first block % steps steps one more, whatever the block holds), the most confident first;
+    the canvas runs on to the end of the block that holds the max_tokens-th position (that block attends to
+    all of it) and the client sees the first max_tokens (`visible`).
     """
     if prompt_len < 0:
         raise SamplingParamsError("prompt", "must be a list of token ids")
+    if rule == "llada2":
+        return _llada2_plan(params, prompt_len, context, model_block)
     g = layout.canvas_len if layout is not None else params.max_tokens
     suffix = len(layout.suffix) if layout is not None else 0
     if layout is not None and model_block is not None:
@@ -186,4 +202,43 @@ def plan(params: SamplingParams, prompt_len: int, context: int, model_block: int
         raise SamplingParamsError("steps", f"must be >= the number of blocks with masked positions "
                                            f"({active}, blocks of {block}), got {steps}")
     seed = params.seed if params.seed is not None else secrets.randbelow(2**62)
-    return replace(p, seed=seed, block_open=open_, block_rank=rank)
+    base, extra = divmod(steps, active)
+    budgets = tuple(min(base + (1 if r < extra else 0), n) for r, n in zip(rank, open_, strict=True))
+    return replace(p, seed=seed, block_open=open_, block_rank=rank, block_budgets=budgets,
+                   threshold=params.threshold, visible=g)
+
+
+def _llada2_plan(params: SamplingParams, prompt_len: int, context: int, model_block: int | None) -> RequestPlan:
+    """plan() under LLaDA2's rule (see plan)."""
+    if model_block is None:
+        raise ValueError("the llada2 rule is for block-causal models (give model_block)")
+    B, n = model_block, params.max_tokens
+    if params.block_length is not None and params.block_length != B:
+        raise SamplingParamsError("block_length", f"this block-diffusion model denoises blocks of {B} tokens (its "
+                                                  f"diffusion_block); omit block_length or give {B}")
+    end = -(-(prompt_len + n) // B) * B  # the canvas runs to the end of its last block
+    if end > context:
+        raise SamplingParamsError("max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({n}), run on to the "
+                                                f"end of its block of {B}, = {end} exceeds the model's context of "
+                                                f"{context} tokens; max_tokens must be <= "
+                                                f"{max((context // B) * B - prompt_len, 0)}")
+    g = end - prompt_len
+    # the published min(steps, gen_length); past B steps its schedule's counts are 0, steps a block never
+    # reaches (the first B commit one each), so at most B
+    per_block = min(params.steps if params.steps is not None else B, n, B)
+    base, extra = divmod(B, per_block)
+    schedule = tuple(base + (1 if i < extra else 0) for i in range(per_block))
+    first = min(B - prompt_len % B, g) if prompt_len % B else 0
+    num_blocks = 1 + (g - first) // B if first else g // B
+    starts = [0] if first else []
+    starts += range(first, g, B)
+    open_ = blocks_open(np.full(g, GAP), starts[:num_blocks])
+    # the steps a block takes at most: until the schedule has committed every position it holds
+    reach = np.cumsum(schedule)
+    budgets = tuple(int(np.searchsorted(reach, m)) + 1 if m else 0 for m in open_)
+    threshold = None
+    if params.threshold is not None:  # "exceeds" as ">=" the next float32 up: the commit's own comparison
+        threshold = float(np.nextafter(np.float32(params.threshold), np.float32(np.inf)))
+    seed = params.seed if params.seed is not None else secrets.randbelow(2**62)
+    return RequestPlan(DecodeParams.of(params), prompt_len, g, sum(budgets), min(B, g), num_blocks, seed, first, None,
+                       open_, tuple(range(num_blocks)), budgets, schedule, threshold, n)

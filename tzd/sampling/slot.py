@@ -19,7 +19,7 @@ from tzd.sampling.rows import FIELDS, float_bits
 
 CACHE_MODES = {"none": 0, "prefix": 1, "dual": 2}
 # host-only columns of Slot.row
-LENGTH, MAX_TOKENS, EARLY_EXIT, TOP_LOGPROBS = len(FIELDS), len(FIELDS) + 1, len(FIELDS) + 2, len(FIELDS) + 3
+LENGTH, MAX_TOKENS, EARLY_EXIT, TOP_LOGPROBS, SCHEDULED = (len(FIELDS) + i for i in range(5))
 
 
 def eos_set(eos: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -95,7 +95,8 @@ class Slot:
 
     def row(self, slot: int, shift: int) -> tuple[int, ...]:
         """This request's values for one step in rows.FIELDS order (floats as their float64 bits), then
-        four host-only columns: the current block's length, max_tokens, early_exit and top_logprobs."""
+        five host-only columns: the current block's length, max_tokens, early_exit, top_logprobs and the
+        commits LLaDA2's schedule fixes for this step (0: TZD's schedule, rules.schedule_count)."""
         key = (self.block, self.kv_valid)
         if self._block_row is None or self._block_row[0] != key:  # changes only with the block or the cache
             start, length = self.block_bounds()
@@ -104,22 +105,21 @@ class Slot:
         if self._fixed is None:  # the plan never changes: its part of the row is computed once
             p, sp = self.plan, self.plan.params
             self._fixed = (0, p.total_len, p.prompt_len, p.seed, sp.top_k, int(sp.remasking == "random"),
-                           float_bits(sp.temperature), float_bits(sp.top_p), float_bits(sp.threshold or 0.0),
+                           float_bits(sp.temperature), float_bits(sp.top_p), float_bits(p.threshold or 0.0),
                            float_bits(sp.cfg_scale), float_bits(sp.entropy_bound or 0.0))
             self._tail = (p.max_tokens, int(p.early_exit), sp.top_logprobs)
         _, head, budget, length = self._block_row
         if head[0] != slot:
             head = (slot, *head[1:])
         # the 0 leading _fixed is `commits`, set by plan_step
-        return (*head, self.steps_done, max(budget - self.block_step, 1), *self._fixed, length, *self._tail)
+        sched = self.plan.block_schedule
+        fixed = sched[min(self.block_step, len(sched) - 1)] if sched else 0
+        return (*head, self.steps_done, max(budget - self.block_step, 1), *self._fixed, length, *self._tail, fixed)
 
     def block_budget(self, block: int | None = None) -> int:
         """Steps for the current block (or `block`): steps // blocks, the first steps % blocks one more, <= its
         masked positions (blocks of an infill's fixed text alone: none, and they do not count)."""
-        p = self.plan
-        b = self.block if block is None else block
-        base, extra = divmod(p.steps, p.active_blocks)
-        return min(base + (1 if p.block_rank[b] < extra else 0), p.block_open[b])
+        return self.plan.block_budgets[self.block if block is None else block]
 
     def planned_forwards_left(self) -> int:
         """Forwards the plan still has for this request: the current block's budget left and every later

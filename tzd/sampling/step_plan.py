@@ -15,7 +15,7 @@ import torch
 
 from tzd.sampling import rules
 from tzd.sampling.rows import COLUMN, RowValues
-from tzd.sampling.slot import LENGTH, Slot, SlotTable
+from tzd.sampling.slot import LENGTH, SCHEDULED, Slot, SlotTable
 
 
 @dataclass
@@ -51,6 +51,8 @@ def plan_step(table: SlotTable, active: list[int], shift: int, context: int, dev
     # each row's open offsets, ascending (a stable sort puts the open ones first in order), -1 after
     order = np.argsort(~is_open, axis=1, kind="stable")[:, :P]
     offsets = np.where(np.arange(P) < counts[:, None], order, -1)
-    host[:, COLUMN["commits"]] = rules.schedule_count(counts, host[:, COLUMN["steps_left"]])
+    commits = rules.schedule_count(counts, host[:, COLUMN["steps_left"]])
+    fixed = host[:, SCHEDULED]
+    host[:, COLUMN["commits"]] = np.where(fixed > 0, np.minimum(fixed, counts), commits) if fixed.any() else commits
     positions = np.where(offsets >= 0, host[:, COLUMN["start"], None] + offsets, context)
     return StepPlan(rows, slots, len(full), RowValues.build(host, offsets, positions, device))
