@@ -58,3 +58,26 @@ def test_greedy_tokens_through_the_chat_routes(served) -> None:
     done = oa.chat.completions.create(model=model, messages=MESSAGES, max_tokens=40, temperature=0,
                                       extra_body={"steps": 40})
     assert done.choices[0].message.content == want.text
+
+
+def test_stream_shows_max_tokens_of_the_run_on_canvas(served) -> None:
+    """LLaDA2's rule denoises on to the end of the last block; a stream shows only the max_tokens asked for:
+    each position committed once, none past them, and the masked count of those alone."""
+    import json
+
+    from tests.server_utils import sse_events
+
+    path, srv = served
+    L = load_checkpoint(path, device="cpu")
+    fields = {"max_tokens": 20, "steps": 8, "seed": 1}
+    ids = L.tokenizer.encode("To be")
+    [want] = generate(L.model, [ids], SamplingParams(**fields), L.mask_id, eos_id=L.tokenizer.eos_ids)
+    body = {"prompt": "To be", **fields, "stream": True}
+    with httpx.stream("POST", f"{srv.url}/generate", json=body, timeout=120) as r:
+        events = [(e, json.loads(d)) for e, d in sse_events(r)]
+    steps = [d for e, d in events if e == "step"]
+    done = events[-1][1]
+    positions = [c["position"] for s in steps for c in s["committed"]]
+    assert len(positions) == len(set(positions)) and all(p < 20 for p in positions)
+    assert steps[-1]["masked"] == 0 and all(s["masked"] <= 20 for s in steps)
+    assert done["tokens"] == want.tokens and len(done["tokens"]) <= 20
