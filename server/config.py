@@ -58,9 +58,10 @@ class ServerOptions(BaseModel):
         "auto", description="auto (CUDA: bf16 weights; CPU with bf16 units: bf16 autocast, linear layers stored "
                             "in bf16, the rest fp32), float32, bfloat16, float16")
     quantization: Literal["int8", "int4", "fp8"] | None = Field(
-        None, description="weight-only quantization of the linear layers, done while the checkpoint loads: int8 "
-                          "(a scale per output channel), int4 (a scale and zero point per --quantization-group-size "
-                          "inputs), fp8 (e4m3; CUDA GPUs of compute capability >= 8.9 only). Unset: float weights")
+        None, description="weight-only quantization of the linear layers and the experts' stacked weights, done "
+                          "while the checkpoint loads: int8 (a scale per output channel), int4 (a scale and zero "
+                          "point per --quantization-group-size inputs), fp8 (e4m3; CUDA GPUs of compute capability "
+                          ">= 8.9 only). Unset: float weights")
     quantization_group_size: int = Field(
         64, description="inputs per int4 scale (smaller: closer to the float model, more bytes)")
     quantize_head: Literal["on", "off"] = Field(

@@ -102,7 +102,7 @@ def load_runtime(checkpoint: str | Path, device: str = "auto", dtype: str = "aut
     """Load the checkpoint onto the device in the chosen precision (`threads`: torch's CPU threads;
     `max_model_len`: the most positions, prompt + generated, one request may use; `deterministic`:
     the batch-invariant path, so that a request's tokens do not depend on what it is batched with;
-    `quantization`: the linear layers' weights quantized as they load, tzd.quant)."""
+    `quantization`: the linear layers' and experts' weights quantized as they load, tzd.quant)."""
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)

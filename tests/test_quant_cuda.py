@@ -54,3 +54,27 @@ def test_default_model_on_cuda(quant: QuantConfig) -> None:
         got, want = q.model(ids).float(), ref.model(ids).float()
     assert rel_err(got, want) < (0.05 if quant.method == "int8" else 0.2)
     assert weight_bytes(q.model) < (0.55 if quant.method != "int4" else 0.3) * weight_bytes(ref.model)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_cuda_experts_match_the_dequantized_weights(method: str) -> None:
+    """Quantized experts on the GPU (bf16, torch._grouped_mm on sm_90+) against the float layer of the same
+    dequantized weights; only the bf16 rounding of the weights and products apart."""
+    if method == "fp8" and not fp8_capable():
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    from tests.test_moe import moe_config, random_layer
+    from tests.test_quant_moe import dequantized_stack
+    from tzd.quant.experts import QuantizedExperts, QuantizedStack
+
+    cfg = moe_config(n_embd=64, moe_intermediate_size=64)
+    layer = random_layer(cfg, seed=5).cuda()
+    ex = layer.experts
+    q = QuantizedExperts(*(QuantizedStack(w.detach(), method, 64, torch.bfloat16) for w in (ex.w1, ex.w3, ex.w2)))
+    with torch.no_grad():
+        for w in (ex.w1, ex.w3, ex.w2):
+            w.copy_(dequantized_stack(w, method, 64))
+    ex.bfloat16()
+    x = torch.randn(13, cfg.n_embd, generator=torch.Generator().manual_seed(0)).cuda().bfloat16()
+    with torch.no_grad():
+        idx, weights = layer.gate(x)
+        assert rel_err(q(x, idx, weights), ex(x, idx, weights)) < 0.02

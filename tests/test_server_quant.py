@@ -1,5 +1,6 @@
 """`python -m server --quantization`: the real server on a quantized model reports it (/health, /v1/models,
-tzd_model_weight_bytes) and generates what the quantized model does in process; bad values are usage errors."""
+tzd_model_weight_bytes) and generates what the quantized model does in process, a mixture of experts (its experts
+quantized) too; bad values are usage errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from tests.hf_checkpoints import write_sdar_moe
 from tests.server_utils import ROOT, ServerProcess, metrics
 from tzd.checkpoint import load_checkpoint
 from tzd.quant import QuantConfig, weight_bytes
@@ -35,6 +37,27 @@ def test_quantized_server_reports_and_generates(tiny_checkpoint: Path, tmp_path:
         ids = local.tokenizer.encode("ROMEO.\n")
         [want] = generate(local.model, [ids], SamplingParams(max_tokens=16, steps=16), local.mask_id,
                           eos_id=local.tokenizer.eos_id, tokenizer=local.tokenizer)
+        assert r.json()["tokens"] == want.tokens
+
+
+def test_quantized_moe_server_counts_the_experts(tmp_path: Path) -> None:
+    """SDAR-MoE in its Hugging Face layout, int8: the bytes reported are those of the quantized experts."""
+    path = write_sdar_moe(tmp_path / "sdar_moe", n_embd=64, moe_intermediate_size=64)
+    args = ("--quantization", "int8", "--dtype", "float32", "--max-batch-size", "2")
+    with ServerProcess(path, *args, log_dir=tmp_path) as srv, httpx.Client(timeout=60) as c:
+        assert c.get(f"{srv.url}/health").json()["quantization"] == "int8"
+        local = load_checkpoint(path, device="cpu", dtype=torch.float32, quantization="int8")
+        float_model = load_checkpoint(path, device="cpu").model
+        experts = sum(p.nbytes for name, p in float_model.named_parameters() if ".experts." in name)
+        held = metrics(srv.url)["tzd_model_weight_bytes"]
+        # int8 experts save ~0.74x of their fp32 bytes; float experts (only the small linear layers quantized) would
+        # keep the total above this bound
+        assert held == weight_bytes(local.model) < weight_bytes(float_model) - 0.7 * experts
+        r = c.post(f"{srv.url}/generate", json={"prompt": "To be, or not", "max_tokens": 8, "steps": 8,
+                                                "temperature": 0})
+        assert r.status_code == 200, r.text
+        [want] = generate(local.model, [local.tokenizer.encode("To be, or not")], SamplingParams(max_tokens=8, steps=8),
+                          local.mask_id, eos_id=local.tokenizer.eos_ids, tokenizer=local.tokenizer)
         assert r.json()["tokens"] == want.tokens
 
 

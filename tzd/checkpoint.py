@@ -137,7 +137,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
     `model_type`) alike. `linear_dtype`: store the linear layers' weights in this dtype instead (CPU
     serving under bf16 autocast); `max_context`: serve at most this many positions (a public model's
     own context can be far longer than its KV store should reserve); `quantization`: int8, int4 or fp8
-    (or a QuantConfig: group size, head and embeddings too) for the linear layers' weights (tzd.quant).
+    (or a QuantConfig: group size, head and embeddings too) for the linear layers' and experts' weights
+    (tzd.quant).
     A public family's tensors are quantized one by one as they are read, so no float copy of the whole
     model exists; TZD's own (small) checkpoints are loaded in float, then quantized layer by layer."""
     path = Path(path)

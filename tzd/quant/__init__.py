@@ -1,4 +1,5 @@
-"""Weight-only quantization of a model's linear layers (int8, int4, fp8), applied while it loads."""
+"""Weight-only quantization of a model's linear layers and stacked experts (int8, int4, fp8), applied while it
+loads."""
 
 from tzd.quant.apply import Quantizer, count_weights, quantize_model, weight_bytes
 from tzd.quant.config import (

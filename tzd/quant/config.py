@@ -18,11 +18,12 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight-only quantization of a model's linear layers.
+    """Weight-only quantization of a model's linear layers and mixture-of-experts weights.
 
     method: int8 (one scale per output channel), int4 (a scale and zero point per `group_size` inputs of
-    each output channel) or fp8 (e4m3, one scale per output channel, CUDA sm_89+ only). `head`: the output
-    head and the token embeddings too (on a small model they are a large share of the bytes)."""
+    each output channel) or fp8 (e4m3, one scale per output channel, CUDA sm_89+ only); the experts' stacks
+    alike, every expert's output rows with their own scales. `head`: the output head and the token embeddings
+    too (on a small model they are a large share of the bytes)."""
 
     method: str
     group_size: int = DEFAULT_GROUP_SIZE
