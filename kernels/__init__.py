@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -20,7 +21,7 @@ from kernels import invariant as batch_invariant
 from kernels import reference
 from kernels.reference import rope_cache
 
-__all__ = ["rope", "attention", "varlen_attention", "rope_cache", "kernel_mode"]
+__all__ = ["rope", "attention", "varlen_attention", "rope_cache", "kernel_mode", "commit_kernel"]
 
 _ENV = "TZD_KERNELS"
 
@@ -125,3 +126,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                                   scale, q_blocks, k_blocks)
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                       q_blocks, k_blocks)
+
+
+def commit_kernel(x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The sampler's commit choice in one Triton launch (kernels.triton_commit.select_commits) where tensors
+    like `x` take the Triton kernels, else None: the caller keeps its torch rule (tzd.sampling.rules)."""
+    if not _use_triton(x):
+        return None
+    from kernels import triton_commit  # noqa: PLC0415 - triton only where it runs
+
+    return triton_commit.select_commits

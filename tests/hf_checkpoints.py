@@ -1,4 +1,5 @@
-"""Tiny LLaDA, Dream, SDAR, SDAR-MoE and LLaDA2 checkpoints written in their exact Hugging Face layout (no hub here).
+"""Tiny LLaDA, Dream, SDAR, SDAR-MoE, LLaDA2 and LLaDA-MoE checkpoints written in their exact Hugging Face
+layout (no hub here).
 
 Weights: a random SMDM of the family's configuration, written by tzd.hf.export under the family's
 tensor names. Tokenizer: a byte-level BPE trained on a few lines, with the family's special tokens
@@ -175,3 +176,22 @@ def write_sdar_moe(out: Path, **over: object) -> Path:
     moe = dict(n_layer=3, n_experts=8, n_experts_per_token=2, moe_intermediate_size=16, first_k_dense_replace=1,
                router_score="softmax", norm_topk_prob=True)
     return write_sdar(out, "sdar_moe", 4, **{**moe, **over})
+
+
+def write_llada_moe(out: Path, **over: object) -> Path:
+    """LLaDA-MoE layout (`LLaDAMoEModelLM`, model_type llada: OLMoE tensors, q/k norms over head_dim, a dense
+    first layer by moe_layer_freq, 8 experts top 2 with softmax routing and unnormalised weights, a shared
+    expert beside them, partial RoPE, bidirectional); the mask id from the tokenizer's special tokens."""
+    out.mkdir(parents=True, exist_ok=True)
+    specials = {"<|endoftext|>": 300, "<role>": 301, "</role>": 302, "<|mask|>": 303}
+    base = dict(n_layer=3, n_head=4, n_kv_head=2, rope_base=50000.0, rotary_fraction=0.5, qk_norm=True,
+                n_experts=8, n_experts_per_token=2, moe_intermediate_size=16, n_shared_experts=1,
+                first_k_dense_replace=1, router_score="softmax", norm_topk_prob=False)
+    cfg = tiny_config("llada_moe", 320, **{**base, **over})
+    special = {"eos_token_id": 300, "pad_token_id": 300}
+    save_family(random_model(cfg, 5), FAMILIES["llada_moe"], out, special, generation={"eos_token_id": 300})
+    write_tokenizer(out, specials, 300, bos=None)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>",
+        "chat_template": LLADA2_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out

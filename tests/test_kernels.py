@@ -41,6 +41,7 @@ def _load(name: str, kernel: str):
 
 triton_rope = _load("kernels.triton_rope", "_rope_kernel")
 triton_attention = _load("kernels.triton_attention", "_attn_fwd")
+triton_commit = _load("kernels.triton_commit", "_select")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # RoPE does fp32 arithmetic and one rounding, like the reference: fp32/fp16 agree to 1 ulp. The
@@ -366,3 +367,36 @@ def test_bench_refuses_without_cuda():
                           env=env, cwd=root, timeout=120)
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr
+
+
+# ---- the commit choice (kernels/triton_commit.py against tzd.sampling.rules.select_commits) ----------
+
+@pytest.mark.parametrize(("rows", "P", "threshold", "ties"), [
+    (1, 1, False, False), (5, 32, False, False), (7, 33, True, False), (4, 130, True, True), (3, 256, False, True),
+])
+def test_commit_kernel_matches_the_rule(rows: int, P: int, threshold: bool, ties: bool) -> None:
+    """The same positions as the torch rule: counts from the schedule, a threshold (0 on some rows) that
+    commits more, rows with few or no masked positions, tied confidences ordered by position."""
+    from tzd.sampling import rules
+
+    g = torch.Generator().manual_seed(rows * 1000 + P)
+    conf = torch.rand(rows, P, generator=g)
+    if ties:  # a few distinct values only: ties everywhere
+        conf = (conf * 4).floor() / 4
+    is_mask = torch.rand(rows, P, generator=g) < 0.7
+    is_mask[0, :] = False if rows > 2 else is_mask[0, :]  # a row with nothing left to commit
+    remaining = is_mask.sum(dim=1)
+    steps_left = torch.randint(1, 6, (rows,), generator=g)
+    count = torch.minimum((-(-remaining // steps_left)).clamp(min=1), remaining)
+    thr = torch.where(torch.rand(rows, generator=g) < 0.3, 0.0, torch.rand(rows, generator=g) * 0.8)
+    want, _ = rules.select_commits(conf, is_mask, steps_left, thr, threshold, count)
+    got = triton_commit.select_commits(conf.to(DEVICE), is_mask.to(DEVICE), count.to(DEVICE),
+                                       thr.to(DEVICE) if threshold else None)
+    assert got.dtype == torch.bool and torch.equal(got.cpu(), want)
+
+
+def test_commit_kernel_dispatch(monkeypatch) -> None:
+    monkeypatch.setenv("TZD_KERNELS", "triton")
+    assert kernels.commit_kernel(torch.zeros(1, device=DEVICE)) is triton_commit.select_commits
+    monkeypatch.setenv("TZD_KERNELS", "torch")
+    assert kernels.commit_kernel(torch.zeros(1, device=DEVICE)) is None

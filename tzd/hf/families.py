@@ -206,15 +206,20 @@ def sdar_layer(i: int, cfg: ModelConfig) -> dict[str, list[str]]:
 
 
 def _families() -> dict[str, Family]:
-    from tzd.hf.moe_families import llada2_family, sdar_moe_family  # noqa: PLC0415 - builds on the helpers above
+    from tzd.hf.moe_families import (  # noqa: PLC0415 - builds on the helpers above
+        llada2_family,
+        llada_moe_family,
+        sdar_moe_family,
+    )
 
-    llada2, sdar_moe = llada2_family(), sdar_moe_family()
+    llada2, sdar_moe, llada_moe = llada2_family(), sdar_moe_family(), llada_moe_family()
     return {
         "llada": Family("llada", "LLaDA", llada_config, llada_layer, llada_top, llada_hf_config),
         "Dream": Family("Dream", "Dream", dream_config, dream_layer, dream_top, dream_hf_config),
         "sdar": Family("sdar", "SDAR", sdar_config, sdar_layer, dream_top, sdar_hf_config),
         llada2.model_type: llada2,
         sdar_moe.model_type: sdar_moe,
+        llada_moe.model_type: llada_moe,  # found by architectures (its model_type is llada's)
     }
 
 

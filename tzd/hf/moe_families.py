@@ -3,6 +3,12 @@
 SDAR-MoE (`SDARMoeForCausalLM`): SDAR's block diffusion on the Qwen3-MoE layout (softmax routing over
 fp32 logits, top-k, normalised where `norm_topk_prob`, no shared expert, `mlp_only_layers` dense).
 
+LLaDA-MoE (`LLaDAMoEModelLM`, model_type `llada` as dense LLaDA's, hence dispatched on `architectures`;
+LLaDA-MoE-7B-A1B): a bidirectional masked-diffusion model (LLaDA's sampler and caches) on an OLMoE body:
+q/k/v/o projections, an RMSNorm over head_dim on q and k (`qk_layernorm`), dense layers where
+`moe_layer_freq` is 0 (the first ones), softmax routing over fp32 logits to the top k, the weights
+neither normalised nor scaled, an optional shared expert beside the routed ones.
+
 LLaDA2.0 (`LLaDA2MoeModelLM`, model_type `llada2_moe`; mini 16B-A1.4B and flash 100B): a block-causal
 diffusion model (blocks of 32 from position 0) with a Ling/Bailing body: fused q/k/v rows, RMSNorm over
 head_dim on q and k before a partial RoPE, GQA, first_k_dense_replace dense layers then MoE layers with
@@ -22,6 +28,7 @@ from tzd.hf.families import (
     Family,
     FamilyConfigError,
     _get,
+    _head_dim_matches,
     _require,
     dream_top,
     sdar_config,
@@ -213,3 +220,94 @@ def sdar_moe_layer(i: int, cfg: ModelConfig) -> dict[str, list[str]]:
 def sdar_moe_family() -> Family:
     return Family("sdar_moe", "SDAR-MoE", sdar_moe_config, sdar_moe_layer, dream_top, sdar_moe_hf_config,
                   architectures=("SDARMoeForCausalLM",), check_names=check_expert_count)
+
+
+# ---- LLaDA-MoE (OLMoE layout, bidirectional) -------------------------------------------------------------
+
+LLADA_MOE_IDS = {"mask": 156895}  # the mask id of LLaDA-MoE's tokenizer (LLaDA2's), where no file names it
+
+
+def llada_moe_config(hf: dict[str, Any]) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    _require(hf, "rope_scaling", (None,), None)
+    _require(hf, "attention_bias", (False,), False)  # it would bias o_proj too, which SMDM has not
+    _require(hf, "clip_qkv", (None,), None)
+    # the published block routes one way whatever these say: softmax, top-k, weights as they are
+    _require(hf, "moe_router_score_function", ("softmax", None), None)
+    _require(hf, "norm_topk_prob", (False, None), None)
+    _require(hf, "routed_scaling_factor", (1, 1.0, None), None)
+    _require(hf, "router_num_group", (None, -2, 1), None)  # no group-limited routing in its code
+    # its code adds the expert bias to the routing weights themselves (it weights as well as chooses);
+    # TZD's router_bias only chooses
+    _require(hf, "moe_router_enable_expert_bias", (False, None), None)
+    width, heads = int(_get(hf, "hidden_size")), int(_get(hf, "num_attention_heads"))
+    if width % heads:
+        raise FamilyConfigError(f"num_attention_heads={heads}: must divide hidden_size={width}")
+    _head_dim_matches(hf, width, heads)
+    factor = float(_get(hf, "partial_rotary_factor", 1.0))
+    if not 0.0 < factor <= 1.0:
+        raise FamilyConfigError(f"partial_rotary_factor={factor}: must be in (0, 1]")
+    n_layer = int(_get(hf, "num_hidden_layers"))
+    freq = [int(f) for f in _get(hf, "moe_layer_freq")]
+    dense = freq.index(1) if 1 in freq else len(freq)
+    if len(freq) != n_layer or any(f != 0 for f in freq[:dense]) or any(f != 1 for f in freq[dense:]):
+        raise FamilyConfigError(f"moe_layer_freq={freq}: TZD builds one entry per layer (num_hidden_layers="
+                                f"{n_layer}), 0 (dense) for the first layers only, 1 (experts) for the rest")
+    expert_width = int(_get(hf, "expert_intermediate_size"))
+    shared_width = hf.get("shared_expert_intermediate_size")
+    shared = 0
+    if shared_width is not None and int(shared_width) > 0:
+        if int(shared_width) % expert_width:
+            raise FamilyConfigError(f"shared_expert_intermediate_size={shared_width}: TZD builds the shared expert "
+                                    f"as a multiple of expert_intermediate_size ({expert_width})")
+        shared = int(shared_width) // expert_width
+    dense_width = hf.get("dense_intermediate_size")
+    try:
+        return ModelConfig(
+            backend="smdm", vocab_size=int(_get(hf, "vocab_size")),
+            context_len=int(_get(hf, "max_position_embeddings")), n_layer=n_layer, n_head=heads,
+            n_kv_head=int(_get(hf, "num_key_value_heads", heads)), n_embd=width,
+            intermediate_size=int(dense_width) if dense_width and int(dense_width) > 0 else expert_width,
+            rope_base=float(_get(hf, "rope_theta", 10000.0)), rotary_fraction=factor,
+            norm_eps=float(_get(hf, "rms_norm_eps", 1e-5)), tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+            qk_norm=bool(_get(hf, "qk_layernorm", False)), n_experts=int(_get(hf, "num_experts")),
+            n_experts_per_token=int(_get(hf, "num_experts_per_tok")), moe_intermediate_size=expert_width,
+            n_shared_experts=shared, first_k_dense_replace=dense, router_score="softmax", router_bias=False,
+            norm_topk_prob=False, routed_scaling_factor=1.0)
+    except ValueError as e:
+        raise FamilyConfigError(_hf_key_message(str(e))) from None
+
+
+def llada_moe_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "model_type": "llada", "architectures": ["LLaDAMoEModelLM"], "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+        "dense_intermediate_size": cfg.intermediate_size, "expert_intermediate_size": cfg.moe_intermediate_size,
+        "shared_expert_intermediate_size": (cfg.n_shared_experts * cfg.moe_intermediate_size
+                                            if cfg.n_shared_experts else None),
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_len, "rope_theta": cfg.rope_base,
+        "partial_rotary_factor": cfg.rotary_fraction, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "rope_scaling": None,
+        "attention_bias": False, "clip_qkv": None, "qk_layernorm": cfg.qk_norm, "num_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.n_experts_per_token,
+        "moe_layer_freq": [0 if i < cfg.first_k_dense_replace else 1 for i in range(cfg.n_layer)],
+        "moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False, "norm_topk_prob": False,
+        "routed_scaling_factor": 1}
+
+
+def llada_moe_layer(i: int, cfg: ModelConfig) -> dict[str, list[str]]:
+    names = sdar_layer(i, cfg)  # the same q/k/v/o, q/k norm and SwiGLU names (Qwen3's and OLMoE's agree)
+    if not cfg.qk_norm:
+        del names["attention.q_norm.weight"], names["attention.k_norm.weight"]
+    if cfg.is_moe_layer(i):
+        for k in ("w1", "w3", "w2"):
+            del names[f"feed_forward.{k}.weight"]
+        names.update(_routed_names(f"model.layers.{i}.mlp", cfg))
+        if cfg.n_shared_experts:  # beside the block, not inside it: model.layers.i.shared_expert
+            names.update(_swiglu_names("feed_forward.shared", f"model.layers.{i}.shared_expert"))
+    return names
+
+
+def llada_moe_family() -> Family:
+    return Family("llada_moe", "LLaDA-MoE", llada_moe_config, llada_moe_layer, dream_top, llada_moe_hf_config,
+                  architectures=("LLaDAMoEModelLM",), default_ids=LLADA_MOE_IDS, check_names=check_expert_count)

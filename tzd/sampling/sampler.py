@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels
 from tzd.sampling import rules
 from tzd.sampling.rows import COLUMN, RowValues, float_bits, upload
 from tzd.sampling.slot import TOP_LOGPROBS
@@ -58,8 +59,13 @@ def sample(logits: torch.Tensor, rv: RowValues, canvas: torch.Tensor, mask_id: i
         committed = _commit_host(conf.numpy(), tokens.numpy(), entropy, rv, canvas, mask_id)
     else:
         pos = rv.positions
-        select, _ = rules.select_commits(conf, rv.offsets >= 0, rv.steps_left, rv.threshold,
-                                         bool(table[:, c["threshold"]].any()), rv.commits, entropy, rv.entropy_bound)
+        any_threshold = bool(table[:, c["threshold"]].any())
+        fused = kernels.commit_kernel(conf) if entropy is None else None
+        if fused is not None:  # one launch instead of the rule's dozen ops (kernels/triton_commit.py)
+            select = fused(conf, rv.offsets >= 0, rv.commits, rv.threshold if any_threshold else None)
+        else:
+            select, _ = rules.select_commits(conf, rv.offsets >= 0, rv.steps_left, rv.threshold, any_threshold,
+                                             rv.commits, entropy, rv.entropy_bound)
         canvas.index_put_((rv.slot[:, None].expand_as(pos), pos), torch.where(select, tokens, mask_id))
         committed = torch.where(select, tokens, -1)
     out = Commits(committed, prob, np.flatnonzero(table[:, TOP_LOGPROBS]))
