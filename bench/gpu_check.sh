@@ -4,7 +4,7 @@
 #   1. a short generation with the default model on both kernel paths (TZD_KERNELS=torch|triton),
 #      plus the logits of one forward compared across the paths
 #   2. the sampler benchmark on CUDA (bench/sampler.py --device cuda): speed and quality per config,
-#      then an LLaDA-8B-shaped model's speed and MFU (bench/family_speed.py)
+#      then an LLaDA-8B-shaped model's speed and MFU, and LLaDA2-mini's shape (bench/family_speed.py)
 #   3. the kernel tests on CUDA, compiled (not interpreted): tests/test_kernels*.py, one fixed tile config
 #      (TZD_AUTOTUNE=0; autotuned, they took about 130 s on an H200, most of it compiling and autotuning),
 #      the one-sync test, CUDA graphs' tokens against eager, the paged KV store, and batch invariance on CUDA: the attention kernels' rows alone vs batched, and
@@ -138,6 +138,10 @@ step sampler 170 "$PY" -m bench.sampler --device cuda --checkpoint "$CKPT" --con
 # an LLaDA-8B-shaped model (32 layers, random bf16 weights): tokens/s at batch 1 and 16, baseline and dual
 # cache, and the MFU of the baseline's forward (about 16 GB of weights, 4 GB of KV store at batch 16)
 step llada8b 150 "$PY" -m bench.family_speed --device cuda --out "$OUT/llada8b.json"
+# LLaDA2.0-mini's shape (mixture of experts, block diffusion; 4 of its 20 layers, random bf16 weights): its
+# rule's tokens/s at batch 1 and 16, the MoE layers' share of a forward, one MoE layer against a dense one
+step llada2 60 "$PY" -m bench.family_speed --device cuda --family llada2 --layers 4 --prompt 64 --tokens 128 \
+    --out "$OUT/llada2_mini.json"
 
 # TZD_AUTOTUNE=0: the kernels run one fixed tile config (no compile-and-time search per test shape, which
 # took most of this step); the autotuned kernels are checked against SDPA by the kernel benchmark below
