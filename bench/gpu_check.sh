@@ -145,7 +145,7 @@ step llada2 60 "$PY" -m bench.family_speed --device cuda --family llada2 --layer
 
 # TZD_AUTOTUNE=0: the kernels run one fixed tile config (no compile-and-time search per test shape, which
 # took most of this step); the autotuned kernels are checked against SDPA by the kernel benchmark below
-step tests 220 env TZD_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_varlen.py \
+step tests 220 env TZD_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_varlen.py tests/test_kernels_moe.py \
     tests/test_kernels_model.py tests/test_sampling_cuda.py tests/test_cuda_graphs.py tests/test_kv_pages.py \
     tests/test_invariance.py tests/test_server_invariance.py tests/test_quant_cuda.py -k "not on_cpu_default and not on_cpu_bf16_units" \
     --junitxml "$OUT/tests.xml"

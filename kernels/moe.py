@@ -5,11 +5,13 @@ place follows its token's), every expert multiplies its own contiguous slice, an
 to their tokens, weighted and summed in fp32. No loop runs over tokens; the loop (where one runs)
 is over experts, and an expert no token chose costs nothing.
 
-Two paths give the same rows:
-- torch._grouped_mm (torch >= 2.8: one call for all experts, on CPU and on CUDA in bf16) when no
-  gradient is needed;
-- a loop over the experts that received rows, one matmul each (training, other dtypes, and the
-  batch-invariant mode, where each expert's rows go through fixed-size padded tiles).
+Three paths give the same rows:
+- torch._grouped_mm (torch >= 2.8: one call for all experts, on CPU and on CUDA in bf16 on sm90+ with
+  aligned widths) when no gradient is needed;
+- on CUDA otherwise, the Triton grouped GEMM (kernels/triton_moe.py: one launch per matrix, no host sync)
+  when no gradient is needed;
+- a loop over the experts that received rows, one matmul each (training, CPU dtypes _grouped_mm lacks,
+  and the batch-invariant mode, where each expert's rows go through fixed-size padded tiles).
 """
 
 from __future__ import annotations
@@ -41,6 +43,29 @@ def _swiglu_grouped_mm(rows: torch.Tensor, counts: torch.Tensor, w1: torch.Tenso
     gate = torch._grouped_mm(rows, w1.transpose(1, 2), offs=offs)
     up = torch._grouped_mm(rows, w3.transpose(1, 2), offs=offs)
     return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+
+
+def _triton_grouped(x: torch.Tensor, *ws: torch.Tensor):  # noqa: ANN202 - the kernel module's grouped_mm or None
+    """kernels.triton_moe.grouped_mm where tensors like `x` take the Triton kernels and no gradient is needed."""
+    from kernels import _use_triton  # noqa: PLC0415 - kernels/__init__ is the dispatch, imported lazily here
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *ws)):
+        return None
+    if not _use_triton(x):
+        return None
+    from kernels import triton_moe  # noqa: PLC0415 - triton only where it runs
+
+    return triton_moe.grouped_mm
+
+
+def swiglu_triton(rows: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                  w2: torch.Tensor) -> torch.Tensor:
+    """The experts' SwiGLU on rows sorted by expert, each matrix one Triton grouped GEMM."""
+    from kernels import triton_moe  # noqa: PLC0415
+
+    gate = triton_moe.grouped_mm(rows, counts, w1)
+    up = triton_moe.grouped_mm(rows, counts, w3)
+    return triton_moe.grouped_mm(F.silu(gate) * up, counts, w2)
 
 
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -81,6 +106,8 @@ def moe_swiglu(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w1: to
     rows = rows.to(dtype)
     if row_tile is None and w1.dtype == dtype and _grouped_mm_usable(rows, w1, w3, w2):
         out = _swiglu_grouped_mm(rows, counts, w1, w3, w2)
+    elif row_tile is None and w1.dtype == dtype and rows.is_cuda and _triton_grouped(rows, w1, w3, w2) is not None:
+        out = swiglu_triton(rows, counts, w1, w3, w2)
     else:
         out = _swiglu_per_expert(rows, counts, w1, w3, w2, row_tile)
     per_choice = torch.empty_like(out)
