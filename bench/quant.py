@@ -151,11 +151,24 @@ def main() -> None:
     ap.add_argument("--llada-dir", type=Path, default=Path("/tmp/tzd-llada-quant"))
     ap.add_argument("--llada-tokens", type=int, default=32, help="tokens per request on it (0: no timing)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument("--variants", default="", help="comma-separated variants (bf16 among them; default: all the "
+                                                    "device takes)")
+    ap.add_argument("--skip-default", action="store_true", help="the LLaDA-widths checkpoint only")
+    ap.add_argument("--llada-batches", default="", help="batch sizes on it (default: --batches)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quant.json"))
     args = ap.parse_args()
     device = resolve_device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
+    llada_batches = [int(b) for b in (args.llada_batches or args.batches).split(",")]
     variants = variants_for(device)
+    if args.variants:
+        asked = args.variants.split(",")
+        unknown = [v for v in asked if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+        if "bf16" not in asked:
+            raise SystemExit("--variants: bf16 must be among them (every ratio is against it)")
+        variants = {k: v for k, v in variants.items() if k in asked}
     result: dict[str, Any] = {
         "machine": (torch.cuda.get_device_name(device) if device.type == "cuda" else
                     f"{platform.machine()} CPU, {torch.get_num_threads()} threads") + f", torch {torch.__version__}",
@@ -165,12 +178,13 @@ def main() -> None:
 
     eval_batches = held_out_batches(args.checkpoint, args.eval_batch_size, args.eval_batches)
     default: dict[str, dict[str, Any]] = {}
-    for name, quant in variants.items():
+    for name, quant in ({} if args.skip_default else variants).items():
         row = measure(args.checkpoint, str(device), quant, args.tokens, batches)
         row["nelbo"] = nelbo(args.checkpoint, quant, eval_batches, args.draws, device)
         default[name] = row
         print(f"{args.checkpoint.name:18s} {name:15s} {json.dumps(row)}", flush=True)
-    against_bf16(default)
+    if default:
+        against_bf16(default)
     result["default_model"] = {"checkpoint": str(args.checkpoint),
                                "held_out_tokens": sum(b.numel() for b in eval_batches),
                                "draws": args.draws, "tokens": args.tokens, "variants": default}
@@ -183,11 +197,11 @@ def main() -> None:
         size_mb = sum(f.stat().st_size for f in args.llada_dir.glob("*.safetensors")) / 2**20
         llada: dict[str, dict[str, Any]] = {}
         for name, quant in variants.items():
-            llada[name] = measure(args.llada_dir, str(device), quant, args.llada_tokens, batches)
+            llada[name] = measure(args.llada_dir, str(device), quant, args.llada_tokens, llada_batches)
             print(f"llada-8b-widths    {name:15s} {json.dumps(llada[name])}", flush=True)
         against_bf16(llada)
         result["llada_8b_widths"] = {"layers": args.llada_layers, "checkpoint_mb": round(size_mb, 1),
-                                     "tokens": args.llada_tokens, "variants": llada}
+                                     "tokens": args.llada_tokens, "batches": llada_batches, "variants": llada}
         if not args.keep:
             import shutil
 
