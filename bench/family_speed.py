@@ -66,10 +66,12 @@ def randomised(module: torch.nn.Module, device: torch.device, seed: int = 0) -> 
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in [*module.named_parameters(), *module.named_buffers()]:
+            if not p.is_floating_point():
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("bias", "expert_bias")) or not p.is_floating_point():
-                p.zero_() if p.is_floating_point() else None
+            elif name.endswith("bias"):  # expert_bias too
+                p.zero_()
             else:
                 p.normal_(0.0, 0.02)
     return module.eval().requires_grad_(False)

@@ -59,7 +59,7 @@ class Engine:
     """Owns the model; requests enter through `submit` and leave through their group's queue."""
 
     def __init__(self, runtime: Runtime, metrics: Metrics, config: EngineConfig) -> None:
-        self.runtime, self.metrics, self.config = runtime, metrics, config
+        self.runtime, self.metrics = runtime, metrics
         loaded = runtime.loaded
         self.core = EngineCore.create(loaded.model, loaded.mask_id, config, loaded.tokenizer.eos_ids,
                                       compute_dtype(loaded.model))

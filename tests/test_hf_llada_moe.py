@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.hf_checkpoints import write_llada_moe
 from tests.server_utils import ServerProcess
+from tests.test_hf_llada2 import _mlp, _rms  # the published forward's RMSNorm and SwiGLU (the same in both)
 from tzd.checkpoint import CheckpointError, Loaded, load_checkpoint
 from tzd.hf.families import family_of
 from tzd.models.invariant import set_batch_invariant
@@ -31,15 +32,6 @@ pytest.importorskip("tokenizers")
 def llada_moe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Loaded]:
     path = write_llada_moe(tmp_path_factory.mktemp("lladamoe") / "model")
     return path, load_checkpoint(path, device="cpu", dtype=torch.float32)
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _mlp(t: dict, p: str, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, t[p + "gate_proj.weight"])) * F.linear(x, t[p + "up_proj.weight"]),
-                    t[p + "down_proj.weight"])
 
 
 def llada_moe_reference(path: Path, ids: torch.Tensor) -> torch.Tensor:

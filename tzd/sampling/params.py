@@ -230,9 +230,8 @@ def _llada2_plan(params: SamplingParams, prompt_len: int, context: int, model_bl
     schedule = tuple(base + (1 if i < extra else 0) for i in range(per_block))
     first = min(B - prompt_len % B, g) if prompt_len % B else 0
     num_blocks = 1 + (g - first) // B if first else g // B
-    starts = [0] if first else []
-    starts += range(first, g, B)
-    open_ = blocks_open(np.full(g, GAP), starts[:num_blocks])
+    p = RequestPlan(DecodeParams.of(params), prompt_len, g, 0, min(B, g), num_blocks, 0, first)
+    open_ = blocks_open(np.full(g, GAP), [p.block_start(b) for b in range(num_blocks)])
     # the steps a block takes at most: until the schedule has committed every position it holds
     reach = np.cumsum(schedule)
     budgets = tuple(int(np.searchsorted(reach, m)) + 1 if m else 0 for m in open_)
@@ -240,5 +239,5 @@ def _llada2_plan(params: SamplingParams, prompt_len: int, context: int, model_bl
     if params.threshold is not None:  # "exceeds" as ">=" the next float32 up: the commit's own comparison
         threshold = float(np.nextafter(np.float32(params.threshold), np.float32(np.inf)))
     seed = params.seed if params.seed is not None else secrets.randbelow(2**62)
-    return RequestPlan(DecodeParams.of(params), prompt_len, g, sum(budgets), min(B, g), num_blocks, seed, first, None,
-                       open_, tuple(range(num_blocks)), budgets, schedule, threshold, n)
+    return replace(p, steps=sum(budgets), seed=seed, block_open=open_, block_rank=tuple(range(num_blocks)),
+                   block_budgets=budgets, block_schedule=schedule, threshold=threshold, visible=n)
